@@ -1,0 +1,230 @@
+"""Default configuration and the validated model config.
+
+`get_config()` returns the default `ml_collections.ConfigDict`; files in `configs/` start from it
+and change what they need. Sections (other tools rely on these names):
+
+  model      architecture and precision (turned into a frozen `ModelConfig` by `model_config`)
+  tokenizer  `type` ('character' | 'gpt2') and `name_or_path`
+
+Later sections (data, train, distill, ...) are added by the modules that use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+
+MODEL_TYPES = ("vanilla", "sasp", "factored")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+POSITION_ENCODINGS = ("learned", "alibi")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message says how to fix it."""
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default configuration: a small character-level model.
+
+    Run: python -m cleangpt_jax.train
+    """
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.model_type = "vanilla"
+    cfg.model.n_layer = 4
+    cfg.model.n_head = 4
+    cfg.model.n_embd = 128
+    cfg.model.block_size = 128
+    cfg.model.vocab_size = ml_collections.FieldReference(None, field_type=int)
+    cfg.model.dropout = 0.1
+    cfg.model.bias = False
+    cfg.model.activation = "gelu"
+    cfg.model.position_encoding = "learned"
+    cfg.model.max_position_embeddings = ml_collections.FieldReference(None, field_type=int)
+    cfg.model.layer_norm_epsilon = 1e-5
+    cfg.model.use_proj = False
+    cfg.model.use_v = False
+    cfg.model.llama_mlp = False
+    cfg.model.dtype = "float32"
+    cfg.model.param_dtype = "float32"
+
+    cfg.tokenizer = ml_collections.ConfigDict()
+    cfg.tokenizer.type = "character"
+    cfg.tokenizer.name_or_path = ml_collections.FieldReference(None, field_type=str)
+
+    # Input pipeline (cleangpt_jax/input_pipeline.py owns the meaning of these keys).
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.source = "shakespeare"  # 'shakespeare' | 'hf' | 'text'
+    cfg.data.name = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.config_name = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.split = "train"
+    cfg.data.val_split = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.val_fraction = 0.1
+    cfg.data.text_column = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.files = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.max_samples = ml_collections.FieldReference(None, field_type=int)
+    cfg.data.streaming = False
+
+    # Training loop (cleangpt_jax/train.py owns the meaning of these keys).
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.batch_size = 32
+    cfg.train.num_steps = 2000
+    cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)
+    cfg.train.learning_rate = 1e-3
+    cfg.train.warmup_steps = 100
+    cfg.train.lr_schedule = "cosine"
+    cfg.train.min_lr = 1e-4
+    cfg.train.weight_decay = 0.1
+    cfg.train.grad_clip = 1.0
+    cfg.train.grad_accum_steps = 1
+    cfg.train.eval_every = 250
+    cfg.train.eval_steps = 20
+    cfg.train.checkpoint_every = 500
+    cfg.train.log_every = 50
+    cfg.train.seed = 0
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, validated on construction.
+
+    Frozen (hashable) so it can live on a flax Module and be a static jit argument.
+    `max_position_embeddings` is the longest sequence the model accepts: block_size for learned
+    positions, 4 * block_size by default for ALiBi (which extrapolates).
+    """
+
+    model_type: str = "vanilla"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    vocab_size: int | None = None
+    dropout: float = 0.0
+    bias: bool = False
+    activation: str = "gelu"
+    position_encoding: str = "learned"
+    max_position_embeddings: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    use_proj: bool = False
+    use_v: bool = False
+    llama_mlp: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.model_type, str):
+            raise ConfigError(f"model.model_type must be a string, got {self.model_type!r}")
+        set_("model_type", self.model_type.lower())
+        for key in ("activation", "position_encoding", "dtype", "param_dtype"):
+            if isinstance(getattr(self, key), str):
+                set_(key, getattr(self, key).lower())
+        if self.max_position_embeddings is None:
+            default = 4 * self.block_size if self.position_encoding == "alibi" else self.block_size
+            set_("max_position_embeddings", default)
+        _validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(c.model_type in MODEL_TYPES or _is_registered(c.model_type),
+         f"unknown model.model_type {c.model_type!r}: choose one of {sorted(_known_models())}")
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        v = getattr(c, key)
+        need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             f"model.{key} must be a positive integer, got {v!r}")
+    need(c.n_embd % c.n_head == 0,
+         f"model.n_embd={c.n_embd} is not divisible by model.n_head={c.n_head}: "
+         f"pick n_head dividing n_embd (e.g. n_head={math.gcd(c.n_embd, c.n_head)})")
+    need(c.vocab_size is None or (isinstance(c.vocab_size, int) and c.vocab_size > 0),
+         f"model.vocab_size must be a positive integer or None (taken from the tokenizer), "
+         f"got {c.vocab_size!r}")
+    need(isinstance(c.dropout, (int, float)) and 0.0 <= c.dropout < 1.0,
+         f"model.dropout must be in [0, 1), got {c.dropout!r}")
+    need(c.activation in ACTIVATIONS,
+         f"unknown model.activation {c.activation!r}: choose one of {ACTIVATIONS}")
+    need(c.position_encoding in POSITION_ENCODINGS,
+         f"unknown model.position_encoding {c.position_encoding!r}: "
+         f"choose one of {POSITION_ENCODINGS}")
+    need(c.dtype in DTYPES, f"unknown model.dtype {c.dtype!r}: choose one of {tuple(DTYPES)}")
+    need(c.param_dtype in DTYPES,
+         f"unknown model.param_dtype {c.param_dtype!r}: choose one of {tuple(DTYPES)}")
+    need(c.layer_norm_epsilon > 0, "model.layer_norm_epsilon must be positive")
+    need(isinstance(c.max_position_embeddings, int) and c.max_position_embeddings > 0,
+         f"model.max_position_embeddings must be a positive integer, "
+         f"got {c.max_position_embeddings!r}")
+    if c.position_encoding == "learned":
+        need(c.max_position_embeddings == c.block_size,
+             f"model.max_position_embeddings={c.max_position_embeddings} needs "
+             f"position_encoding='alibi': learned positions (wpe) only cover block_size="
+             f"{c.block_size}; set position_encoding='alibi' or drop max_position_embeddings")
+    else:
+        need(c.max_position_embeddings >= c.block_size,
+             f"model.max_position_embeddings={c.max_position_embeddings} is smaller than "
+             f"block_size={c.block_size}: ALiBi needs max_position_embeddings >= block_size")
+    if c.model_type == "vanilla":
+        need(not (c.use_v or c.use_proj),
+             "model.use_v/use_proj apply to 'sasp' and 'factored' only; Vanilla always has "
+             "value and output projections: set them False")
+        need(not c.llama_mlp, "model.llama_mlp applies to 'sasp' only: set it False")
+    if c.model_type == "factored":
+        need(not c.llama_mlp, "model.llama_mlp applies to 'sasp' only: set it False")
+
+
+def _known_models():
+    from cleangpt_jax.models import registered_models  # late import: models import this module
+
+    return registered_models()
+
+
+def _is_registered(name: str) -> bool:
+    return name in _known_models()
+
+
+def model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | ModelConfig,
+                 **overrides) -> ModelConfig:
+    """A `ModelConfig` from the `model` section (a ConfigDict, a dict, or a ModelConfig).
+
+    Accepts the whole config too (it then reads `cfg.model`). Unknown keys are an error.
+    """
+    if isinstance(cfg, ModelConfig):
+        return cfg.replace(**overrides) if overrides else cfg
+    if isinstance(cfg, ml_collections.ConfigDict):
+        cfg = cfg.to_dict()
+    cfg = dict(cfg)
+    if "model" in cfg and isinstance(cfg["model"], Mapping):
+        cfg = dict(cfg["model"])
+    cfg.update(overrides)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ConfigError(f"unknown model config key(s) {unknown}: valid keys are {sorted(fields)}")
+    return ModelConfig(**cfg)

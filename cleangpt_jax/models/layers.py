@@ -1,0 +1,166 @@
+"""Layers shared by every architecture: initialisers, LayerNorm, MLPs, causal attention, ALiBi.
+
+Shapes: B batch, T query length, S key length, H heads, D head dim, d = H * D model width.
+Precision: parameters are stored in `config.param_dtype`; matmuls run in `config.dtype`;
+LayerNorm, softmax and the logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cleangpt_jax.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def normal_init(std: float = INIT_STD):
+    return nn.initializers.normal(stddev=std)
+
+
+def residual_init(config: ModelConfig):
+    """Init for projections that write into the residual stream: N(0, 0.02 / sqrt(2 L))."""
+    return normal_init(INIT_STD / math.sqrt(2 * config.n_layer))
+
+
+def dense(config: ModelConfig, features: int, name: str, *, residual: bool = False,
+          kernel_init=None) -> nn.Dense:
+    """Dense layer with the project's init (N(0, 0.02), zero bias) and precision settings."""
+    if kernel_init is None:
+        kernel_init = residual_init(config) if residual else normal_init()
+    return nn.Dense(features, use_bias=config.bias, dtype=config.compute_dtype,
+                    param_dtype=config.params_dtype, kernel_init=kernel_init, name=name)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * scale (+ bias), in float32 (eps 1e-5 as GPT-2);
+    the output is cast to the compute dtype."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), c.params_dtype)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + c.layer_norm_epsilon) * scale.astype(jnp.float32)
+        if c.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],),
+                               c.params_dtype).astype(jnp.float32)
+        return y.astype(c.compute_dtype)
+
+
+def activation(config: ModelConfig):
+    return {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+            "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[config.activation]
+
+
+class MLP(nn.Module):
+    """c_proj(act(c_fc x)), d -> 4d -> d, then dropout."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        c = self.config
+        h = activation(c)(dense(c, 4 * c.n_embd, "c_fc")(x))
+        y = dense(c, c.n_embd, "c_proj", residual=True)(h)
+        return nn.Dropout(c.dropout)(y, deterministic=deterministic)
+
+
+def gated_mlp_width(n_embd: int) -> int:
+    """LLaMA-style hidden width: int(2.1/3 * 4d) rounded up to a multiple of 8."""
+    n = int(2.1 / 3 * 4 * n_embd)
+    return -(-n // 8) * 8
+
+
+class GatedMLP(nn.Module):
+    """c_proj(act(c_gate x) * c_fc x), d -> gated_mlp_width(d) -> d, then dropout."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        c = self.config
+        n = gated_mlp_width(c.n_embd)
+        h = activation(c)(dense(c, n, "c_gate")(x)) * dense(c, n, "c_fc")(x)
+        y = dense(c, c.n_embd, "c_proj", residual=True)(h)
+        return nn.Dropout(c.dropout)(y, deterministic=deterministic)
+
+
+def make_mlp(config: ModelConfig, name: str = "mlp") -> nn.Module:
+    return (GatedMLP if config.llama_mlp else MLP)(config, name=name)
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """Reference ALiBi slopes (Press et al.): 2^(-8 h / n) for n a power of two; otherwise the
+    slopes of the nearest lower power of two followed by every other slope of the next one."""
+
+    def power_of_2(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return np.asarray(power_of_2(n_head), np.float32)
+    closest = 2 ** math.floor(math.log2(n_head))
+    extra = alibi_slopes(2 * closest)[0::2][: n_head - closest]
+    return np.asarray(power_of_2(closest) + list(extra), np.float32)
+
+
+def alibi_bias(n_head: int, q_positions, k_positions):
+    """ALiBi bias slope_h * (j - i), shape (B or 1, H, T, S), float32.
+
+    Positions are (T,) / (S,) or batched (B, T) / (B, S). Entries above the causal diagonal are
+    positive and must be masked by the caller (every attention here is causal).
+    """
+    q_positions = jnp.atleast_2d(q_positions)
+    k_positions = jnp.atleast_2d(k_positions)
+    rel = (k_positions[:, None, None, :] - q_positions[:, None, :, None]).astype(jnp.float32)
+    return jnp.asarray(alibi_slopes(n_head))[None, :, None, None] * rel
+
+
+def causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0,
+                     deterministic: bool = True, dropout_rng=None):
+    """softmax(q k^T / sqrt(D) + bias, causal) v per head.
+
+    q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv).
+    With `mask` None the mask is the plain causal one for T == S (training); a boolean `mask`
+    broadcastable to (B, H, T, S) replaces it (decoding with a cache).
+    The deterministic path is `jax.nn.dot_product_attention` (fused kernels on GPU/TPU). With
+    attention dropout the softmax is materialised so its probabilities can be dropped out.
+    Softmax runs in float32 either way.
+    """
+    if deterministic or dropout_rate == 0.0:
+        if q.shape[-1] == v.shape[-1]:
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                                is_causal=mask is None)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
+    if mask is None:
+        t, s = q.shape[1], k.shape[1]
+        mask = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+def split_heads(x, n_head: int):
+    """(B, T, d) -> (B, T, H, d / H)."""
+    return x.reshape(*x.shape[:-1], n_head, x.shape[-1] // n_head)
+
+
+def merge_heads(x):
+    """(B, T, H, D) -> (B, T, H * D)."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])

@@ -1,0 +1,86 @@
+"""SASP: simplified attention sub-block with projections (shaped attention, parallel branches).
+
+    h = LN x
+    x <- x + beta_SA * SA(h) + beta_FF * MLP(h)
+
+Shaped attention per head, with learnable scalars alpha, beta, gamma (init 1, 0.1, 0.1):
+    A = beta * softmax(causal(q k^T / sqrt(D))) + alpha * I - gamma * M_C,
+    M_C[i, j] = 1 / (i + 1) for j <= i (the causal averaging matrix).
+A V is computed without any T x T matrix beyond the attention kernel itself:
+    A V = beta * attention(q, k, V) + alpha * V - gamma * cummean(V),
+    cummean(V)[i] = mean(V[0..i]).
+c_attn maps d -> 2d (q, k), or d -> 3d with `use_v`; without `use_v`, V is the head-split h.
+The k (and v) columns of c_attn start at zero, so q k^T = 0, softmax = M_C and A = alpha * I at
+init (beta = gamma). Heads are concatenated, then c_proj only with `use_proj`.
+Attention dropout applies to the softmax term only (the original dropped out all of A).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cleangpt_jax.config import ModelConfig
+from cleangpt_jax.models import layers
+from cleangpt_jax.models.base import CausalLM
+
+
+def zero_key_value_init(n_embd: int):
+    """c_attn kernel init: q columns N(0, 0.02), k (and v) columns zero."""
+
+    def init(key, shape, dtype):
+        kernel = layers.normal_init()(key, shape, dtype)
+        return kernel.at[:, n_embd:].set(0)
+
+    return init
+
+
+def cummean(v):
+    """Running mean along time: out[:, i] = mean(v[:, :i + 1]).  v (B, T, H, D)."""
+    counts = jnp.arange(1, v.shape[1] + 1, dtype=jnp.float32)[None, :, None, None]
+    return (jnp.cumsum(v.astype(jnp.float32), axis=1) / counts).astype(v.dtype)
+
+
+class ShapedAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, *, attn_bias, deterministic: bool):
+        c = self.config
+        n_out = (3 if c.use_v else 2) * c.n_embd
+        qkv = layers.dense(c, n_out, "c_attn", kernel_init=zero_key_value_init(c.n_embd))(h)
+        parts = jnp.split(qkv, 3 if c.use_v else 2, axis=-1)
+        q, k = (layers.split_heads(t, c.n_head) for t in parts[:2])
+        v = layers.split_heads(parts[2] if c.use_v else h, c.n_head)
+
+        scalar = lambda name, value: self.param(  # noqa: E731
+            name, nn.initializers.constant(value), (), jnp.float32)
+        alpha, beta, gamma = scalar("alpha", 1.0), scalar("beta", 0.1), scalar("gamma", 0.1)
+
+        attn = layers.causal_attention(
+            q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+            dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
+        dt = c.compute_dtype
+        y = beta.astype(dt) * attn + alpha.astype(dt) * v - gamma.astype(dt) * cummean(v)
+        y = layers.merge_heads(y)
+        if c.use_proj:
+            y = layers.dense(c, c.n_embd, "c_proj", residual=True)(y)
+        return y
+
+
+class SASPBlock(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, attn_bias, deterministic: bool):
+        c = self.config
+        h = layers.LayerNorm(c, name="ln_1")(x)
+        beta_sa = self.param("beta_sa", nn.initializers.constant(1.0), (), jnp.float32)
+        beta_ff = self.param("beta_ff", nn.initializers.constant(0.2), (), jnp.float32)
+        sa = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias, deterministic=deterministic)
+        ff = layers.make_mlp(c)(h, deterministic=deterministic)
+        return x + beta_sa * sa.astype(jnp.float32) + beta_ff * ff.astype(jnp.float32)
+
+
+class SASP(CausalLM):
+    block_cls = SASPBlock
