@@ -1,0 +1,83 @@
+"""GPT-2 byte-level BPE tokenizer: a thin wrapper over a Hugging Face fast tokenizer."""
+
+import os
+import re
+
+from .base import Tokenizer, ids_to_list, write_marker
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")  # "gpt2" or "org/name"
+_EXPECTED = "expected a directory with vocab.json + merges.txt or tokenizer.json"
+
+
+def has_hf_tokenizer_files(directory) -> bool:
+    """Whether `directory` holds a GPT-2-style HF tokenizer (vocab.json + merges.txt, or tokenizer.json)."""
+    has = lambda name: os.path.isfile(os.path.join(directory, name))
+    return (has("vocab.json") and has("merges.txt")) or has("tokenizer.json")
+
+
+def _load_hf_tokenizer(name_or_path: str, **kwargs):
+    """`transformers.AutoTokenizer.from_pretrained`, failing with a one-line ValueError."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not has_hf_tokenizer_files(path):
+            raise ValueError(f"tokenizer directory {path!r} holds no tokenizer files: {_EXPECTED}")
+    elif os.path.exists(path):
+        raise ValueError(f"{path!r} is a file: {_EXPECTED}, or a Hugging Face hub name like 'gpt2'")
+    elif not _HUB_NAME.fullmatch(name_or_path):
+        raise ValueError(f"tokenizer directory {path!r} does not exist: {_EXPECTED}")
+    from transformers import AutoTokenizer  # slow import, only when needed
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "local directory" if os.path.isdir(path) else "not a local directory; Hugging Face hub lookup"
+        raise ValueError(f"could not load tokenizer {name_or_path!r} ({where} failed: {reason})") from None
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2 byte-level BPE via `transformers.AutoTokenizer` (the fast, Rust-backed tokenizer).
+
+    `name_or_path` is a Hugging Face hub name ("gpt2", needs network) or a local
+    directory with vocab.json + merges.txt or tokenizer.json. When the HF
+    tokenizer has no pad token, pad = eos (also set on `hf_tokenizer`, so its own
+    padding works). `encode` adds no special tokens unless asked; with
+    add_special_tokens=True it prepends bos.
+    """
+
+    tokenizer_type = "gpt2"
+
+    def __init__(self, name_or_path="gpt2", **hf_kwargs):
+        self.name_or_path = os.fspath(name_or_path)
+        self.hf_tokenizer = hf = _load_hf_tokenizer(self.name_or_path, **hf_kwargs)
+        if hf.pad_token is None and hf.eos_token is not None:
+            hf.pad_token = hf.eos_token
+        self.pad_token_id, self.eos_token_id = hf.pad_token_id, hf.eos_token_id
+        self.bos_token_id, self.unk_token_id = hf.bos_token_id, hf.unk_token_id
+        # HF uses a huge sentinel for "no limit"
+        self.model_max_length = hf.model_max_length if hf.model_max_length < 1e12 else None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_tokenizer)  # base vocab + added tokens
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.hf_tokenizer.encode(text, add_special_tokens=False)
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf_tokenizer.decode(ids_to_list(ids), skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
+
+    def save_pretrained(self, directory) -> str:
+        """HF `save_pretrained` files plus the marker file."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.hf_tokenizer.save_pretrained(directory)
+        write_marker(directory, self.tokenizer_type, name_or_path=self.name_or_path)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory_or_name) -> "GPT2Tokenizer":
+        return cls(directory_or_name)
