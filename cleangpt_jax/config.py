@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.use_proj = False
     cfg.model.use_v = False
     cfg.model.llama_mlp = False
+    cfg.model.tie_embeddings = True
     cfg.model.dtype = "float32"
     cfg.model.param_dtype = "float32"
 
@@ -96,6 +97,8 @@ class ModelConfig:
     """Architecture hyper-parameters, validated on construction.
 
     Frozen (hashable) so it can live on a flax Module and be a static jit argument.
+    `tie_embeddings=False` gives the model an output head `lm_head` (V, d) of its own (the
+    distillation head stage trains it while the embeddings stay frozen).
     `max_position_embeddings` is the longest sequence the model accepts: block_size for learned
     positions, 4 * block_size by default for ALiBi (which extrapolates).
     """
@@ -115,6 +118,7 @@ class ModelConfig:
     use_proj: bool = False
     use_v: bool = False
     llama_mlp: bool = False
+    tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
 

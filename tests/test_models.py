@@ -22,6 +22,7 @@ VARIANTS = {
     "vanilla": dict(model_type="vanilla"),
     "vanilla_bias_tanh": dict(model_type="vanilla", bias=True, activation="gelu_tanh"),
     "vanilla_alibi": dict(model_type="vanilla", position_encoding="alibi"),
+    "vanilla_untied": dict(model_type="vanilla", tie_embeddings=False),
     "sasp": dict(model_type="sasp"),
     "sasp_proj": dict(model_type="sasp", use_proj=True),
     "sasp_v": dict(model_type="sasp", use_v=True),
@@ -49,7 +50,7 @@ def expected_param_count(c):
     """Closed form, written independently of the model code."""
     d, b = c.n_embd, int(c.bias)
     ln = d + b * d
-    n = c.vocab_size * d + (c.block_size * d if c.position_encoding == "learned" else 0) + ln
+    n = c.vocab_size * d * (1 if c.tie_embeddings else 2) + (c.block_size * d if c.position_encoding == "learned" else 0) + ln
     if c.llama_mlp:
         hidden = math.ceil(int(2.1 / 3 * 4 * d) / 8) * 8
         mlp = 2 * (d * hidden + b * hidden) + hidden * d + b * d
@@ -89,6 +90,17 @@ def test_forward_causality_hidden_states_and_param_count(variant):
     assert not np.allclose(out2.logits[:, t], out.logits[:, t])
 
     assert count(params) == expected_param_count(cfg)
+
+
+def test_untied_head_is_its_own_parameter():
+    cfg, model, params, ids = build(model_type="vanilla", tie_embeddings=False)
+    out = model.apply({"params": params}, ids)
+    moved = dict(params, wte={"embedding": params["wte"]["embedding"]})
+    moved["lm_head"] = params["lm_head"] * 2.0
+    assert not np.allclose(model.apply({"params": moved}, ids).logits, out.logits)
+    h = model.apply({"params": params}, ids, output_hidden_states=True).hidden_states[-1]
+    np.testing.assert_array_equal(model.apply({"params": moved}, ids, output_hidden_states=True)
+                                  .hidden_states[-1], h)  # the head does not feed the stream
 
 
 def test_num_blocks_runs_only_a_prefix():

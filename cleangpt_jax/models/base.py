@@ -55,6 +55,9 @@ class CausalLM(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.h = [self.block_cls(c) for _ in range(c.n_layer)]
         self.ln_f = layers.LayerNorm(c)
+        if not c.tie_embeddings:
+            self.lm_head = self.param("lm_head", layers.normal_init(), (c.vocab_size, c.n_embd),
+                                      c.params_dtype)
 
     # Hooks for architectures with more than one residual stream.
     def init_state(self, x):
@@ -95,10 +98,11 @@ class CausalLM(nn.Module):
                            hidden_states=tuple(hidden_states) if output_hidden_states else None)
 
     def logits(self, hidden):
-        """Tied head on a pre-LN_f hidden state: LN_f(h) . wte^T, float32 (B, T, V)."""
+        """Head on a pre-LN_f hidden state: LN_f(h) . W^T, float32 (B, T, V); W = wte when tied."""
         c = self.config
         h = self.ln_f(hidden)
-        return jnp.einsum("btd,vd->btv", h, self.wte.embedding.astype(c.compute_dtype),
+        w = self.wte.embedding if c.tie_embeddings else self.lm_head
+        return jnp.einsum("btd,vd->btv", h, w.astype(c.compute_dtype),
                           preferred_element_type=jnp.float32)
 
 
