@@ -8,6 +8,19 @@ An architecture is a block class plus, when its residual stream is not a single 
 Token-Factored model keeps (xt, xe)), `init_state` and `hidden`. `hidden_states[i]` is
 `hidden(state_i)`: pre-LN_f, index 0 = embeddings. Labels are never shifted here: logits at t
 predict token t + 1 and `cleangpt_jax.losses` does the shift.
+
+Decoding with a KV cache (explicit and functional, not a flax 'cache' collection, so a whole
+generation loop is one pure jitted function and the cache is an ordinary loop carry):
+
+    cache = model.init_cache(B, S, start=pad)        # start[b]: left-padding length of row b
+    out = model.apply(v, prompt, cache=cache)        # prefill: writes slots [0, P)
+    out = model.apply(v, next_ids, cache=out.cache)  # decode: (B, 1), writes slot P, P + 1, ...
+
+Row b's real tokens live in slots [start[b], index); their positions are slot - start[b], so a
+left-padded batch computes exactly what each row computes alone. Learned positions cap a row at
+block_size real tokens (cache.index - start <= block_size); ALiBi biases depend only on slot
+differences. Each block class provides `init_cache(config, B, S) -> dict` and accepts
+`cache=`/`step=` (a `layers.DecodeStep`), returning (state, updated dict) when given a cache.
 """
 
 from __future__ import annotations
@@ -26,11 +39,32 @@ from cleangpt_jax.models import layers
 
 @flax.struct.dataclass
 class ModelOutput:
-    """logits (B, T, V) float32, or None when only the first k < L blocks ran;
-    hidden_states: tuple of k + 1 arrays (B, T, d), or None when not asked for."""
+    """logits (B, T, V) float32 ((B, 1, V) with last_logits_only), or None when only the first
+    k < L blocks ran; hidden_states: tuple of k + 1 arrays (B, T, d), or None when not asked
+    for; cache: the updated `Cache` when one was passed in, else None."""
 
     logits: Any = None
     hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@flax.struct.dataclass
+class Cache:
+    """Decoding state of a whole model.
+
+    layers: one dict of arrays per block (its keys/values, e.g. 'k', 'v' (B, S, H, D)).
+    index:  () int32, number of slots written; the next call writes [index, index + T).
+    start:  (B,) int32, slot of each row's first real token (its left-padding length).
+    """
+
+    layers: tuple
+    index: Any
+    start: Any
+
+    @property
+    def length(self) -> int:
+        """S, the number of slots."""
+        return jax.tree_util.tree_leaves(self.layers[0])[0].shape[1]
 
 
 class InputError(ValueError):
@@ -66,36 +100,87 @@ class CausalLM(nn.Module):
     def hidden(self, state):
         return state
 
+    def init_cache(self, batch_size: int, max_length: int, start=None) -> Cache:
+        """An empty cache of `max_length` slots for `batch_size` rows (no parameters needed:
+        callable on an unbound module). `start` (B,) = left-padding length of each row."""
+        c = self.config
+        start = (jnp.zeros((batch_size,), jnp.int32) if start is None
+                 else jnp.asarray(start, jnp.int32).reshape(batch_size))
+        return Cache(layers=tuple(self.block_cls.init_cache(c, batch_size, max_length)
+                                  for _ in range(c.n_layer)),
+                     index=jnp.zeros((), jnp.int32), start=start)
+
     def __call__(self, input_ids, *, deterministic: bool = True,
                  output_hidden_states: bool = False, num_blocks: int | None = None,
-                 positions=None) -> ModelOutput:
+                 positions=None, cache: Cache | None = None,
+                 last_logits_only: bool = False) -> ModelOutput:
         """input_ids (B, T) integers. `num_blocks=k` runs only the embeddings and the first k
-        blocks (no LN_f/head unless k = L). `positions` (T,) or (B, T) default to arange(T)."""
+        blocks (no LN_f/head unless k = L). `positions` (T,) or (B, T) default to arange(T)
+        (with a cache: slot - cache.start). `cache` (from `init_cache`) makes this a decoding
+        call: the T tokens attend to the cached ones and the output carries the updated cache.
+        `last_logits_only` computes the head for the last position only: logits (B, 1, V)."""
         c = self.config
         check_input_ids(input_ids, c)
         k = c.n_layer if num_blocks is None else num_blocks
         if not 0 <= k <= c.n_layer:
             raise InputError(f"num_blocks={num_blocks} is outside [0, n_layer={c.n_layer}]")
+        if cache is not None and k != c.n_layer:
+            raise InputError("num_blocks cannot be combined with cache: a cache holds every block")
         t = input_ids.shape[1]
-        if positions is None:
+        step = None
+        if cache is not None:
+            step, attn_bias = self._decode_step(cache, t, positions)
+            positions = step.positions
+        elif positions is None:
             positions = jnp.arange(t)
 
         x = self.wte(input_ids)
         if c.position_encoding == "learned":
             x = x + self.wpe(positions)
         state = self.init_state(self.drop(x, deterministic=deterministic))
-        attn_bias = (layers.alibi_bias(c.n_head, positions, positions)
-                     if c.position_encoding == "alibi" else None)
+        if cache is None:
+            attn_bias = (layers.alibi_bias(c.n_head, positions, positions)
+                         if c.position_encoding == "alibi" else None)
 
         hidden_states = [self.hidden(state)] if output_hidden_states else None
-        for block in self.h[:k]:
-            state = block(state, attn_bias=attn_bias, deterministic=deterministic)
+        new_layers = []
+        for i, block in enumerate(self.h[:k]):
+            if cache is None:
+                state = block(state, attn_bias=attn_bias, deterministic=deterministic)
+            else:
+                state, layer_cache = block(state, attn_bias=attn_bias, deterministic=deterministic,
+                                           cache=cache.layers[i], step=step)
+                new_layers.append(layer_cache)
             if output_hidden_states:
                 hidden_states.append(self.hidden(state))
 
-        logits = self.logits(self.hidden(state)) if k == c.n_layer else None
+        logits = None
+        if k == c.n_layer:
+            hidden = self.hidden(state)
+            logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
+        if cache is not None:
+            cache = cache.replace(layers=tuple(new_layers), index=cache.index + t)
         return ModelOutput(logits=logits,
-                           hidden_states=tuple(hidden_states) if output_hidden_states else None)
+                           hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                           cache=cache)
+
+    def _decode_step(self, cache: Cache, t: int, positions):
+        """The shared `DecodeStep` (and ALiBi bias) for T new tokens written at cache.index."""
+        c = self.config
+        slots = cache.index + jnp.arange(t, dtype=jnp.int32)              # (T,)
+        key_slots = jnp.arange(cache.length, dtype=jnp.int32)             # (S,)
+        start = cache.start[:, None]                                      # (B, 1)
+        real = slots[None, :] >= start                                    # (B, T)
+        if positions is None:
+            positions = jnp.maximum(slots[None, :] - start, 0)
+        positions = jnp.broadcast_to(positions, real.shape).astype(jnp.int32)
+        mask = ((key_slots[None, None, :] <= slots[None, :, None])
+                & (key_slots[None, None, :] >= start[:, :, None]))[:, None]  # (B, 1, T, S)
+        # ALiBi depends on position differences only, and those equal slot differences.
+        attn_bias = (layers.alibi_bias(c.n_head, slots, key_slots)
+                     if c.position_encoding == "alibi" else None)
+        return layers.DecodeStep(index=cache.index, mask=mask, real=real,
+                                 positions=positions), attn_bias
 
     def logits(self, hidden):
         """Head on a pre-LN_f hidden state: LN_f(h) . W^T, float32 (B, T, V); W = wte when tied."""

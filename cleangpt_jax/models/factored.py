@@ -11,6 +11,8 @@ xt changes only through attention and xe only through the MLP. With position_enc
 (the original's FactoredALiBi) there is no wpe and scores get slope_h * (j - i).
 `use_v` / `use_proj` mix whole heads with H x H matrices (the original's Kronecker lift by I_D):
     V[h] = sum_g W_v[h, g] xt[g],   y[h] <- sum_g W_o[h, g] y[g]  (then dropout).
+Decoding cache per block: 'k' and 'v' (B, S, H, D), v being the head-split xt (mixed with
+`use_v`) that entered the block.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class FactoredAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h, xt, *, attn_bias, deterministic: bool):
+    def __call__(self, h, xt, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
         c = self.config
         qk = layers.dense(c, 2 * c.n_embd, "c_attn")(h)
         q, k = (layers.split_heads(t, c.n_head) for t in jnp.split(qk, 2, axis=-1))
@@ -40,29 +43,39 @@ class FactoredAttention(nn.Module):
         if c.use_v:
             v = mix_heads(self.param("v_mix", layers.normal_init(), (c.n_head, c.n_head),
                                      c.params_dtype), v)
+        mask = None
+        if cache is not None:
+            k, v, cache = layers.update_kv_cache(cache, k, v, step.index)
+            mask = step.mask
         y = layers.causal_attention(
-            q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+            q, k, v, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
+            deterministic=deterministic,
             dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         if c.use_proj:
             y = mix_heads(self.param("proj_mix", layers.residual_init(c), (c.n_head, c.n_head),
                                      c.params_dtype), y)
             y = nn.Dropout(c.dropout)(y, deterministic=deterministic)
-        return layers.merge_heads(y)
+        y = layers.merge_heads(y)
+        return y if cache is None else (y, cache)
 
 
 class FactoredBlock(nn.Module):
     config: ModelConfig
+    init_cache = staticmethod(layers.init_kv_cache)
 
     @nn.compact
-    def __call__(self, state, *, attn_bias, deterministic: bool):
+    def __call__(self, state, *, attn_bias, deterministic: bool, cache=None, step=None):
         c = self.config
         xt, xe = state
         h = layers.LayerNorm(c, name="ln_1")(xt + xe)
-        xt = xt + FactoredAttention(c, name="attn")(h, xt, attn_bias=attn_bias,
-                                                    deterministic=deterministic)
+        y = FactoredAttention(c, name="attn")(h, xt, attn_bias=attn_bias,
+                                              deterministic=deterministic, cache=cache, step=step)
+        if cache is not None:
+            y, cache = y
+        xt = xt + y
         xe = xe + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(xt + xe),
                                      deterministic=deterministic)
-        return xt, xe
+        return (xt, xe) if cache is None else ((xt, xe), cache)
 
 
 class Factored(CausalLM):

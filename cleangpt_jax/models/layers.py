@@ -1,14 +1,21 @@
-"""Layers shared by every architecture: initialisers, LayerNorm, MLPs, causal attention, ALiBi.
+"""Layers shared by every architecture: initialisers, LayerNorm, MLPs, causal attention, ALiBi,
+and the KV-cache helpers used for decoding.
 
 Shapes: B batch, T query length, S key length, H heads, D head dim, d = H * D model width.
 Precision: parameters are stored in `config.param_dtype`; matmuls run in `config.dtype`;
 LayerNorm, softmax and the logits are computed in float32.
+
+KV cache: an explicit pytree (no flax 'cache' collection), passed into the model and returned
+updated. Each block owns a dict of arrays ('k', 'v': (B, S, H, D) in the compute dtype, plus
+whatever else its attention needs); `DecodeStep` carries what every block shares for one call:
+the slot the T new tokens are written to, their key mask, real positions and padding flags.
 """
 
 from __future__ import annotations
 
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,3 +171,33 @@ def split_heads(x, n_head: int):
 def merge_heads(x):
     """(B, T, H, D) -> (B, T, H * D)."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+@flax.struct.dataclass
+class DecodeStep:
+    """What every block needs to run T new tokens against its KV cache (built by CausalLM).
+
+    index:     () int32, cache slot of the first new token (new tokens fill [index, index + T)).
+    mask:      (B, 1, T, S) bool, key slot s is visible to new token t: a real token, not later.
+    real:      (B, T) bool, the new token is real (False for left padding).
+    positions: (B, T) int32, position of each new token among its row's real tokens.
+    """
+
+    index: jax.Array
+    mask: jax.Array
+    real: jax.Array
+    positions: jax.Array
+
+
+def init_kv_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
+    """Zero 'k' and 'v' buffers (B, S, H, D) in the compute dtype."""
+    shape = (batch_size, length, config.n_head, config.head_dim)
+    return {name: jnp.zeros(shape, config.compute_dtype) for name in ("k", "v")}
+
+
+def update_kv_cache(cache: dict, k, v, index):
+    """Write k, v (B, T, H, D) into slots [index, index + T); returns (all keys, all values,
+    updated cache). The cache length S is static; the written slots are dynamic."""
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+    return k_all, v_all, {**cache, "k": k_all, "v": v_all}

@@ -13,6 +13,10 @@ c_attn maps d -> 2d (q, k), or d -> 3d with `use_v`; without `use_v`, V is the h
 The k (and v) columns of c_attn start at zero, so q k^T = 0, softmax = M_C and A = alpha * I at
 init (beta = gamma). Heads are concatenated, then c_proj only with `use_proj`.
 Attention dropout applies to the softmax term only (the original dropped out all of A).
+
+Decoding cache per block: 'k', 'v' (B, S, H, D) (v is the head-split h without `use_v`) and
+'v_sum' (B, H, D) float32, the running sum of V over the row's real tokens, so that
+cummean(V)[i] = (v_sum + V[i]) / (position_i + 1) costs O(1) per new token.
 """
 
 from __future__ import annotations
@@ -41,11 +45,31 @@ def cummean(v):
     return (jnp.cumsum(v.astype(jnp.float32), axis=1) / counts).astype(v.dtype)
 
 
+def cached_cummean(v, prev_sum, step):
+    """cummean for T new tokens continuing a row: mean of V over the row's real tokens so far.
+
+    v (B, T, H, D); prev_sum (B, H, D) float32 = sum of V over the cached real tokens;
+    step: layers.DecodeStep (padding is left out of the sum; a real token at position p divides
+    by p + 1). Returns (cummean (B, T, H, D), updated sum (B, H, D) float32).
+    """
+    real = step.real[:, :, None, None]
+    sums = prev_sum[:, None] + jnp.cumsum(jnp.where(real, v.astype(jnp.float32), 0.0), axis=1)
+    counts = (step.positions + 1).astype(jnp.float32)[:, :, None, None]
+    return (sums / counts).astype(v.dtype), sums[:, -1]
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
+    """k, v (B, S, H, D) and the running sum of V, 'v_sum' (B, H, D) float32."""
+    return {**layers.init_kv_cache(config, batch_size, length),
+            "v_sum": jnp.zeros((batch_size, config.n_head, config.head_dim), jnp.float32)}
+
+
 class ShapedAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h, *, attn_bias, deterministic: bool):
+    def __call__(self, h, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
         c = self.config
         n_out = (3 if c.use_v else 2) * c.n_embd
         qkv = layers.dense(c, n_out, "c_attn", kernel_init=zero_key_value_init(c.n_embd))(h)
@@ -57,29 +81,42 @@ class ShapedAttention(nn.Module):
             name, nn.initializers.constant(value), (), jnp.float32)
         alpha, beta, gamma = scalar("alpha", 1.0), scalar("beta", 0.1), scalar("gamma", 0.1)
 
+        if cache is None:
+            k_all, v_all, mask, mean = k, v, None, cummean(v)
+        else:
+            mean, v_sum = cached_cummean(v, cache["v_sum"], step)
+            k_all, v_all, cache = layers.update_kv_cache(cache, k, v, step.index)
+            cache["v_sum"] = v_sum
+            mask = step.mask
         attn = layers.causal_attention(
-            q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+            q, k_all, v_all, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
+            deterministic=deterministic,
             dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         dt = c.compute_dtype
-        y = beta.astype(dt) * attn + alpha.astype(dt) * v - gamma.astype(dt) * cummean(v)
+        y = beta.astype(dt) * attn + alpha.astype(dt) * v - gamma.astype(dt) * mean
         y = layers.merge_heads(y)
         if c.use_proj:
             y = layers.dense(c, c.n_embd, "c_proj", residual=True)(y)
-        return y
+        return y if cache is None else (y, cache)
 
 
 class SASPBlock(nn.Module):
     config: ModelConfig
+    init_cache = staticmethod(init_cache)
 
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
         c = self.config
         h = layers.LayerNorm(c, name="ln_1")(x)
         beta_sa = self.param("beta_sa", nn.initializers.constant(1.0), (), jnp.float32)
         beta_ff = self.param("beta_ff", nn.initializers.constant(0.2), (), jnp.float32)
-        sa = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias, deterministic=deterministic)
+        sa = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias, deterministic=deterministic,
+                                             cache=cache, step=step)
+        if cache is not None:
+            sa, cache = sa
         ff = layers.make_mlp(c)(h, deterministic=deterministic)
-        return x + beta_sa * sa.astype(jnp.float32) + beta_ff * ff.astype(jnp.float32)
+        x = x + beta_sa * sa.astype(jnp.float32) + beta_ff * ff.astype(jnp.float32)
+        return x if cache is None else (x, cache)
 
 
 class SASP(CausalLM):

@@ -6,6 +6,7 @@
 Attn: c_attn d -> 3d (q | k | v), causal softmax(q k^T / sqrt(D)) v per head, heads
 concatenated. With bias=True and activation='gelu_tanh' this is exactly GPT-2 (the teacher);
 parameter names follow GPT-2's (h_i/attn/c_attn, h_i/mlp/c_fc, ...).
+Decoding cache per block: {'k', 'v'} (B, S, H, D).
 """
 
 from __future__ import annotations
@@ -22,28 +23,41 @@ class SelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
         c = self.config
         qkv = layers.dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
+        mask = None
+        if cache is not None:
+            k, v, cache = layers.update_kv_cache(cache, k, v, step.index)
+            mask = step.mask
         y = layers.causal_attention(
-            q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+            q, k, v, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
+            deterministic=deterministic,
             dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         y = layers.dense(c, c.n_embd, "c_proj", residual=True)(layers.merge_heads(y))
-        return nn.Dropout(c.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(c.dropout)(y, deterministic=deterministic)
+        return y if cache is None else (y, cache)
 
 
 class VanillaBlock(nn.Module):
     config: ModelConfig
 
+    init_cache = staticmethod(layers.init_kv_cache)
+
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
         c = self.config
-        x = x + SelfAttention(c, name="attn")(layers.LayerNorm(c, name="ln_1")(x),
-                                              attn_bias=attn_bias, deterministic=deterministic)
+        y = SelfAttention(c, name="attn")(layers.LayerNorm(c, name="ln_1")(x),
+                                          attn_bias=attn_bias, deterministic=deterministic,
+                                          cache=cache, step=step)
+        if cache is not None:
+            y, cache = y
+        x = x + y
         x = x + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(x),
                                    deterministic=deterministic)
-        return x
+        return x if cache is None else (x, cache)
 
 
 class Vanilla(CausalLM):
