@@ -120,6 +120,26 @@ def test_pytorch_bin_in_hub_layout(tmp_path):
                                **TOL)
 
 
+def test_sharded_safetensors_follow_the_index(gpt2_dirs, tmp_path):
+    """Big checkpoints come as model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    from safetensors.numpy import load_file, save_file
+
+    torch_model, src = gpt2_dirs["gelu"]
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(os.path.join(src, "config.json"), tmp_path)
+    config, params = load_gpt2(str(tmp_path))
+    _, ref = load_gpt2(src)
+    for path, x in flat(ref).items():
+        np.testing.assert_array_equal(np.asarray(flat(params)[path]), np.asarray(x), err_msg=path)
+
+
 def test_untied_head_loads_and_exports(tmp_path):
     torch_model = random_gpt2("gelu_new", tie=False, seed=4)
     torch_model.save_pretrained(tmp_path / "in")
