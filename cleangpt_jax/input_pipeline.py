@@ -349,21 +349,22 @@ def _data_sections(config) -> list:
 def build_tokenizer(config) -> Tokenizer:
     """The tokenizer `config.tokenizer` describes.
 
-    'character' without `name_or_path`: `CharacterTokenizer.from_text` over all the documents the
-    run loads (training and validation, so validation has no unknown characters). 'character' with
+    'character' without `name_or_path`: `CharacterTokenizer.from_text` of the documents the run
+    loads (training and validation, so validation has no unknown characters) and the newline that
+    separates them; read in chunks, so it never holds the corpus as one string. 'character' with
     `name_or_path`: a saved character tokenizer. Any other type: `create_tokenizer(type,
     name_or_path=...)`, 'gpt2' by default for the 'gpt2' type.
     """
     kind = config.tokenizer.type
     name_or_path = config.tokenizer.get("name_or_path")
     if kind == "character" and not name_or_path:
-        texts = []
+        chars = set(DOCUMENT_SEPARATORS["character"])
         for data in _data_sections(config):
             docs = load_documents(data)
             for part in (docs.train, docs.val):
-                if part is not None:
-                    texts.extend(part["text"])
-        return create_tokenizer("character", text="\n".join(texts))
+                for chunk in (part.iter(batch_size=1000) if part is not None else ()):
+                    chars.update(*chunk["text"])
+        return create_tokenizer("character", text="".join(sorted(chars)))
     if kind == "gpt2":
         name_or_path = name_or_path or "gpt2"
     return create_tokenizer(kind, name_or_path=name_or_path)
