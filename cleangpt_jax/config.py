@@ -90,21 +90,39 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Training loop (cleangpt_jax/train.py owns the meaning of these keys).
     cfg.train = ml_collections.ConfigDict()
-    cfg.train.batch_size = 32
+    cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.trainer)
+    cfg.train.batch_size = 32  # global: sequences per optimizer update, over all devices
     cfg.train.num_steps = 2000
-    cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)
+    cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)  # wins if set
     cfg.train.learning_rate = 1e-3
     cfg.train.warmup_steps = 100
-    cfg.train.lr_schedule = "cosine"
+    cfg.train.lr_schedule = "cosine"  # 'cosine' | 'linear' | 'constant' (after warmup)
     cfg.train.min_lr = 1e-4
-    cfg.train.weight_decay = 0.1
-    cfg.train.grad_clip = 1.0
-    cfg.train.grad_accum_steps = 1
-    cfg.train.eval_every = 250
-    cfg.train.eval_steps = 20
-    cfg.train.checkpoint_every = 500
+    cfg.train.weight_decay = 0.1  # AdamW, on weights of rank >= 2 only
+    cfg.train.adam_b1 = 0.9
+    cfg.train.adam_b2 = 0.99
+    cfg.train.adam_eps = 1e-8
+    cfg.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+    cfg.train.grad_accum_steps = 1  # batch_size is split into this many micro-batches
+    cfg.train.eval_every = 250  # 0 = off
+    cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
+    cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
+    cfg.train.max_checkpoints_to_keep = 3
     cfg.train.log_every = 50
-    cfg.train.seed = 0
+    cfg.train.seed = 0  # parameters, dropout and batch order
+    cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
+    cfg.train.sample_prompts = ("ROMEO:",)
+    cfg.train.sample_max_new_tokens = 300  # 0 = no samples
+    cfg.train.sample_temperature = 0.8
+    cfg.train.sample_top_k = 50  # 0 = off
+    # Devices: all local devices; `fsdp` > 1 also shards parameters and optimizer state.
+    cfg.train.fsdp = 1
+    # Multi-host: 'auto' runs jax.distributed.initialize() when the environment says this is
+    # one process of several (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); True / False force it.
+    cfg.train.distributed = "auto"
+    cfg.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    cfg.train.num_processes = ml_collections.FieldReference(None, field_type=int)
+    cfg.train.process_id = ml_collections.FieldReference(None, field_type=int)
     return cfg
 
 

@@ -1,0 +1,83 @@
+"""Optimizer and learning-rate schedule built from the `train` config section.
+
+    optimizer, schedule = make_optimizer(config.train, num_steps)
+
+AdamW (decoupled weight decay, Loshchilov & Hutter) after global-norm clipping:
+
+    g <- g * min(1, grad_clip / ||g||_2)                      (skipped when grad_clip <= 0)
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2       (bias-corrected m_hat, v_hat)
+    w <- w - lr(s) * (m_hat / (sqrt(v_hat) + eps) + wd * mask(w) * w)
+
+mask(w) = 1 only for weights of rank >= 2 (matmul kernels, embeddings, head-mixing matrices):
+biases, LayerNorm scales/offsets and the scalar gains of SASP (alpha, beta, gamma, beta_sa,
+beta_ff) are never decayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cleangpt_jax.config import ConfigError
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_schedule(train_cfg: Any, num_steps: int) -> optax.Schedule:
+    """lr(s) for optimizer step s = 0, 1, ... (the update that produces step s + 1).
+
+    With peak lr, W = warmup_steps, N = num_steps and p = clip((s - W) / (N - W), 0, 1):
+
+        s <  W :  lr * (s + 1) / W                           (linear warmup, reaches lr at W-1)
+        s >= W :  cosine    min_lr + (lr - min_lr) * (1 + cos(pi p)) / 2
+                  linear    lr + (min_lr - lr) * p
+                  constant  lr
+    """
+    peak = float(train_cfg.learning_rate)
+    floor = float(train_cfg.min_lr)
+    warmup = int(train_cfg.warmup_steps)
+    kind = str(train_cfg.lr_schedule).lower()
+    if kind not in LR_SCHEDULES:
+        raise ConfigError(f"unknown train.lr_schedule {train_cfg.lr_schedule!r}: choose one of "
+                          f"{LR_SCHEDULES}")
+    if peak <= 0 or floor < 0 or floor > peak:
+        raise ConfigError(f"need 0 <= train.min_lr <= train.learning_rate and learning_rate > 0, "
+                          f"got min_lr={floor}, learning_rate={peak}")
+    if warmup < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {warmup}")
+    decay_steps = max(int(num_steps) - warmup, 1)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        p = jnp.clip((s - warmup) / decay_steps, 0.0, 1.0)
+        if kind == "cosine":
+            decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        elif kind == "linear":
+            decayed = peak + (floor - peak) * p
+        else:
+            decayed = jnp.full_like(p, peak)
+        if warmup == 0:
+            return decayed
+        return jnp.where(s < warmup, peak * (s + 1.0) / warmup, decayed)
+
+    return schedule
+
+
+def weight_decay_mask(params):
+    """True for the leaves AdamW decays: weights of rank >= 2 only."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(train_cfg: Any, num_steps: int, *, mask=weight_decay_mask):
+    """(optax transformation, schedule). `mask` picks the leaves that get weight decay."""
+    schedule = lr_schedule(train_cfg, num_steps)
+    clip = float(train_cfg.grad_clip or 0.0)
+    chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    chain.append(optax.adamw(schedule, b1=float(train_cfg.get("adam_b1", 0.9)),
+                             b2=float(train_cfg.get("adam_b2", 0.95)),
+                             eps=float(train_cfg.get("adam_eps", 1e-8)),
+                             weight_decay=float(train_cfg.weight_decay), mask=mask))
+    return optax.chain(*chain), schedule

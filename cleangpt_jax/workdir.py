@@ -1,0 +1,246 @@
+"""Run directories: what a training run leaves on disk and how other tools load it.
+
+    WORKDIR/config.json      the resolved ConfigDict (model.vocab_size filled in)
+    WORKDIR/tokenizer/       tokenizer.save_pretrained
+    WORKDIR/checkpoints/     Orbax steps with items params / opt_state / meta (checkpoint.py)
+    WORKDIR/metrics.jsonl    one JSON object per log or eval event
+    WORKDIR/events.out.*     TensorBoard scalars (same numbers as metrics.jsonl)
+    WORKDIR/samples/         step_<N>.txt sample generations
+
+    run = load_run(workdir)            # config, model_config, model, tokenizer, params, step
+    write_model_workdir(workdir, config, tokenizer, params)   # export a trained model
+
+Only process 0 writes files; every process takes part in checkpoint saves and restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cleangpt_jax import sharding
+from cleangpt_jax.checkpoint import CheckpointError, Checkpointer
+from cleangpt_jax.config import ModelConfig, model_config
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+
+
+class WorkdirError(ValueError):
+    """A workdir that is missing, incomplete, or belongs to a different run."""
+
+
+def is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------- config.json
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """Write config.json atomically (process 0 only); returns its path."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if is_writer():
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    return path
+
+
+def _json_default(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    return str(x)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        if not os.path.isdir(workdir):
+            raise WorkdirError(f"workdir {workdir!r} does not exist: pass the --workdir of a "
+                               f"training run")
+        raise WorkdirError(f"{workdir!r} has no {CONFIG_FILE}: it is not a training run's "
+                           f"workdir (train into it first)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path} is not valid JSON ({e})") from e
+
+
+def config_differences(old: Any, new: Any, sections=("model", "tokenizer")) -> list[str]:
+    """'section.key: old -> new' for every differing key of the given sections."""
+    old = old.to_dict() if hasattr(old, "to_dict") else dict(old)
+    new = new.to_dict() if hasattr(new, "to_dict") else dict(new)
+    out = []
+    for sec in sections:
+        a, b = dict(old.get(sec) or {}), dict(new.get(sec) or {})
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if va != vb:
+                out.append(f"{sec}.{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def open_checkpointer(workdir: str, **kwargs) -> Checkpointer:
+    return Checkpointer(checkpoint_dir(workdir), **kwargs)
+
+
+def param_shapes(model) -> Any:
+    """The model's parameter tree as ShapeDtypeStructs (nothing is allocated)."""
+    c = model.config
+    ids = jnp.zeros((1, c.block_size), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    model: Any
+    tokenizer: Any
+    params: Any
+    step: int
+
+
+def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
+    """Load a run's config, tokenizer and parameters (latest checkpoint unless `step`).
+
+    Parameters land on the first local device, or laid out for `mesh`
+    (`cleangpt_jax.sharding.create_mesh`) when given.
+    """
+    from cleangpt_jax.models import get_model
+    from cleangpt_jax.tokenizers import load_tokenizer
+
+    config = load_config(workdir)
+    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+    if not os.path.isdir(tok_dir):
+        raise WorkdirError(f"{workdir!r} has no {TOKENIZER_DIR}/ directory: the run did not "
+                           f"finish setting up; rerun training into it")
+    tokenizer = load_tokenizer(tok_dir)
+    mcfg = model_config(config.model)
+    model = get_model(config=mcfg)
+    ckdir = checkpoint_dir(workdir)
+    if not os.path.isdir(ckdir):
+        raise WorkdirError(f"{workdir!r} has no checkpoint yet: train until a checkpoint is "
+                           f"written (train.checkpoint_every), or pick another workdir")
+    shapes = param_shapes(model)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                              shapes)
+    else:
+        target = sharding.abstract_state(shapes, mesh)
+    ckpt = Checkpointer(ckdir, read_only=True)
+    try:
+        restored = ckpt.restore(step, params=target)
+    except CheckpointError as e:
+        raise WorkdirError(str(e)) from e
+    finally:
+        ckpt.close()
+    return Run(config=config, model_config=mcfg, model=model, tokenizer=tokenizer,
+               params=restored.params, step=restored.step)
+
+
+def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
+                        meta: dict | None = None) -> str:
+    """Write config.json, tokenizer/ and a params-only checkpoint at `step` into `workdir`.
+
+    The result loads with `load_run` (generate, evaluate, distillation's teacher). Refuses to
+    overwrite an existing checkpoint of the same step.
+    """
+    config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict")
+                                       else dict(config))
+    with config.unlocked():
+        config.model.vocab_size = int(config.model.vocab_size or tokenizer.vocab_size)
+    model_config(config.model)  # validate before writing anything
+    save_config(workdir, config)
+    if is_writer():
+        tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+    ckpt = open_checkpointer(workdir, async_save=False)
+    try:
+        if step in ckpt.all_steps():
+            raise WorkdirError(f"{checkpoint_dir(workdir)} already has step {step}: write into "
+                               f"a new workdir")
+        ckpt.save(step, params=params, meta=dict(meta or {}, step=int(step)))
+    finally:
+        ckpt.close()
+    return workdir
+
+
+# --------------------------------------------------------------------------------- metrics
+class MetricWriter:
+    """metrics.jsonl + TensorBoard scalars; a no-op on every process but 0.
+
+    `resume_step` drops records past that step (left by a run that died after its last
+    checkpoint), so a resumed run's log reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self.active = is_writer()
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0)
+                        <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=workdir)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        record = {"step": int(step)}
+        for k, v in metrics.items():
+            v = v.item() if hasattr(v, "item") else v
+            record[k] = v
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, METRICS_FILE)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
