@@ -7,7 +7,7 @@ The output (config.json + model.safetensors + tokenizer) loads with
 (`cleangpt_jax.hf.load_gpt2`, a distillation teacher, `generate --hf`).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cleangpt_jax import hf
 
@@ -22,10 +22,12 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint access at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         out = hf.export_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, overwrite=FLAGS.overwrite)
     except ValueError as e:
-        raise SystemExit(f"export_hf: error: {e}") from None
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
     print(f"Exported {FLAGS.workdir} as GPT-2 to {out}")
 
 

@@ -7,7 +7,7 @@
 directory. The workdir gets config.json, tokenizer/ and a params-only Orbax checkpoint (step 0).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cleangpt_jax import hf
 from cleangpt_jax.config import DTYPES
@@ -22,10 +22,12 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint access at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         workdir = hf.import_to_workdir(FLAGS.name_or_path, FLAGS.workdir, dtype=FLAGS.dtype)
     except ValueError as e:
-        raise SystemExit(f"import_hf: error: {e}") from None
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
     print(f"Imported {FLAGS.name_or_path} into {workdir}")
 
 

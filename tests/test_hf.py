@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,3 +439,70 @@ def test_export_refusals(gpt2_tokenizer_dir, tmp_path):
     assert (tmp_path / "b" / "config.json").read_text() == "precious"
     export_gpt2(config, params, tmp_path / "b", overwrite=True)
     assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "b").config.n_embd == N_EMBD
+
+
+# ----------------------------------------------------------------------------- the CLIs
+
+def run_cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A GPT-2-compatible Vanilla (bias, tanh GELU) trained for a few steps on two plays."""
+    from cleangpt_jax.config import get_config
+    from cleangpt_jax.trainer import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = get_config()
+    cfg.model.update(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True,
+                          activation="gelu_tanh"))
+    cfg.data.max_samples = 2
+    cfg.data.cache_dir = str(root / "cache")
+    cfg.train.update(dict(num_steps=3, batch_size=4, warmup_steps=1, eval_every=0, log_every=1,
+                          checkpoint_every=3, sample_max_new_tokens=0))
+    train_and_evaluate(cfg, str(root / "run"))
+    return str(root / "run")
+
+
+def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path):
+    from cleangpt_jax.workdir import load_run
+
+    run = load_run(trained_run)
+    assert run.step == 3
+    proc = run_cli("cleangpt_jax.export_hf", f"--workdir={trained_run}", f"--out={tmp_path / 'hf'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # transformers runs the exported model and gives our logits; our tokenizer is saved alongside.
+    ids = np.asarray([run.tokenizer.encode("ROMEO: What, ho!")[:16]], np.int32)
+    logits = np.asarray(run.model.apply({"params": run.params}, jnp.asarray(ids)).logits)
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    np.testing.assert_allclose(hf_forward(torch_model, ids)[0], logits, **TOL)
+    assert load_tokenizer(tmp_path / "hf").encode("ROMEO:") == run.tokenizer.encode("ROMEO:")
+
+    # ... and converts back into a workdir holding exactly the trained params.
+    proc = run_cli("cleangpt_jax.import_hf", f"--name_or_path={tmp_path / 'hf'}",
+                   f"--workdir={tmp_path / 'imported'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = load_run(str(tmp_path / "imported"))
+    assert again.model_config == run.model_config
+    assert again.tokenizer.encode("ROMEO: What") == run.tokenizer.encode("ROMEO: What")
+    a, b = flat(run.params), flat(again.params)
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(a[path]), err_msg=path)
+
+
+def test_clis_fail_with_one_line(trained_run, tmp_path):
+    proc = run_cli("cleangpt_jax.export_hf", f"--workdir={tmp_path / 'missing'}",
+                   f"--out={tmp_path / 'out'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: workdir")
+    assert not (tmp_path / "out").exists()
+
+    proc = run_cli("cleangpt_jax.import_hf", f"--name_or_path={tmp_path / 'nope'}",
+                   f"--workdir={trained_run}")  # an existing run is never touched
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert re.match(r"error: workdir .* already exists and is not empty",
+                    proc.stderr.strip().splitlines()[-1])
