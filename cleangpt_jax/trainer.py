@@ -450,6 +450,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_train_config(config)
     workdir = os.path.abspath(workdir)
     t = config.train
+    mesh = sharding.create_mesh(int(t.get("fsdp", 1)))
+    sharding.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
+    micro_batch = t.batch_size // t.grad_accum_steps
 
     tokenizer = prepare_tokenizer(config, workdir)
     if config.model.vocab_size is None:
@@ -471,11 +474,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     block, batch_size = mcfg.block_size, t.batch_size
     num_steps = resolve_num_steps(
         t, lambda: input_pipeline.steps_per_epoch(data.train, batch_size, block))
-
-    mesh = sharding.create_mesh(int(t.get("fsdp", 1)))
-    sharding.check_batch_size(batch_size, mesh, t.grad_accum_steps)
-    micro_batch = batch_size // t.grad_accum_steps
-    sharding.check_batch_size(micro_batch, mesh)
 
     model = get_model(config=mcfg)
     optimizer, schedule = make_optimizer(t, num_steps)
