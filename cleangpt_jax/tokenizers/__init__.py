@@ -3,6 +3,9 @@
     tok = create_tokenizer("character", text=corpus)
     tok = create_tokenizer("gpt2", name_or_path="gpt2")
     tok.save_pretrained(d); tok = load_tokenizer(d)
+
+'pruned' (a tokenizer restricted to part of another's vocabulary) is built by
+`python -m cleangpt_jax.token_analysis --prune=COVERAGE` and loads like the others.
 """
 
 import os
@@ -10,6 +13,7 @@ import os
 from .base import MARKER_FILE, Tokenizer, read_marker
 from .character import CharacterTokenizer
 from .gpt2 import GPT2Tokenizer, has_hf_tokenizer_files
+from .pruned import PrunedTokenizer
 
 _REGISTRY: dict[str, type[Tokenizer]] = {}
 
@@ -69,6 +73,7 @@ def load_tokenizer(directory) -> Tokenizer:
 
 register_tokenizer("character", CharacterTokenizer)
 register_tokenizer("gpt2", GPT2Tokenizer)
+register_tokenizer("pruned", PrunedTokenizer)
 
-__all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "register_tokenizer", "registered_tokenizers",
+__all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "PrunedTokenizer", "register_tokenizer", "registered_tokenizers",
            "get_tokenizer_class", "create_tokenizer", "load_tokenizer"]
