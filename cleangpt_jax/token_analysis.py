@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -197,7 +197,8 @@ def plot_top_tokens(counts: np.ndarray, tokenizer: Tokenizer, path: str, n: int 
     ax.set_ylabel("occurrences (log scale)")
     ax.set_title(f"The {len(top)} most frequent tokens")
     ticks = range(0, len(top), max(1, len(top) // 25))
-    ax.set_xticks(list(ticks), [repr(token_text(tokenizer, top[i]))[1:-1][:8] for i in ticks],
+    ax.set_xticks(list(ticks), [repr(token_text(tokenizer, top[i]))[1:-1].replace(" ", "\u2423")[:8]
+                                  for i in ticks],
                   rotation=90, fontsize=7)
     fig.savefig(path, dpi=100)
     return path
@@ -302,6 +303,8 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
 
     if prune is not None:
         check_coverage(prune)
+    if top_n < 0:
+        raise TokenAnalysisError(f"--top_n must be >= 0, got {top_n}")
     config = type(config)(config.to_dict())
     config.model.block_size = 1  # any non-empty stream can be analysed
     data = input_pipeline.load_dataset(config, tokenizer)
@@ -350,12 +353,23 @@ def run():
 
     from cleangpt_jax import config as config_lib
 
-    cfg_flag = config_flags.DEFINE_config_file(
-        "config", default=config_lib.__file__, lock_config=True,
-        help_string="Config file with get_config() (default: cleangpt_jax/config.py); its data "
-                    "and tokenizer sections are used. Override with --config.data.key=value.")
-    tok_flag = flags.DEFINE_string("tokenizer", None, "'character', 'gpt2' or a directory "
-                                   "(default: the config's tokenizer section).")
+    def flag_error(e: Exception):
+        if isinstance(e, (AttributeError, KeyError)):  # --config.<key> the config lacks
+            die(f"unknown config key {str(e).strip(chr(39) + chr(34))!r}: check it against the "
+                f"config's get_config()", 2)
+        die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
+
+    try:  # config_flags applies --config.x=y overrides while defining the flag
+        cfg_flag = config_flags.DEFINE_config_file(
+            "config", default=config_lib.__file__, lock_config=True,
+            help_string="Config file with get_config() (default: cleangpt_jax/config.py); its "
+                        "data and tokenizer sections are used. Override with "
+                        "--config.data.key=value.")
+    except Exception as e:  # noqa: BLE001
+        flag_error(e)
+    tok_flag = flags.DEFINE_string("tokenizer", None, "'character' (built from the data), a "
+                                   "directory (workdir, saved or HF tokenizer) or a hub name "
+                                   "such as 'gpt2' (default: the config's tokenizer section).")
     out_flag = flags.DEFINE_string("output_dir", "token_analysis", "Where the outputs go.")
     prune_flag = flags.DEFINE_float("prune", None, "Build a pruned tokenizer keeping the most "
                                     "frequent tokens that cover this share of the data, e.g. 0.95.")
@@ -364,12 +378,8 @@ def run():
     def parse(argv):
         try:
             return flags.FLAGS(argv)
-        except flags.Error as e:
-            die(e, 2)
-        except (AttributeError, KeyError) as e:
-            die(f"unknown config key {str(e)!r}: check it against the config's get_config()", 2)
-        except Exception as e:  # noqa: BLE001 -- the config file raised while loading
-            die(f"{type(e).__name__}: {e}", 2)
+        except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
+            flag_error(e)
 
     def main(argv):
         if len(argv) > 1:

@@ -32,9 +32,9 @@ class PrunedTokenizer(Tokenizer):
 
     decode maps new ids back to base ids; an added `<unk>` decodes to '<unk>', or to nothing with
     skip_special_tokens. Saved flat into one directory: the base tokenizer's own files,
-    `pruned_vocab.json` ({new_to_old, old_to_new, coverage}; old_to_new is
-    derived, saved for readers that remap ids or embedding rows) and the marker (type 'pruned', the base's
-    marker keys, `base_tokenizer_type`).
+    `pruned_vocab.json` ({new_to_old, old_to_new, coverage}; old_to_new is derived, saved for
+    readers that remap ids or embedding rows) and the marker (type 'pruned', the base's marker
+    keys, `base_tokenizer_type`).
     """
 
     tokenizer_type = "pruned"
