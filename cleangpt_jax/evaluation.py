@@ -560,7 +560,10 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
         t_lm = load_teacher(teacher, fallback_tokenizer=student.tokenizer, mesh=mesh)
         check_teacher(student, t_lm)  # before any data work: a wrong teacher fails at once
     block = _check_eval_config(e, student, t_lm)
-    sharding.check_batch_size(int(e.batch_size), mesh)
+    n_devices = mesh.devices.size
+    if e.batch_size <= 0 or e.batch_size % n_devices:
+        raise EvaluationError(f"eval.batch_size={e.batch_size} must be a positive multiple of the "
+                              f"device count {n_devices} (each device scores whole rows)")
 
     with config.unlocked():
         config.model.block_size = block  # load_dataset checks that the stream holds one window
@@ -587,6 +590,8 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
 
         layer_map, stitching, layers_note = layer_plan(student, t_lm, config,
                                                        load_stitching(workdir))
+        if stitching is not None:  # restored onto one device; the step runs on the mesh
+            stitching = jax.device_put(stitching, sharding.replicated(mesh))
         result = compare(student, t_lm, batches, layer_map=layer_map, stitching=stitching,
                          mesh=mesh)
         layers = result["layers"]

@@ -109,8 +109,9 @@ def stacked(batches):
     return ids, np.concatenate([b["attention_mask"] for b in batches])
 
 
-def run_cli(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_cli(module, *args, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -219,7 +220,9 @@ def test_student_and_teacher_are_scored_on_identical_targets():
     student = copy_lm("student", seed=0)
     teacher = copy_lm("teacher", n_layer=4, n_embd=48, seed=1)
     batches = pair_batches(seed=3)
-    result = evaluation.compare(student, teacher, batches)
+    # (With the stitching test's layers, so that both tests share one compiled step.)
+    result = evaluation.compare(student, teacher, batches, layer_map=[2, 4],
+                                stitching=init_stitching(jax.random.key(2), 2, 32, 48, True))
     ids, mask = stacked(batches)
     for lm in (student, teacher):
         logits = np.asarray(forward(lm.model, lm.params, jnp.asarray(ids))[0])
@@ -340,14 +343,15 @@ def test_student_alone_reports_perplexity_and_samples(setup, tmp_path):
 
 
 def test_cli_writes_report_json_and_plots(setup):
-    """The real CLI, student against its own weights as an HF teacher, with a data override."""
+    """The real CLI on a 2-device mesh, student against its own weights as an HF teacher, with
+    a data override."""
     other = setup["root"] / "other.txt"
     other.write_text(open(setup["corpus"]).read()[::-1])
     out = setup["root"] / "eval_out"
     proc = run_cli("cleangpt_jax.evaluate", f"--workdir={setup['workdir']}",
                    f"--teacher={setup['teacher_dir']}", f"--output_dir={out}",
                    f"--config.data.files={other}", "--config.eval.max_new_tokens=6",
-                   "--config.eval.num_prompts=2", "--config.eval.batch_size=4")
+                   "--config.eval.num_prompts=2", "--config.eval.batch_size=4", devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio 1.0000" in proc.stdout
 
