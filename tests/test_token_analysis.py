@@ -187,11 +187,10 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------ the CLI
 
-def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, gpt2, gpt2_tokenizer_dir,
-                                                      tmp_path):
+def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path):
     out = tmp_path / "analysis"
     proc = subprocess.run(
-        [sys.executable, "-m", "cleangpt_jax.token_analysis", f"--tokenizer={gpt2_tokenizer_dir}",
+        [sys.executable, "-m", "cleangpt_jax.token_analysis", "--tokenizer=character",
          "--config.data.source=text", f"--config.data.files={corpus['path']}",
          f"--config.data.cache_dir={tmp_path / 'cache'}", "--prune=0.9", "--top_n=5",
          f"--output_dir={out}"],
@@ -199,12 +198,18 @@ def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, gpt2, gpt2_tokeniz
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / ta.JSON_FILE).read_text())
     assert tuple(result) == ta.RESULT_KEYS
-    assert result["tokenizer"] == {"type": "gpt2", "vocab_size": gpt2.vocab_size,
-                                   "source": gpt2_tokenizer_dir}
-    # One document: no separator (none follows the last document).
-    want = len(gpt2.encode(corpus["path"].read_text()))
-    assert result["total_tokens"] == want and result["special_tokens"] == 0
-    assert len(result["top_tokens"]) == 5
+    text = corpus["path"].read_text()
+    chars = sorted(set(text) | {"\n"})
+    assert result["tokenizer"] == {"type": "character", "vocab_size": 4 + len(chars),
+                                   "source": "character"}
+    # One document (a character per token), split 90/10 into train and validation.
+    assert result["total_tokens"] == result["num_chars"] == len(text)
+    assert result["num_words"] == len(text.split()) and result["special_tokens"] == 0
+    assert result["unique_tokens"] == len(set(text))
+    top = result["top_tokens"]
+    assert len(top) == 5 and top[0] == {"id": 4 + chars.index(" "), "token": " ",
+                                        "count": text.count(" "),
+                                        "fraction": text.count(" ") / len(text)}
     assert list(result["coverage_thresholds"]) == ["0.5", "0.8", "0.9", "0.95", "0.99", "0.999"]
     assert result["files"] == {"json": ta.JSON_FILE, "top_tokens_plot": ta.TOP_TOKENS_PLOT,
                                "coverage_plot": ta.COVERAGE_PLOT}
@@ -217,8 +222,9 @@ def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, gpt2, gpt2_tokeniz
     assert p["requested_coverage"] == 0.9 and p["coverage"] >= 0.9
     pruned = load_tokenizer(out / p["directory"])
     assert isinstance(pruned, PrunedTokenizer) and pruned.vocab_size == p["vocab_size"]
-    assert pruned.unk_token_id == p["unk_token_id"]
-    kept = set(pruned.kept_base_ids.tolist())
-    covered = [line for line in corpus["lines"] if set(gpt2.encode(line)) <= kept]
-    assert covered and all(pruned.decode(pruned.encode(t)) == t for t in covered)
+    assert pruned.unk_token_id == p["unk_token_id"] == 0  # the character tokenizer's own <unk>
+    kept = "".join(pruned.base.decode([i]) for i in pruned.kept_base_ids)
+    covered = " ".join(w for w in text.split() if set(w) <= set(kept))
+    assert covered and pruned.decode(pruned.encode(covered)) == covered
+    assert pruned.decode(pruned.encode(text)) != text  # what was pruned is lost
     assert f"{result['total_tokens']} tokens" in proc.stdout
