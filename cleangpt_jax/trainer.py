@@ -273,7 +273,7 @@ class Trainer:
         self.stop_requested = threading.Event()
         self.tokens_per_step = config.train.batch_size * config.model.block_size
         self.compile_seconds: float | None = None
-        self._unchecked: list[tuple[int, Any]] = []  # (step, device loss) not yet on host
+        self._unchecked: list[tuple] = []  # (step, loss, grad_norm) still on device
         self._host_losses: list[tuple[int, float]] = []  # resolved since the last pop
         self.last_train_loss: float | None = None
         self.last_metrics: dict | None = None
@@ -289,18 +289,21 @@ class Trainer:
         return float(self.schedule(max(step - 1, 0)))
 
     def check_finite(self, keep_last: int = 0) -> None:
-        """Fetch pending losses (all but the newest `keep_last`); stop on NaN/inf."""
+        """Fetch pending losses (all but the newest `keep_last`); stop on a NaN/inf loss or
+        gradient norm (an infinite gradient leaves finite-loss but poisoned parameters)."""
         while len(self._unchecked) > keep_last:
-            step, loss = self._unchecked.pop(0)
-            value = float(loss)
-            if not math.isfinite(value):
+            step, loss, grad_norm = self._unchecked.pop(0)
+            value, grad_norm = (float(x) for x in jax.device_get((loss, grad_norm)))
+            if not (math.isfinite(value) and math.isfinite(grad_norm)):
+                what = (f"training loss is {value}" if not math.isfinite(value)
+                        else f"gradient norm is {grad_norm}")
                 last = self.checkpointer.latest_step()
                 kept = (f"the last good checkpoint (step {last}) is kept in "
                         f"{self.checkpointer.directory}" if last is not None
                         else "no checkpoint had been written yet")
                 raise TrainingError(
-                    f"training loss is {value} at step {step}: stopped; {kept}. Lower "
-                    f"train.learning_rate, raise train.warmup_steps or set train.grad_clip")
+                    f"{what} at step {step}: stopped; {kept}. Lower train.learning_rate, "
+                    f"raise train.warmup_steps or set train.grad_clip")
             self._host_losses.append((step, value))
             self.last_train_loss = value
 
@@ -358,7 +361,7 @@ class Trainer:
                 self.compile_seconds = time.perf_counter() - t0
             self.step += 1
             self.last_metrics = metrics
-            self._unchecked.append((self.step, metrics["loss"]))
+            self._unchecked.append((self.step, metrics["loss"], metrics["grad_norm"]))
             self.check_finite(keep_last=1)  # lag one step: the device keeps working
             self.dispatch("on_step_end", self.step)
             if self._agree_to_stop():
