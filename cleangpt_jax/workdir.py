@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -214,9 +215,7 @@ class MetricWriter:
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=workdir)
+            self._tb = _summary_writer(workdir)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -238,6 +237,21 @@ class MetricWriter:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _summary_writer(logdir: str):
+    """tensorboardX.SummaryWriter without importing torch: tensorboardX imports torch whenever it
+    is installed (for torch.Tensor inputs, which scalars never are), a few seconds per run. Torch
+    is hidden during that import unless something already loaded it."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir=logdir)
 
 
 def read_metrics(workdir: str) -> list[dict]:
