@@ -1,0 +1,753 @@
+"""Training: the real CLI, exact resume (also through SIGTERM), determinism, 8 host devices, two
+processes, the optimizer and its schedule, gradient accumulation, epochs, mixtures, hooks,
+strategies, and bad input that leaves the disk as it was.
+
+Cost control: one tiny model (2 layers x 32, block 16) on the embedded Shakespeare corpus, a
+persistent compilation cache shared by this process and its subprocesses (a program compiles
+once per session however many runs use it), and module-scoped runs that several tests read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import datasets
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from cleangpt_jax import hooks as hooks_lib
+from cleangpt_jax import input_pipeline, optim, sharding, trainer
+from cleangpt_jax import workdir as workdir_lib
+from cleangpt_jax.checkpoint import CheckpointError, path_str
+from cleangpt_jax.config import ConfigError, get_config, model_config
+from cleangpt_jax.models import get_model
+from cleangpt_jax.tokenizers import create_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N, HALF = 12, 6  # steps of the short runs; the interrupted run stops at HALF
+
+# The tiny run every test starts from, as flat 'section.key' overrides of the default config
+# (the same dict becomes --config.section.key=value flags for the CLI).
+TINY = {
+    "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 16,
+    "model.dropout": 0.1,
+    "train.batch_size": 8, "train.num_steps": N, "train.learning_rate": 1e-2,
+    "train.min_lr": 1e-3, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_steps": 2,
+    "train.log_every": 1, "train.checkpoint_every": 4, "train.max_checkpoints_to_keep": 5,
+    "train.sample_max_new_tokens": 0,
+    "data.max_samples": 4,  # the first 4 plays: 3 to train on, 1 for validation
+}
+SAMPLES = {"train.sample_every": 4, "train.sample_max_new_tokens": 8}
+
+
+def overrides(env, **changes) -> dict:
+    return {**TINY, "data.cache_dir": str(env.tokens), **changes}
+
+
+def make_config(env, **changes) -> ml_collections.ConfigDict:
+    cfg = get_config()
+    for key, value in overrides(env, **changes).items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    return cfg
+
+
+def cli_flags(env, **changes) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides(env, **changes).items()]
+
+
+def run(cfg, workdir, hooks=()) -> trainer.Summary:
+    return trainer.train_and_evaluate(cfg, str(workdir), extra_hooks=list(hooks))
+
+
+def params_of(workdir, step=None) -> dict[str, np.ndarray]:
+    """{path: array} of a run's checkpoint (latest by default), restored onto one device."""
+    params = workdir_lib.load_run(str(workdir), step).params
+    return {path_str(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def assert_params_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_params_close(a: dict, b: dict):
+    """Equal up to float32 reduction order, as amplified by 12 Adam steps: Adam moves every
+    weight by about lr = 1e-2 per step whatever its gradient, so a weight whose gradient is
+    nearly zero may land 1e-4 away. Bound the worst weight by a tenth of one step, and all of
+    them together by 1e-4 of their norm."""
+    assert a.keys() == b.keys()
+    diff = np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a))
+    norm = np.sqrt(sum(np.sum(b[k] ** 2) for k in b))
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst < 1e-3 and diff / norm < 1e-4, (worst, diff / norm)
+
+
+def losses(workdir) -> list[tuple]:
+    """(step, train_loss) and (step, val_loss) records of metrics.jsonl, timings dropped."""
+    keep = ("train_loss", "val_loss", "lr", "best_val_loss")
+    return [tuple([r["step"]] + [(k, r[k]) for k in keep if k in r])
+            for r in workdir_lib.read_metrics(str(workdir))]
+
+
+def tree_digest(root) -> dict[str, str]:
+    """sha256 of every file under `root`: proof that nothing on disk changed."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+
+
+class Recorder(hooks_lib.Hook):
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, t):
+        self.events.append(("train_start", t.step))
+
+    def on_step_end(self, t, step):
+        self.events.append(("step_end", step))
+
+    def on_eval_end(self, t, step, metrics):
+        self.events.append(("eval_end", step, metrics["val_loss"]))
+
+    def on_train_end(self, t):
+        self.events.append(("train_end", t.step, t.interrupted))
+
+
+class SigtermAt(hooks_lib.Hook):
+    """Sends this process SIGTERM at the end of `step` (what a preempted TPU VM receives)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, t, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Token cache and compilation settings for this module and its subprocesses.
+
+    Compiling, not running, is what these tiny runs cost: a persistent compilation cache shares
+    each program between runs and processes, and XLA's optimisation passes are off
+    (jax_disable_most_optimizations: ~3x cheaper compiles, slower but still millisecond steps).
+    Every number compared bitwise comes from programs compiled the same way."""
+    root = tmp_path_factory.mktemp("train")
+    jit_cache = str(root / "jit_cache")
+    flags = {"jax_compilation_cache_dir": jit_cache,
+             "jax_persistent_cache_min_compile_time_secs": 0.0,
+             "jax_persistent_cache_min_entry_size_bytes": -1,
+             "jax_disable_most_optimizations": True}
+    old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else jax.config.read(k)
+           for k in flags}  # (the last flag has no attribute)
+    for k, v in flags.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+    sub_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jit_cache,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                   JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    sub_env.pop("XLA_FLAGS", None)
+    yield types.SimpleNamespace(root=root, tokens=root / "tokens", sub_env=sub_env)
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def straight(env):
+    """N steps in one go (with a recording hook and periodic samples)."""
+    rec = Recorder()
+    workdir = env.root / "straight"
+    summary = run(make_config(env, **SAMPLES), workdir, [rec])
+    return types.SimpleNamespace(workdir=workdir, summary=summary, events=rec.events,
+                                 params=params_of(workdir), losses=losses(workdir))
+
+
+@pytest.fixture(scope="module")
+def resumed(env, straight):
+    """The same run stopped by SIGTERM at HALF (a snapshot of that workdir is kept), then the
+    same call again, which resumes and finishes."""
+    workdir = env.root / "resumed"
+    cfg = make_config(env, **SAMPLES)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        first = run(cfg, workdir, [SigtermAt(HALF)])
+    snapshot = env.root / "half_snapshot"
+    shutil.copytree(workdir, snapshot)
+    with contextlib.redirect_stdout(out):
+        second = run(cfg, workdir)
+    return types.SimpleNamespace(workdir=workdir, snapshot=snapshot, first=first, second=second,
+                                 stdout=out.getvalue(), params=params_of(workdir),
+                                 losses=losses(workdir))
+
+
+# --------------------------------------------------------------------- resume, determinism
+def test_exact_resume_after_sigterm(straight, resumed):
+    first, second = resumed.first, resumed.second
+    assert first.interrupted and first.step == HALF and not first.samples
+    assert checkpoint_steps(resumed.snapshot) == [4, HALF]  # every 4 steps + on SIGTERM
+    assert f"Resuming from step {HALF}" in resumed.stdout
+    assert not second.interrupted and second.step == N
+    # Bitwise: parameters, the final train/val loss and every logged number of the run.
+    assert_params_equal(resumed.params, straight.params)
+    assert second.train_loss == straight.summary.train_loss
+    assert second.val_loss == straight.summary.val_loss
+    assert second.best_val_loss == straight.summary.best_val_loss
+    assert resumed.losses == straight.losses
+    assert second.samples == straight.summary.samples
+
+
+def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight, tmp_path):
+    again = run(make_config(env), tmp_path / "again")
+    assert losses(tmp_path / "again") == straight.losses
+    assert again.train_loss == straight.summary.train_loss
+    other = run(make_config(env, **{"train.seed": 1}), tmp_path / "seed1")
+    other_losses = [r for r in losses(tmp_path / "seed1") if r[1][0] == "train_loss"]
+    mine = [r for r in straight.losses if r[1][0] == "train_loss"]
+    assert len(other_losses) == len(mine) == N
+    assert all(a[1] != b[1] for a, b in zip(other_losses, mine))
+    assert other.train_loss != straight.summary.train_loss
+    p1 = params_of(tmp_path / "seed1")
+    assert not np.array_equal(p1["wte/embedding"], straight.params["wte/embedding"])
+
+
+# ------------------------------------------------------------------------------- the CLI
+def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straight, tmp_path):
+    """Real CLI on a config file: SIGTERM mid-run saves and exits 0; the same command resumes,
+    finishes, prints a sample and leaves metrics, TensorBoard events, checkpoints, config and
+    tokenizer; the parameters are bitwise those of the uninterrupted in-process run."""
+    # Evaluating 100 batches after every step makes the 12 steps last long enough to be
+    # interrupted; evaluation does not change training, and every program is already compiled.
+    changes = {**SAMPLES, "train.eval_every": 1, "train.eval_steps": 100}
+    workdir = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "cleangpt_jax.train", "--config=configs/shakespeare_char.py",
+           f"--workdir={workdir}", *cli_flags(env, **changes)]
+    metrics = workdir / "metrics.jsonl"
+    with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env.sub_env, stdout=out, stderr=err)
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.exists() and '"step": 2, "train_loss"' in metrics.read_text():
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=240)
+    err1 = (tmp_path / "err1").read_text()
+    assert proc.returncode == 0, err1[-3000:]
+    stopped = checkpoint_steps(workdir)[-1]
+    assert 2 <= stopped < N, err1[-2000:]
+    assert "SIGTERM received" in err1 and f"stopped at step {stopped}" in err1
+
+    second = subprocess.run(cmd, cwd=REPO, env=env.sub_env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming from step {stopped}" in second.stdout
+    assert f"----- sample (prompt 'ROMEO:', step {N}) -----\n" in second.stdout
+    assert f"workdir: {workdir}" in second.stdout
+
+    files = os.listdir(workdir)
+    assert {"config.json", "tokenizer", "checkpoints", "metrics.jsonl", "samples"} <= set(files)
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert checkpoint_steps(workdir)[-1] == N
+    assert sorted(os.listdir(workdir / "samples")) == ["step_12.txt", "step_4.txt", "step_8.txt"]
+    assert (workdir / "samples" / "step_12.txt").read_text() == \
+        (straight.workdir / "samples" / "step_12.txt").read_text()
+    saved = workdir_lib.load_config(str(workdir))
+    assert saved.model.vocab_size == create_tokenizer(
+        "character", name_or_path=str(workdir / "tokenizer")).vocab_size
+    assert (saved.train.num_steps, saved.model.n_embd, saved.train.eval_steps) == (N, 32, 100)
+    records = workdir_lib.read_metrics(str(workdir))
+    train_records = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, N + 1))
+    assert {"step", "train_loss", "lr", "tokens_per_sec", "grad_norm"} <= set(train_records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == list(range(1, N + 1))
+    assert_params_equal(params_of(workdir), straight.params)
+    assert [r for r in losses(workdir) if r[1][0] == "train_loss"] == \
+        [r for r in straight.losses if r[1][0] == "train_loss"]
+    # The loss falls on Shakespeare: from ln(vocab) at the start to well below it in 12 steps.
+    first_loss = train_records[0]["train_loss"]
+    last_val = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    assert abs(first_loss - math.log(saved.model.vocab_size)) < 0.2
+    assert last_val < first_loss - 0.8, (first_loss, last_val)
+
+
+def cli_error(*args, env) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "cleangpt_jax.train", *args], cwd=REPO,
+                          env=env.sub_env, capture_output=True, text=True, timeout=120)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not proc.stdout
+    return proc.returncode, proc.stderr.strip()
+
+
+def test_cli_unknown_config_file_and_key(env, tmp_path):
+    rc, msg = cli_error("--config=configs/no_such_config.py", f"--workdir={tmp_path}/a", env=env)
+    assert rc == 2 and "configs/no_such_config.py" in msg
+    rc, msg = cli_error("--config=configs/shakespeare_char.py", "--config.train.nmu_steps=3",
+                        f"--workdir={tmp_path}/b", env=env)
+    assert rc == 2 and "unknown config key" in msg and "nmu_steps" in msg
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------- hooks, samples, epochs
+def test_hooks_receive_events_in_loop_order_and_samples_are_written(straight):
+    events, workdir = straight.events, straight.workdir
+    val = {r[0]: r[1][1] for r in straight.losses if r[1][0] == "val_loss"}
+    expected = [("train_start", 0)]
+    for s in range(1, N + 1):
+        if s % 4 == 0:  # the built-in EvalHook runs first and dispatches on_eval_end
+            expected.append(("eval_end", s, val[s]))
+        expected.append(("step_end", s))
+    expected.append(("train_end", N, False))
+    assert events == expected
+    assert sorted(os.listdir(workdir / "samples")) == ["step_12.txt", "step_4.txt", "step_8.txt"]
+    final = (workdir / "samples" / "step_12.txt").read_text()
+    assert final == f"=== step 12 | prompt 'ROMEO:' ===\n{straight.summary.samples[0]}\n\n"
+    assert straight.summary.samples[0].startswith("ROMEO:")
+
+
+def test_logged_learning_rate_follows_the_schedule(straight):
+    lrs = {r[0]: dict(r[1:])["lr"] for r in straight.losses if r[1][0] == "train_loss"}
+    # warmup 2: the update that produced step s used lr(s - 1) = 1e-2 * s / 2 for s <= 2 ...
+    assert lrs[1] == pytest.approx(5e-3) and lrs[2] == pytest.approx(1e-2)
+    # ... then cosine from 1e-2 to min_lr 1e-3 over the remaining 10 updates.
+    for s in range(3, N + 1):
+        p = (s - 1 - 2) / (N - 2)
+        assert lrs[s] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * p)), rel=1e-5)
+
+
+def write_text(path, text) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def test_num_epochs_and_a_mixture_from_the_train_config(env, straight, tmp_path):
+    """train.num_epochs sets the step count from the packed tokens; data.mixture mixes two
+    sources row by row (here 'ab...' text and 'xyz...' text, told apart by their letters).
+    Sized to N steps with the straight run's vocab_size, so its compiled step is reused."""
+    a = write_text(tmp_path / "a" / "a.txt", "ab" * 400)  # 800 tokens: 50 windows of 16
+    b = write_text(tmp_path / "b" / "b.txt", "xyz" * 246)  # 738 tokens: 46 windows
+    vocab = workdir_lib.load_config(str(straight.workdir)).model.vocab_size
+    cfg = make_config(env, **{"train.num_epochs": 1.0, "train.eval_every": 0,
+                              "train.checkpoint_every": 0, "data.val_fraction": 0.0,
+                              "model.vocab_size": vocab})
+    cfg.data.mixture = {"sources": [{"source": "text", "files": a},
+                                    {"source": "text", "files": b}],
+                        "schedule": {"type": "constant", "weights": [1.0, 1.0]}}
+    first = {}
+
+    class FirstBatch(hooks_lib.Hook):
+        def on_train_start(self, t):
+            first["rows"] = [t.tokenizer.decode(r) for r in t.batch_for_step(0)["input_ids"]]
+
+    summary = run(cfg, tmp_path / "run", [FirstBatch()])
+    assert summary.num_steps == summary.step == math.ceil((50 + 46) / 8) == N
+    kinds = [set(r) for r in first["rows"]]
+    assert all(k <= {"a", "b"} or k <= {"x", "y", "z"} for k in kinds), first["rows"]
+    assert any(k <= {"a", "b"} for k in kinds) and any(k <= {"x", "y", "z"} for k in kinds)
+    assert trainer.resolve_num_steps(ml_collections.ConfigDict(
+        {"num_epochs": 2.5, "num_steps": 7}), lambda: 10) == 25
+    with pytest.raises(ConfigError, match="train.num_epochs must be positive"):
+        trainer.resolve_num_steps(ml_collections.ConfigDict({"num_epochs": 0.0}), lambda: 10)
+
+
+# ------------------------------------------------------------------ strategies and NaN
+STRATEGY_CALLS = []
+
+
+@trainer.register_strategy("Test_Plain_LM")
+def plain_lm_strategy(model, config):
+    """A user strategy (here the LM loss again, so the run must equal the straight one)."""
+    STRATEGY_CALLS.append((model.config.n_embd, config.train.strategy))
+    return trainer.lm_strategy(model, config)
+
+
+def test_a_registered_strategy_is_picked_by_train_strategy(env, straight, tmp_path):
+    assert {"lm", "test_plain_lm"} <= set(trainer.registered_strategies())
+    summary = run(make_config(env, **{"train.strategy": "test_plain_lm"}), tmp_path / "run")
+    assert STRATEGY_CALLS == [(32, "test_plain_lm")]
+    assert summary.train_loss == straight.summary.train_loss
+    with pytest.raises(ConfigError, match=r"unknown train.strategy 'nope': registered .*'lm'"):
+        trainer.get_strategy("nope", None, None)
+
+
+class PoisonAt(hooks_lib.Hook):
+    """Turns the parameters into NaN after `step` (a diverged update)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, t, step):
+        if step == self.step:
+            t.state = t.state.replace(params=jax.tree.map(lambda x: x * jnp.nan, t.state.params))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
+    cfg = make_config(env, **{"train.checkpoint_every": 2})
+    workdir = tmp_path / "nan"
+    with pytest.raises(trainer.TrainingError) as e:
+        run(cfg, workdir, [PoisonAt(5)])
+    msg = one_line_error(e)
+    assert "training loss is nan at step 6" in msg and "checkpoint (step 4) is kept" in msg
+    assert checkpoint_steps(workdir) == [2, 4]
+    params = params_of(workdir)
+    assert all(np.isfinite(v).all() for v in params.values())
+    assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))][-1] == 5
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unreadable_latest_checkpoint_is_reported_and_the_previous_one_used(
+        env, straight, tmp_path, capsys):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(straight.workdir, workdir)
+    data_files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / str(N)
+                                                            / "params") for f in fs
+                  if os.path.basename(d) == "d"]
+    assert data_files
+    for f in data_files:  # the parameter data of the newest step is lost
+        os.remove(f)
+    summary = run(make_config(env), workdir)
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint step {N}" in out and "unreadable" in out
+    assert "Resuming from step 8" in out
+    assert os.path.isdir(workdir / "checkpoints_unreadable" / str(N))  # moved aside, not deleted
+    assert summary.step == N
+    assert_params_equal(params_of(workdir), straight.params)
+
+    # Only one checkpoint, and it is partial (its optimizer state is gone): refuse, touch nothing.
+    lone = tmp_path / "lone"
+    shutil.copytree(straight.workdir, lone)
+    for s in (4, 8):
+        shutil.rmtree(lone / "checkpoints" / str(s))
+    shutil.rmtree(lone / "checkpoints" / str(N) / "opt_state")
+    before = tree_digest(lone)
+    with pytest.raises(CheckpointError) as e:
+        run(make_config(env), lone)
+    msg = one_line_error(e)
+    assert f"checkpoint step {N}" in msg and "has no optimizer state" in msg
+    assert "no earlier checkpoint to fall back to" in msg
+    assert tree_digest(lone) == before
+
+
+def saved_dataset(path, **columns) -> str:
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["text_column", "empty", "short", "accum", "strategy",
+                                  "other_model", "num_steps", "lr_schedule"])
+def test_bad_input_gives_one_line_error_and_leaves_the_workdir_alone(case, env, straight,
+                                                                      tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight.workdir, workdir)
+    before = tree_digest(workdir)
+    hf = {"data.source": "hf"}
+    text = {"data.source": "text"}
+    cases = {
+        "text_column": ({**hf, "data.text_column": "story", "data.name": saved_dataset(
+            tmp_path / "ds", body=["To be, or not to be"] * 3)},
+            r"data.text_column='story' is not a column of the dataset \(columns: \['body'\]\)"),
+        "empty": ({**text, "data.files": write_text(tmp_path / "e.txt", " \n\n ")},
+                  "the dataset is empty"),
+        "short": ({**text, "data.files": write_text(tmp_path / "s.txt", "To be, or not")},
+                  r"shorter than one block \(block_size=16\)"),
+        "accum": ({"train.grad_accum_steps": 3},
+                  r"train.batch_size=8 is not divisible by device count 1 x "
+                  r"train.grad_accum_steps=3"),
+        "strategy": ({"train.strategy": "nope"}, "unknown train.strategy 'nope'"),
+        "other_model": ({"model.n_embd": 64}, r"different model/tokenizer \(model.n_embd: 32 -> "
+                                              r"64\).*pass a new --workdir"),
+        "num_steps": ({"train.num_steps": 0}, "train.num_steps must be a positive integer"),
+        "lr_schedule": ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
+    }
+    changes, pattern = cases[case]
+    with pytest.raises(ValueError) as e:
+        run(make_config(env, **changes), workdir)
+    assert e.match(pattern)
+    one_line_error(e)
+    assert tree_digest(workdir) == before
+
+
+# ------------------------------------------------------------- optimizer and schedules
+def schedule(kind, warmup=10, num_steps=110):
+    t = ml_collections.ConfigDict({"learning_rate": 1.0, "min_lr": 0.1, "warmup_steps": warmup,
+                                   "lr_schedule": kind})
+    return lambda s: float(optim.lr_schedule(t, num_steps)(s))
+
+
+def test_lr_schedule_values_at_chosen_steps():
+    cos, lin, const = schedule("cosine"), schedule("linear"), schedule("constant")
+    for f in (cos, lin, const):  # linear warmup: lr * (s + 1) / W, peak at step W - 1
+        assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [cos(10), cos(35), cos(60), cos(110), cos(500)] == pytest.approx(
+        [1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55, 0.1, 0.1])
+    assert [lin(10), lin(35), lin(60), lin(110), lin(500)] == pytest.approx(
+        [1.0, 0.775, 0.55, 0.1, 0.1])
+    assert [const(10), const(60), const(500)] == pytest.approx([1.0, 1.0, 1.0])
+    assert schedule("cosine", warmup=0)(0) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="need 0 <= train.min_lr <= train.learning_rate"):
+        optim.lr_schedule(ml_collections.ConfigDict(
+            {"learning_rate": 1e-3, "min_lr": 1e-2, "warmup_steps": 0, "lr_schedule": "cosine"}),
+            10)
+
+
+def test_weight_decay_only_on_matrices():
+    cfg = model_config(get_config().model, model_type="sasp", n_layer=1, n_head=2, n_embd=16,
+                       block_size=8, vocab_size=20, use_proj=True, use_v=True, bias=True,
+                       llama_mlp=True)
+    shapes = workdir_lib.param_shapes(get_model(config=cfg))
+    mask = {path_str(p): bool(m) for p, m in
+            jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(shapes))[0]}
+    decayed = {k for k, m in mask.items() if m}
+    assert decayed == {k for k, x in zip(mask, jax.tree.leaves(shapes)) if x.ndim >= 2}
+    assert "wte/embedding" in decayed and "wpe/embedding" in decayed
+    assert any(k.endswith("c_attn/kernel") for k in decayed)
+    never = [k for k in mask if k.split("/")[-1] in ("bias", "scale", "alpha", "beta", "gamma",
+                                                      "beta_sa", "beta_ff")]
+    assert len(never) >= 8 and not any(mask[k] for k in never), never
+    # Factored + ALiBi with head mixing: the n_head x n_head matrices are weights, decayed.
+    fcfg = cfg.replace(model_type="factored", position_encoding="alibi", llama_mlp=False,
+                       bias=False, max_position_embeddings=None)
+    fmask = jax.tree_util.tree_flatten_with_path(
+        optim.weight_decay_mask(workdir_lib.param_shapes(get_model(config=fcfg))))[0]
+    assert {path_str(p) for p, m in fmask if m} == {
+        "wte/embedding", "h_0/attn/c_attn/kernel", "h_0/attn/v_mix", "h_0/attn/proj_mix",
+        "h_0/mlp/c_fc/kernel", "h_0/mlp/c_proj/kernel"}
+
+    # Numerically: with zero gradients AdamW's step is -lr * wd * w on matrices, 0 elsewhere.
+    t = ml_collections.ConfigDict({"learning_rate": 0.1, "min_lr": 0.1, "warmup_steps": 0,
+                                   "lr_schedule": "constant", "weight_decay": 0.5,
+                                   "grad_clip": 0.0})
+    opt, _ = optim.make_optimizer(t, 10)
+    params = {"w": jnp.full((2, 3), 2.0), "b": jnp.full((3,), 2.0), "alpha": jnp.array(2.0)}
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    np.testing.assert_allclose(updates["w"], np.full((2, 3), -0.1))
+    np.testing.assert_array_equal(updates["b"], np.zeros(3))
+    assert float(updates["alpha"]) == 0.0
+
+
+def test_gradient_accumulation_equals_the_large_batch(env):
+    cfg = make_config(env, **{"model.dropout": 0.0, "model.vocab_size": 50, "model.n_layer": 1})
+    model = get_model(config=model_config(cfg.model))
+    params = jax.jit(trainer.model_init_fn(model, 0))()
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 50, (8, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[[1, 2, 6], 10:] = 0  # ragged rows: micro-batches score different token counts
+    batch = {"input_ids": ids, "attention_mask": mask}
+    loss_terms = trainer.get_strategy("lm", model, cfg)
+
+    @jax.jit
+    def both(p, b):  # one program: one compilation
+        return [trainer.loss_and_grads(loss_terms, p, b, rng=jax.random.key(0), step=0,
+                                       grad_accum_steps=a) for a in (1, 4)]
+
+    (l1, _, g1), (l4, _, g4) = both(params, batch)
+    np.testing.assert_allclose(l4, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- 8 devices, 2 processes
+SHARDING_SCRIPT = r"""
+import json, os, shutil, sys
+import jax, jax.numpy as jnp, ml_collections, numpy as np
+from cleangpt_jax import hooks, input_pipeline, sharding, trainer, workdir as wdl
+from cleangpt_jax.checkpoint import Checkpointer, path_str
+from cleangpt_jax.config import model_config
+from cleangpt_jax.models import get_model
+from cleangpt_jax.tokenizers import load_tokenizer
+
+args = json.loads(sys.argv[1])
+cfg = ml_collections.ConfigDict(args["config"])
+res = {"devices": jax.device_count()}
+tok = load_tokenizer(os.path.join(args["snapshot"], "tokenizer"))
+cfg.model.vocab_size = tok.vocab_size
+model = get_model(config=model_config(cfg.model))
+flat = lambda t: {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+
+# 1. Loss and gradients for the same global batch on 1 device and on 8 (dropout off here; the
+#    resumed run below has it on and must still land on the 1-device result).
+nodrop = model_config(cfg.model, dropout=0.0)
+plain = get_model(config=nodrop)
+data = input_pipeline.load_dataset(cfg, tok)
+batch = input_pipeline.batch_for_step(data.train, seed=0, step=3, global_batch_size=8,
+                                      block_size=16)
+params = jax.device_get(jax.jit(trainer.model_init_fn(plain, 0))())
+loss_terms = trainer.get_strategy("lm", plain, cfg)
+results = {}
+for name, mesh in [("1", sharding.create_mesh(1, jax.devices()[:1])), ("8", sharding.create_mesh(1))]:
+    shard = sharding.state_shardings(params, mesh)
+    f = jax.jit(lambda p, b: trainer.loss_and_grads(loss_terms, p, b, rng=jax.random.key(3),
+                                                    step=3, mesh=mesh),
+                in_shardings=(shard, sharding.batch_sharding(mesh)))
+    loss, _, grads = f(jax.device_put(params, shard), sharding.global_batch(batch, mesh))
+    results[name] = (float(loss), flat(grads))
+(ref_loss, ref_grads), (loss8, grads8) = results["1"], results["8"]
+res["loss_diff_8"] = abs(loss8 - ref_loss)
+res["grad_diff_8"] = max(float(np.abs(grads8[k] - ref_grads[k]).max()) for k in ref_grads)
+res["grad_scale"] = max(float(np.abs(g).max()) for g in ref_grads.values())
+
+# 2. The checkpoint written on 1 device restores onto 8 (fsdp 1 and 2), values unchanged.
+ckpt = Checkpointer(os.path.join(args["snapshot"], "checkpoints"), read_only=True)
+shapes = wdl.param_shapes(model)
+one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+ref = flat(ckpt.restore(params=jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)).params)
+for fsdp in (1, 2):
+    mesh = sharding.create_mesh(fsdp)
+    restored = ckpt.restore(params=sharding.abstract_state(shapes, mesh)).params
+    leaf = restored["h_0"]["mlp"]["c_fc"]["kernel"]
+    res[f"restore_{fsdp}_devices"] = len(leaf.sharding.device_set)
+    res[f"restore_{fsdp}_shard"] = list(leaf.addressable_shards[0].data.shape)
+    res[f"restore_{fsdp}_equal"] = all(np.array_equal(v, ref[k]) for k, v in flat(restored).items())
+ckpt.close()
+
+# 3. Resume that 1-device run on 8 devices with fsdp=2 and finish it.
+shutil.copytree(args["snapshot"], args["resume_dir"])
+cfg8 = ml_collections.ConfigDict(args["config"])
+cfg8.train.fsdp = 2
+
+
+class Layout(hooks.Hook):
+    def on_train_start(self, t):
+        big = [x for x in jax.tree.leaves((t.state.params, t.state.opt_state)) if x.ndim >= 2]
+        res["resumed_specs"] = sorted({str(x.sharding.spec) for x in big})
+        res["resumed_start"] = t.step
+
+
+summary = trainer.train_and_evaluate(cfg8, args["resume_dir"], extra_hooks=[Layout()])
+res["resumed_step"] = summary.step
+res["resumed_train_loss"] = summary.train_loss
+
+# 4. A batch that does not split over 8 devices: a clear error before anything is written.
+bad = ml_collections.ConfigDict(args["config"])
+bad.train.batch_size = 4
+try:
+    trainer.train_and_evaluate(bad, args["bad_dir"])
+except ValueError as e:
+    res["bad_batch_error"] = str(e)
+res["bad_dir_exists"] = os.path.exists(args["bad_dir"])
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_eight_devices_match_one_and_restore_a_one_device_checkpoint(env, straight, resumed,
+                                                                    tmp_path):
+    cfg = make_config(env)  # (no samples: they would compile a generation loop on 8 devices)
+    args = {"config": cfg.to_dict(), "snapshot": str(resumed.snapshot),
+            "resume_dir": str(tmp_path / "resume8"), "bad_dir": str(tmp_path / "bad")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT, json.dumps(args)], cwd=REPO, timeout=300,
+        env=dict(env.sub_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert res["devices"] == 8
+    # Loss and gradients of the same global batch agree to 1e-5 (float32 reduction order).
+    assert res["loss_diff_8"] < 1e-5 and res["grad_diff_8"] < 1e-5, res
+    assert res["grad_scale"] > 1e-3  # the comparison is not between zeros
+    # 1-device checkpoint onto 8 devices: replicated (fsdp 1) or split in two (fsdp 2).
+    assert res["restore_1_devices"] == res["restore_2_devices"] == 8
+    assert res["restore_1_equal"] and res["restore_2_equal"]
+    assert res["restore_1_shard"] == [32, 128] and sorted(res["restore_2_shard"]) == [32, 64]
+    # ... and the run resumes there (fsdp=2: parameters and Adam moments split over 2 of the
+    # 8 devices, dropout on) to the uninterrupted 1-device run's result.
+    assert res["resumed_start"] == HALF and res["resumed_step"] == N
+    # every matrix of the state (parameters and both Adam moments) split on the fsdp axis
+    assert all("fsdp" in spec for spec in res["resumed_specs"]), res["resumed_specs"]
+    assert res["resumed_train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
+    assert_params_close(params_of(tmp_path / "resume8"), straight.params)
+    assert ("train.batch_size=4 is not divisible by device count 8" in res["bad_batch_error"]
+            and "\n" not in res["bad_batch_error"])
+    assert not res["bad_dir_exists"]
+
+
+WORKER_SCRIPT = r"""
+import json, sys
+import ml_collections
+from cleangpt_jax import trainer
+cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+s = trainer.train_and_evaluate(cfg, sys.argv[2])
+import jax
+print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
+                              "devices": jax.device_count(), "step": s.step,
+                              "train_loss": s.train_loss, "val_loss": s.val_loss,
+                              "samples": s.samples}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(env, straight, tmp_path):
+    """Two CPU processes (jax.distributed on localhost, gloo collectives) each feed half of
+    every batch and together train the single-process run."""
+    port, workdir = free_port(), tmp_path / "two"
+    procs = []
+    for pid in range(2):
+        cfg = make_config(env, **{"train.coordinator_address": f"127.0.0.1:{port}",
+                                  "train.num_processes": 2, "train.process_id": pid})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER_SCRIPT, json.dumps(cfg.to_dict()), str(workdir)],
+            cwd=REPO, env=env.sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [o["process"] for o in outs] == [0, 1]
+    assert all(o["count"] == 2 and o["devices"] == 2 and o["step"] == N for o in outs)
+    assert outs[0]["train_loss"] == outs[1]["train_loss"]
+    assert outs[0]["train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
+    assert outs[0]["val_loss"] == pytest.approx(straight.summary.val_loss, abs=1e-4)
+    assert_params_close(params_of(workdir), straight.params)
+    mine = losses(workdir)
+    assert [r[0] for r in mine] == [r[0] for r in straight.losses]  # one writer, no duplicates
+    assert np.allclose([r[1][1] for r in mine], [r[1][1] for r in straight.losses], atol=1e-4)
