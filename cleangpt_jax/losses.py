@@ -10,10 +10,40 @@ The mean is token-weighted: every real target token counts once, whatever its ro
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-import optax
 
 IGNORE_INDEX = -100
+
+
+@jax.custom_vjp
+def cross_entropy(logits, targets):
+    """-log softmax(logits)[target] = logsumexp(logits) - logits[target], per position.
+
+    logits (..., V) float, targets (...) int in [0, V). The gradient is written out,
+
+        d logits = g * (softmax(logits) - onehot(target)),
+
+    so the backward is one pass over the (..., V) logits (autodiff's version adds a
+    scatter into a zero (..., V) array and a second pass).
+    """
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)) + peak
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    return (lse - picked)[..., 0], (logits, targets, lse)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, targets, lse = residuals
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
+    return g[..., None] * (jnp.exp(logits - lse) - onehot), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def causal_lm_loss_terms(logits, labels, mask=None):
@@ -21,16 +51,17 @@ def causal_lm_loss_terms(logits, labels, mask=None):
 
     logits (B, T, V), labels (B, T) int, mask (B, T) (1 = real token) or None. Summing the
     terms over micro-batches or devices and dividing once gives the exact token-weighted mean.
+    The last position has no target; it is scored with weight 0 rather than sliced off, which
+    would copy the whole (B, T, V) logits.
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    logits = logits.astype(jnp.float32)
+    no_target = jnp.full_like(labels[:, :1], IGNORE_INDEX)
+    targets = jnp.concatenate([labels[:, 1:], no_target], axis=1)  # targets[t] = labels[t+1]
     weights = targets != IGNORE_INDEX
     if mask is not None:
-        weights = weights & (mask[:, 1:] > 0)
-    safe_targets = jnp.where(weights, targets, 0)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+        weights = weights & (jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) > 0)
+    nll = cross_entropy(logits, jnp.where(weights, targets, 0))
+    return jnp.sum(jnp.where(weights, nll, 0.0)), jnp.sum(weights.astype(jnp.float32))
 
 
 def causal_lm_loss(logits, labels, mask=None):

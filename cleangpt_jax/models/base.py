@@ -187,8 +187,11 @@ class CausalLM(nn.Module):
         c = self.config
         h = self.ln_f(hidden)
         w = self.wte.embedding if c.tie_embeddings else self.lm_head
-        return jnp.einsum("btd,vd->btv", h, w.astype(c.compute_dtype),
-                          preferred_element_type=jnp.float32)
+        # One 2-D matmul over the (B*T, d) rows (see layers.rows_matmul).
+        logits = jax.lax.dot_general(h.reshape(-1, h.shape[-1]), w.astype(c.compute_dtype),
+                                     (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        return logits.reshape(*h.shape[:-1], w.shape[0])
 
 
 def check_input_ids(input_ids, config: ModelConfig) -> None:

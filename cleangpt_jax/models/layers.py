@@ -13,6 +13,7 @@ the slot the T new tokens are written to, their key mask, real positions and pad
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -35,13 +36,58 @@ def residual_init(config: ModelConfig):
     return normal_init(INIT_STD / math.sqrt(2 * config.n_layer))
 
 
+def rows_matmul(x, kernel, dimension_numbers=None, precision=None,
+                preferred_element_type=None):
+    """x (..., d) @ kernel (d, f) as one 2-D matmul over the flattened rows (B*T, d).
+
+    The `dot_general` of every Dense layer. The numbers are those of the plain product; the
+    2-D form lets XLA:CPU take the kernel gradient x^T g straight from g instead of first
+    transposing the (B, T, f) output gradient into a copy.
+    """
+    del dimension_numbers  # nn.Dense always contracts the last axis of x with axis 0
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def dense(config: ModelConfig, features: int, name: str, *, residual: bool = False,
           kernel_init=None) -> nn.Dense:
     """Dense layer with the project's init (N(0, 0.02), zero bias) and precision settings."""
     if kernel_init is None:
         kernel_init = residual_init(config) if residual else normal_init()
     return nn.Dense(features, use_bias=config.bias, dtype=config.compute_dtype,
-                    param_dtype=config.params_dtype, kernel_init=kernel_init, name=name)
+                    param_dtype=config.params_dtype, kernel_init=kernel_init, name=name,
+                    dot_general=rows_matmul)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardize(x, eps: float):
+    """x_hat = (x - mean) / sqrt(var + eps) over the last axis."""
+    return _standardize_fwd(x, eps)[0]
+
+
+def _standardize_fwd(x, eps):
+    mean = x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+    x_hat = (x - mean) * rstd
+    return x_hat, (x_hat, rstd)
+
+
+def _standardize_bwd(eps, residuals, g):
+    """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+
+    Written out, the backward is one expression XLA fuses into a single pass. Autodiff's
+    version is a sum of broadcast terms; the residual-stream gradient built from those was
+    recomputed by XLA:CPU inside every earlier layer's backward (quadratic in depth).
+    """
+    del eps
+    x_hat, rstd = residuals
+    mean_g = g.mean(-1, keepdims=True)
+    mean_gx = (g * x_hat).mean(-1, keepdims=True)
+    return (rstd * (g - mean_g - x_hat * mean_gx),)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -54,10 +100,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         c = self.config
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), c.params_dtype)
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + c.layer_norm_epsilon) * scale.astype(jnp.float32)
+        y = standardize(x.astype(jnp.float32), c.layer_norm_epsilon) * scale.astype(jnp.float32)
         if c.bias:
             y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],),
                                c.params_dtype).astype(jnp.float32)
@@ -140,10 +183,15 @@ def causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0
     q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv).
     With `mask` None the mask is the plain causal one for T == S (training); a boolean `mask`
     broadcastable to (B, H, T, S) replaces it (decoding with a cache).
-    The deterministic path is `jax.nn.dot_product_attention` (fused kernels on GPU/TPU). With
-    attention dropout the softmax is materialised so its probabilities can be dropped out.
-    Softmax runs in float32 either way.
+    On CPU the training case runs `blockwise_causal_attention`. Elsewhere the deterministic
+    path is `jax.nn.dot_product_attention` (fused kernels on GPU/TPU); with attention dropout
+    the softmax is materialised so its probabilities can be dropped out. Softmax runs in
+    float32 either way.
     """
+    if mask is None and q.shape[1] == k.shape[1] and jax.default_backend() == "cpu":
+        return blockwise_causal_attention(
+            q, k, v, bias=bias, dropout_rate=0.0 if deterministic else dropout_rate,
+            dropout_rng=dropout_rng)
     if deterministic or dropout_rate == 0.0:
         if q.shape[-1] == v.shape[-1]:
             return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
@@ -161,6 +209,46 @@ def causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+def blockwise_causal_attention(q, k, v, *, bias=None, dropout_rate: float = 0.0,
+                               dropout_rng=None, block_size: int | None = None):
+    """Causal attention (T == S) one block of queries at a time; the CPU training path.
+
+    q, k (B, T, H, D), v (B, T, H, Dv), bias (B or 1, H, T, T) or None -> (B, T, H, Dv).
+    Queries [i, j) see keys [0, j) only, so the masked upper blocks are never computed, and
+    each block is normalised after its value product:
+
+        s = q_blk k_{<j}^T / sqrt(D) + bias,   p = exp(s - max s)   (0 above the diagonal)
+        y_blk = (dropout(p) v_{<j}) / sum p
+
+    which skips a pass over every (T, S) score block. Same numbers as the plain softmax up to
+    rounding; on CPU it is about twice as fast as jax.nn.dot_product_attention (forward and
+    backward). Blocks: 64 queries, or T / 8 when that is larger.
+    """
+    t = q.shape[1]
+    block_size = block_size or max(64, -(-t // 8))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, H, T, D): heads as batch axis
+    if dropout_rate > 0.0:  # the materialised path's mask: the same key drops the same entries
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
+                                    (q.shape[0], q.shape[1], t, t))
+    out = []
+    for start in range(0, t, block_size):
+        end = min(start + block_size, t)
+        s = jnp.einsum("bhtd,bhsd->bhts", q[:, :, start:end], k[:, :, :end],
+                       preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            s = s + bias[:, :, start:end, :end]
+        s = jnp.where(jnp.arange(end) <= jnp.arange(start, end)[:, None], s, -jnp.inf)
+        p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+        p_v = p
+        if dropout_rate > 0.0:
+            p_v = jnp.where(keep[:, :, start:end, :end], p / (1.0 - dropout_rate), 0.0)
+        y = jnp.einsum("bhts,bhsd->bhtd", p_v.astype(v.dtype), v[:, :, :end],
+                       preferred_element_type=jnp.float32)
+        out.append(y / p.sum(-1, keepdims=True))
+    return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2).astype(v.dtype)
 
 
 def split_heads(x, n_head: int):
