@@ -21,9 +21,9 @@ moved aside to `<directory>_unreadable/<step>` (nothing is deleted) and the prev
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -47,7 +47,8 @@ class Restored:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(e).__name__}: {first}"[:300]
 
 
 class Checkpointer:
@@ -62,8 +63,9 @@ class Checkpointer:
         self._manager = self._make_manager()
 
     def _make_manager(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._max_to_keep, create=not self.read_only,
+        options = ocp.CheckpointManagerOptions(  # (read-only: what Orbax would force anyway)
+            max_to_keep=None if self.read_only else self._max_to_keep,
+            save_interval_steps=0 if self.read_only else 1, create=not self.read_only,
             read_only=self.read_only, enable_async_checkpointing=self._async)
         handlers = {"params": ocp.StandardCheckpointHandler(),
                     "opt_state": ocp.StandardCheckpointHandler(),
@@ -164,10 +166,9 @@ class Checkpointer:
                     raise CheckpointError(
                         f"{e}; there is no earlier checkpoint to fall back to: move "
                         f"{os.path.join(self.directory, str(step))} away to start afresh") from e
-                logging.warning("%s; moving it to %s and falling back to step %d", e,
-                                self._quarantine_dir(step), earlier[-1])
-                print(f"warning: {e}; moved aside, resuming from step {earlier[-1]} instead",
-                      flush=True)
+                if jax.process_index() == 0:
+                    print(f"warning: {e}; moved to {self._quarantine_dir(step)}, using step "
+                          f"{earlier[-1]} instead", file=sys.stderr, flush=True)
                 self._quarantine(step)
 
     def _quarantine_dir(self, step: int) -> str:

@@ -214,8 +214,9 @@ class MetricWriter:
                 f.writelines(keep)
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            self._tb = _summary_writer(workdir)
+        if tensorboard:  # on resume TensorBoard drops the old files' events past resume_step
+            self._tb = _summary_writer(
+                workdir, purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -239,7 +240,7 @@ class MetricWriter:
                 self._tb.close()
 
 
-def _summary_writer(logdir: str):
+def _summary_writer(logdir: str, purge_step: int | None = None):
     """tensorboardX.SummaryWriter without importing torch: tensorboardX imports torch whenever it
     is installed (for torch.Tensor inputs, which scalars never are), a few seconds per run. Torch
     is hidden during that import unless something already loaded it."""
@@ -251,7 +252,7 @@ def _summary_writer(logdir: str):
     finally:
         if hide:
             del sys.modules["torch"]
-    return SummaryWriter(logdir=logdir)
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
 
 
 def read_metrics(workdir: str) -> list[dict]:

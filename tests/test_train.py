@@ -119,6 +119,23 @@ def tree_digest(root) -> dict[str, str]:
     return out
 
 
+def tensorboard_scalars(workdir) -> dict[str, list[int]]:
+    """{tag: [steps]} read back from the TensorBoard event files (TFRecords of Event protos; a
+    resumed run adds a file)."""
+    from tensorboardX.proto import event_pb2  # tensorboardX is loaded already (no torch)
+
+    out = {}
+    for name in sorted(f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")):
+        data, pos = open(os.path.join(workdir, name), "rb").read(), 0
+        while pos < len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(event.step)
+    return out
+
+
 def checkpoint_steps(workdir) -> list[int]:
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(x) for x in os.listdir(d) if x.isdigit())
@@ -284,7 +301,8 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
 
     files = os.listdir(workdir)
     assert {"config.json", "tokenizer", "checkpoints", "metrics.jsonl", "samples"} <= set(files)
-    assert any(f.startswith("events.out.tfevents") for f in files)
+    scalars = tensorboard_scalars(workdir)  # the same numbers as metrics.jsonl
+    assert scalars["train_loss"] == scalars["lr"] == scalars["val_loss"] == list(range(1, N + 1))
     assert checkpoint_steps(workdir)[-1] == N
     assert sorted(os.listdir(workdir / "samples")) == ["step_12.txt", "step_4.txt", "step_8.txt"]
     assert (workdir / "samples" / "step_12.txt").read_text() == \
@@ -444,8 +462,10 @@ def test_unreadable_latest_checkpoint_is_reported_and_the_previous_one_used(
     for f in data_files:  # the parameter data of the newest step is lost
         os.remove(f)
     summary = run(make_config(env), workdir)
-    out = capsys.readouterr().out
-    assert f"warning: checkpoint step {N}" in out and "unreadable" in out
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and f"checkpoint step {N} in {workdir}" in warning[0]
+    assert "is unreadable" in warning[0] and "using step 8 instead" in warning[0]
     assert "Resuming from step 8" in out
     assert os.path.isdir(workdir / "checkpoints_unreadable" / str(N))  # moved aside, not deleted
     assert summary.step == N
