@@ -10,7 +10,10 @@ Mesh axes are ('data', 'fsdp'), shape (n_devices / fsdp, fsdp):
 
 Multi-host: `initialize_distributed` runs `jax.distributed.initialize()` when the config or the
 environment asks (TPU pods, SLURM, an explicit coordinator); afterwards every process feeds
-its own rows of the global batch (`global_batch`).
+its own rows of the global batch (`global_batch`). Several CPU processes work too (JAX uses gloo
+for cross-process CPU collectives by default, `jax_cpu_collectives_implementation`), e.g. two on
+one machine: --config.train.coordinator_address=localhost:12345 --config.train.num_processes=2
+--config.train.process_id=0 (and =1 in the second shell).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 processes, the optimizer and its schedule, gradient accumulation, epochs, mixtures, hooks,
 strategies, and bad input that leaves the disk as it was.
 
-Cost control: one tiny model (2 layers x 32, block 16) on the embedded Shakespeare corpus, a
-persistent compilation cache shared by this process and its subprocesses (a program compiles
-once per session however many runs use it), and module-scoped runs that several tests read.
+Cost control (compiling is what tiny runs spend their time on): one tiny model (2 layers x 32,
+block 16) on 4 of the embedded Shakespeare plays; a persistent compilation cache shared by this
+process and its subprocesses, so a program compiles once however many runs use it; XLA's
+optimisation passes off; module-scoped runs that several tests read; and the 8-device and
+2-process subprocesses started in the background as soon as their inputs exist.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from cleangpt_jax import hooks as hooks_lib
-from cleangpt_jax import input_pipeline, optim, sharding, trainer
+from cleangpt_jax import optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
@@ -189,6 +191,7 @@ def env(tmp_path_factory):
     flags = {"jax_compilation_cache_dir": jit_cache,
              "jax_persistent_cache_min_compile_time_secs": 0.0,
              "jax_persistent_cache_min_entry_size_bytes": -1,
+             "jax_compilation_cache_max_size": 2**32,  # a size limit turns on file locking
              "jax_disable_most_optimizations": True}
     old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else jax.config.read(k)
            for k in flags}  # (the last flag has no attribute)
@@ -198,7 +201,7 @@ def env(tmp_path_factory):
     sub_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jit_cache,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                   JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                   JAX_COMPILATION_CACHE_MAX_SIZE=str(2**32), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     sub_env.pop("XLA_FLAGS", None)
     yield types.SimpleNamespace(root=root, tokens=root / "tokens", sub_env=sub_env)
@@ -236,6 +239,7 @@ def resumed(env, straight):
 
 
 # --------------------------------------------------------------------- resume, determinism
+@pytest.mark.usefixtures("background")  # start the 8-device and 2-process runs now
 def test_exact_resume_after_sigterm(straight, resumed):
     first, second = resumed.first, resumed.second
     assert first.interrupted and first.step == HALF and not first.samples
@@ -606,6 +610,10 @@ def test_gradient_accumulation_equals_the_large_batch(env):
 
 
 # ---------------------------------------------------------------- 8 devices, 2 processes
+# Both run in subprocesses that spend most of their time compiling. The `background` fixture
+# starts them as soon as their inputs exist, so they use the second core while the in-process
+# tests run; their tests below collect the results.
+
 SHARDING_SCRIPT = r"""
 import json, os, shutil, sys
 import jax, jax.numpy as jnp, ml_collections, numpy as np
@@ -633,7 +641,8 @@ batch = input_pipeline.batch_for_step(data.train, seed=0, step=3, global_batch_s
 params = jax.device_get(jax.jit(trainer.model_init_fn(plain, 0))())
 loss_terms = trainer.get_strategy("lm", plain, cfg)
 results = {}
-for name, mesh in [("1", sharding.create_mesh(1, jax.devices()[:1])), ("8", sharding.create_mesh(1))]:
+meshes = {"1": sharding.create_mesh(1, jax.devices()[:1]), "8": sharding.create_mesh(1)}
+for name, mesh in meshes.items():
     shard = sharding.state_shardings(params, mesh)
     f = jax.jit(lambda p, b: trainer.loss_and_grads(loss_terms, p, b, rng=jax.random.key(3),
                                                     step=3, mesh=mesh),
@@ -689,37 +698,6 @@ print("RESULT " + json.dumps(res))
 """
 
 
-def test_eight_devices_match_one_and_restore_a_one_device_checkpoint(env, straight, resumed,
-                                                                    tmp_path):
-    cfg = make_config(env)  # (no samples: they would compile a generation loop on 8 devices)
-    args = {"config": cfg.to_dict(), "snapshot": str(resumed.snapshot),
-            "resume_dir": str(tmp_path / "resume8"), "bad_dir": str(tmp_path / "bad")}
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDING_SCRIPT, json.dumps(args)], cwd=REPO, timeout=300,
-        env=dict(env.sub_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-        capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert res["devices"] == 8
-    # Loss and gradients of the same global batch agree to 1e-5 (float32 reduction order).
-    assert res["loss_diff_8"] < 1e-5 and res["grad_diff_8"] < 1e-5, res
-    assert res["grad_scale"] > 1e-3  # the comparison is not between zeros
-    # 1-device checkpoint onto 8 devices: replicated (fsdp 1) or split in two (fsdp 2).
-    assert res["restore_1_devices"] == res["restore_2_devices"] == 8
-    assert res["restore_1_equal"] and res["restore_2_equal"]
-    assert res["restore_1_shard"] == [32, 128] and sorted(res["restore_2_shard"]) == [32, 64]
-    # ... and the run resumes there (fsdp=2: parameters and Adam moments split over 2 of the
-    # 8 devices, dropout on) to the uninterrupted 1-device run's result.
-    assert res["resumed_start"] == HALF and res["resumed_step"] == N
-    # every matrix of the state (parameters and both Adam moments) split on the fsdp axis
-    assert all("fsdp" in spec for spec in res["resumed_specs"]), res["resumed_specs"]
-    assert res["resumed_train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
-    assert_params_close(params_of(tmp_path / "resume8"), straight.params)
-    assert ("train.batch_size=4 is not divisible by device count 8" in res["bad_batch_error"]
-            and "\n" not in res["bad_batch_error"])
-    assert not res["bad_dir_exists"]
-
-
 WORKER_SCRIPT = r"""
 import json, sys
 import ml_collections
@@ -740,34 +718,89 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(env, straight, tmp_path):
-    """Two CPU processes (jax.distributed on localhost, gloo collectives) each feed half of
-    every batch and together train the single-process run."""
-    port, workdir = free_port(), tmp_path / "two"
-    procs = []
-    for pid in range(2):
-        cfg = make_config(env, **{"train.coordinator_address": f"127.0.0.1:{port}",
-                                  "train.num_processes": 2, "train.process_id": pid})
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER_SCRIPT, json.dumps(cfg.to_dict()), str(workdir)],
-            cwd=REPO, env=env.sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-4000:]
-            outs.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
+class Job:
+    """Subprocesses started now, waited for by `result()` (one parsed RESULT line each)."""
+
+    def __init__(self, root, commands, env):
+        self.logs, self.procs = [], []
+        for i, cmd in enumerate(commands):
+            out, err = open(root / f"out{i}", "w+"), open(root / f"err{i}", "w+")
+            self.logs.append((out, err))
+            self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err))
+
+    def result(self, timeout=300) -> list[dict]:
+        results = []
+        for p, (out, err) in zip(self.procs, self.logs):
+            p.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            assert p.returncode == 0, stderr[-4000:]
+            results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+        return results
+
+    def kill(self):
+        for p, (out, err) in zip(self.procs, self.logs):
             if p.poll() is None:
                 p.kill()
+                p.wait()
+            out.close(), err.close()
+
+
+@pytest.fixture(scope="module")
+def background(env, resumed, tmp_path_factory):
+    root = tmp_path_factory.mktemp("background")
+    cfg = make_config(env)  # (no samples: they would compile a generation loop each)
+    args = {"config": cfg.to_dict(), "snapshot": str(resumed.snapshot),
+            "resume_dir": str(root / "resume8"), "bad_dir": str(root / "bad")}
+    (root / "eight").mkdir()
+    eight = Job(root / "eight", [[sys.executable, "-c", SHARDING_SCRIPT, json.dumps(args)]],
+                dict(env.sub_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    port, two_dir = free_port(), root / "two"
+    (root / "workers").mkdir()
+    commands = []
+    for pid in range(2):
+        worker = make_config(env, **{"train.coordinator_address": f"127.0.0.1:{port}",
+                                     "train.num_processes": 2, "train.process_id": pid})
+        commands.append([sys.executable, "-c", WORKER_SCRIPT, json.dumps(worker.to_dict()),
+                         str(two_dir)])
+    two = Job(root / "workers", commands, env.sub_env)
+    yield types.SimpleNamespace(eight=eight, two=two, resume8=root / "resume8", two_dir=two_dir)
+    eight.kill()
+    two.kill()
+
+
+def test_eight_devices_match_one_and_restore_a_one_device_checkpoint(straight, background):
+    (res,) = background.eight.result()
+    assert res["devices"] == 8
+    # Loss and gradients of the same global batch agree to 1e-5 (float32 reduction order).
+    assert res["loss_diff_8"] < 1e-5 and res["grad_diff_8"] < 1e-5, res
+    assert res["grad_scale"] > 1e-3  # the comparison is not between zeros
+    # 1-device checkpoint onto 8 devices: replicated (fsdp 1) or split in two (fsdp 2).
+    assert res["restore_1_devices"] == res["restore_2_devices"] == 8
+    assert res["restore_1_equal"] and res["restore_2_equal"]
+    assert res["restore_1_shard"] == [32, 128] and sorted(res["restore_2_shard"]) == [32, 64]
+    # ... and the run resumes there (fsdp=2: parameters and Adam moments split over 2 of the
+    # 8 devices, dropout on) to the uninterrupted 1-device run's result.
+    assert res["resumed_start"] == HALF and res["resumed_step"] == N
+    # every matrix of the state (parameters and both Adam moments) split on the fsdp axis
+    assert all("fsdp" in spec for spec in res["resumed_specs"]), res["resumed_specs"]
+    assert res["resumed_train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
+    assert_params_close(params_of(background.resume8), straight.params)
+    assert ("train.batch_size=4 is not divisible by device count 8" in res["bad_batch_error"]
+            and "\n" not in res["bad_batch_error"])
+    assert not res["bad_dir_exists"]
+
+
+def test_two_processes_agree_with_one(straight, background):
+    """Two CPU processes (jax.distributed on localhost; JAX 0.10 uses gloo for CPU collectives
+    by default) each feed half of every batch and together train the single-process run."""
+    outs = background.two.result()
     assert [o["process"] for o in outs] == [0, 1]
     assert all(o["count"] == 2 and o["devices"] == 2 and o["step"] == N for o in outs)
     assert outs[0]["train_loss"] == outs[1]["train_loss"]
     assert outs[0]["train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
     assert outs[0]["val_loss"] == pytest.approx(straight.summary.val_loss, abs=1e-4)
-    assert_params_close(params_of(workdir), straight.params)
-    mine = losses(workdir)
+    assert_params_close(params_of(background.two_dir), straight.params)
+    mine = losses(background.two_dir)
     assert [r[0] for r in mine] == [r[0] for r in straight.losses]  # one writer, no duplicates
     assert np.allclose([r[1][1] for r in mine], [r[1][1] for r in straight.losses], atol=1e-4)
