@@ -52,19 +52,21 @@ class ModelOutput:
 class Cache:
     """Decoding state of a whole model.
 
-    layers: one dict of arrays per block (its keys/values, e.g. 'k', 'v' (B, S, H, D)).
+    layers: one dict of arrays per block (its keys/values, e.g. 'k' (B, H, D, S), 'v').
     index:  () int32, number of slots written; the next call writes [index, index + T).
     start:  (B,) int32, slot of each row's first real token (its left-padding length).
+    fresh:  static, True until the first call writes to it (that call skips the empty cache).
     """
 
     layers: tuple
     index: Any
     start: Any
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def length(self) -> int:
-        """S, the number of slots."""
-        return jax.tree_util.tree_leaves(self.layers[0])[0].shape[1]
+        """S, the number of slots (every block's cache has 'k' (B, H, D, S))."""
+        return self.layers[0]["k"].shape[-1]
 
 
 class InputError(ValueError):
@@ -108,7 +110,7 @@ class CausalLM(nn.Module):
                  else jnp.asarray(start, jnp.int32).reshape(batch_size))
         return Cache(layers=tuple(self.block_cls.init_cache(c, batch_size, max_length)
                                   for _ in range(c.n_layer)),
-                     index=jnp.zeros((), jnp.int32), start=start)
+                     index=jnp.zeros((), jnp.int32), start=start, fresh=True)
 
     def __call__(self, input_ids, *, deterministic: bool = True,
                  output_hidden_states: bool = False, num_blocks: int | None = None,
@@ -159,13 +161,14 @@ class CausalLM(nn.Module):
             hidden = self.hidden(state)
             logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
         if cache is not None:
-            cache = cache.replace(layers=tuple(new_layers), index=cache.index + t)
+            cache = cache.replace(layers=tuple(new_layers), index=cache.index + t, fresh=False)
         return ModelOutput(logits=logits,
                            hidden_states=tuple(hidden_states) if output_hidden_states else None,
                            cache=cache)
 
     def _decode_step(self, cache: Cache, t: int, positions):
-        """The shared `DecodeStep` (and ALiBi bias) for T new tokens written at cache.index."""
+        """The shared `DecodeStep` for T new tokens written at cache.index (and no separate
+        ALiBi bias: the step carries it)."""
         c = self.config
         slots = cache.index + jnp.arange(t, dtype=jnp.int32)              # (T,)
         key_slots = jnp.arange(cache.length, dtype=jnp.int32)             # (S,)
@@ -174,13 +177,19 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = jnp.maximum(slots[None, :] - start, 0)
         positions = jnp.broadcast_to(positions, real.shape).astype(jnp.int32)
-        mask = ((key_slots[None, None, :] <= slots[None, :, None])
-                & (key_slots[None, None, :] >= start[:, :, None]))[:, None]  # (B, 1, T, S)
-        # ALiBi depends on position differences only, and those equal slot differences.
-        attn_bias = (layers.alibi_bias(c.n_head, slots, key_slots)
-                     if c.position_encoding == "alibi" else None)
-        return layers.DecodeStep(index=cache.index, mask=mask, real=real,
-                                 positions=positions), attn_bias
+        cache_mask = cache_bias = new_bias = None
+        if not cache.fresh:
+            cache_mask = ((key_slots < cache.index)[None, None, :]
+                          & (key_slots[None, None, :] >= start[:, :, None]))[:, None]
+            cache_mask = jnp.broadcast_to(cache_mask, (real.shape[0], 1, t, cache.length))
+        new_mask = (jnp.tril(jnp.ones((t, t), bool))[None] & real[:, None, :])[:, None]
+        if c.position_encoding == "alibi":  # depends on position differences = slot differences
+            new_bias = layers.alibi_bias(c.n_head, slots, slots)
+            if not cache.fresh:
+                cache_bias = layers.alibi_bias(c.n_head, slots, key_slots)
+        return layers.DecodeStep(index=cache.index, cache_mask=cache_mask, new_mask=new_mask,
+                                 real=real, positions=positions, cache_bias=cache_bias,
+                                 new_bias=new_bias), None
 
     def logits(self, hidden):
         """Head on a pre-LN_f hidden state: LN_f(h) . W^T, float32 (B, T, V); W = wte when tied."""

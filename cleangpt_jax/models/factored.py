@@ -11,8 +11,8 @@ xt changes only through attention and xe only through the MLP. With position_enc
 (the original's FactoredALiBi) there is no wpe and scores get slope_h * (j - i).
 `use_v` / `use_proj` mix whole heads with H x H matrices (the original's Kronecker lift by I_D):
     V[h] = sum_g W_v[h, g] xt[g],   y[h] <- sum_g W_o[h, g] y[g]  (then dropout).
-Decoding cache per block: 'k' and 'v' (B, S, H, D), v being the head-split xt (mixed with
-`use_v`) that entered the block.
+Decoding cache per block: 'k' (B, H, D, S) and 'v' (B, H, S, D), v being the head-split xt
+(mixed with `use_v`) that entered the block.
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ class FactoredAttention(nn.Module):
         if c.use_v:
             v = mix_heads(self.param("v_mix", layers.normal_init(), (c.n_head, c.n_head),
                                      c.params_dtype), v)
-        mask = None
         if cache is not None:
-            k, v, cache = layers.update_kv_cache(cache, k, v, step.index)
-            mask = step.mask
-        y = layers.causal_attention(
-            q, k, v, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
-            deterministic=deterministic,
-            dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
+            y, cache = layers.cached_attention(q, k, v, cache, step)
+        else:
+            y = layers.causal_attention(
+                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         if c.use_proj:
             y = mix_heads(self.param("proj_mix", layers.residual_init(c), (c.n_head, c.n_head),
                                      c.params_dtype), y)

@@ -6,9 +6,10 @@ Precision: parameters are stored in `config.param_dtype`; matmuls run in `config
 LayerNorm, softmax and the logits are computed in float32.
 
 KV cache: an explicit pytree (no flax 'cache' collection), passed into the model and returned
-updated. Each block owns a dict of arrays ('k', 'v': (B, S, H, D) in the compute dtype, plus
-whatever else its attention needs); `DecodeStep` carries what every block shares for one call:
-the slot the T new tokens are written to, their key mask, real positions and padding flags.
+updated. Each block owns a dict of arrays ('k' (B, H, D, S) and 'v' (B, H, S, D) in the compute
+dtype, plus whatever else its attention needs); `DecodeStep` carries what every block shares for
+one call: the slot the T new tokens are written to, their masks, real positions and padding
+flags; `cached_attention` is the decoding counterpart of `causal_attention`.
 """
 
 from __future__ import annotations
@@ -265,27 +266,73 @@ def merge_heads(x):
 class DecodeStep:
     """What every block needs to run T new tokens against its KV cache (built by CausalLM).
 
-    index:     () int32, cache slot of the first new token (new tokens fill [index, index + T)).
-    mask:      (B, 1, T, S) bool, key slot s is visible to new token t: a real token, not later.
-    real:      (B, T) bool, the new token is real (False for left padding).
-    positions: (B, T) int32, position of each new token among its row's real tokens.
+    index:      () int32, cache slot of the first new token (new tokens fill [index, index + T)).
+    cache_mask: (B, 1, T, S) bool, new token t sees cached slot s: a real token of an earlier
+                call (start <= s < index); None when the cache is still empty (a prefill).
+    new_mask:   (B, 1, T, T) bool, new token t sees new token u: u <= t and u is real.
+    real:       (B, T) bool, the new token is real (False for left padding).
+    positions:  (B, T) int32, position of each new token among its row's real tokens.
+    cache_bias, new_bias: ALiBi biases (1, H, T, S) and (1, H, T, T) for the same pairs, or None.
     """
 
     index: jax.Array
-    mask: jax.Array
+    cache_mask: jax.Array
+    new_mask: jax.Array
     real: jax.Array
     positions: jax.Array
+    cache_bias: jax.Array | None = None
+    new_bias: jax.Array | None = None
 
 
 def init_kv_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
-    """Zero 'k' and 'v' buffers (B, S, H, D) in the compute dtype."""
-    shape = (batch_size, length, config.n_head, config.head_dim)
-    return {name: jnp.zeros(shape, config.compute_dtype) for name in ("k", "v")}
+    """Zero buffers in the compute dtype: 'k' (B, H, D, S) (keys transposed) and 'v'
+    (B, H, S, D). This is the layout the decoding matmuls read (q k^T and p v), so a decode
+    step reads the cache in place, without a transposed copy of it per layer."""
+    h, d = config.n_head, config.head_dim
+    return {"k": jnp.zeros((batch_size, h, d, length), config.compute_dtype),
+            "v": jnp.zeros((batch_size, h, length, d), config.compute_dtype)}
 
 
-def update_kv_cache(cache: dict, k, v, index):
-    """Write k, v (B, T, H, D) into slots [index, index + T); returns (all keys, all values,
-    updated cache). The cache length S is static; the written slots are dynamic."""
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-    return k_all, v_all, {**cache, "k": k_all, "v": v_all}
+def update_kv_cache(cache: dict, k, v, index) -> dict:
+    """Write k, v (B, T, H, D) into slots [index, index + T); returns the updated cache dict.
+    The cache length S is static; the written slots are dynamic."""
+    k = jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype)      # (B, H, D, T)
+    v = jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype)      # (B, H, T, D)
+    return {**cache, "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, index, 3),
+            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, index, 2)}
+
+
+def cached_attention(q, k, v, cache: dict, step: DecodeStep):
+    """Causal attention of T new tokens over the cached ones and themselves; returns
+    (y (B, T, H, Dv), cache with k, v written at step.index).
+
+    q, k (B, T, H, D), v (B, T, H, Dv); cache 'k' (B, H, D, S), 'v' (B, H, S, Dv) hold the
+    earlier tokens. The softmax runs over both key blocks at once (one max, one sum), so
+    nothing is concatenated and the matmuls read the cache before it is updated: the update
+    is the step's only write to it, and XLA can do it in place. Inference only (no dropout).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    neg = jnp.finfo(jnp.float32).min
+    s_new = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if step.new_bias is not None:
+        s_new = s_new + step.new_bias
+    s_new = jnp.where(step.new_mask, s_new, neg)
+    m = s_new.max(-1, keepdims=True)
+    if step.cache_mask is not None:
+        qh = jnp.swapaxes(q, 1, 2)                                                # (B, H, T, D)
+        s_cache = jnp.matmul(qh, cache["k"], preferred_element_type=jnp.float32) * scale
+        if step.cache_bias is not None:
+            s_cache = s_cache + step.cache_bias
+        s_cache = jnp.where(step.cache_mask, s_cache, neg)
+        m = jnp.maximum(m, s_cache.max(-1, keepdims=True))
+    p_new = jnp.exp(s_new - m)
+    total = p_new.sum(-1, keepdims=True)                                          # (B, H, T, 1)
+    y = jnp.einsum("bhts,bshd->bhtd", p_new.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+    if step.cache_mask is not None:
+        p_cache = jnp.exp(s_cache - m)
+        total = total + p_cache.sum(-1, keepdims=True)
+        y = y + jnp.matmul(p_cache.astype(v.dtype), cache["v"],
+                           preferred_element_type=jnp.float32)
+    y = jnp.swapaxes(y / total, 1, 2).astype(v.dtype)
+    return y, update_kv_cache(cache, k, v, step.index)

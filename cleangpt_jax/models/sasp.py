@@ -14,7 +14,8 @@ The k (and v) columns of c_attn start at zero, so q k^T = 0, softmax = M_C and A
 init (beta = gamma). Heads are concatenated, then c_proj only with `use_proj`.
 Attention dropout applies to the softmax term only (the original dropped out all of A).
 
-Decoding cache per block: 'k', 'v' (B, S, H, D) (v is the head-split h without `use_v`) and
+Decoding cache per block: 'k' (B, H, D, S), 'v' (B, H, S, D) (v is the head-split h without
+`use_v`) and
 'v_sum' (B, H, D) float32, the running sum of V over the row's real tokens, so that
 cummean(V)[i] = (v_sum + V[i]) / (position_i + 1) costs O(1) per new token.
 """
@@ -59,7 +60,7 @@ def cached_cummean(v, prev_sum, step):
 
 
 def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
-    """k, v (B, S, H, D) and the running sum of V, 'v_sum' (B, H, D) float32."""
+    """k, v (layers.init_kv_cache) and the running sum of V, 'v_sum' (B, H, D) float32."""
     return {**layers.init_kv_cache(config, batch_size, length),
             "v_sum": jnp.zeros((batch_size, config.n_head, config.head_dim), jnp.float32)}
 
@@ -82,16 +83,14 @@ class ShapedAttention(nn.Module):
         alpha, beta, gamma = scalar("alpha", 1.0), scalar("beta", 0.1), scalar("gamma", 0.1)
 
         if cache is None:
-            k_all, v_all, mask, mean = k, v, None, cummean(v)
+            mean = cummean(v)
+            attn = layers.causal_attention(
+                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         else:
             mean, v_sum = cached_cummean(v, cache["v_sum"], step)
-            k_all, v_all, cache = layers.update_kv_cache(cache, k, v, step.index)
+            attn, cache = layers.cached_attention(q, k, v, cache, step)
             cache["v_sum"] = v_sum
-            mask = step.mask
-        attn = layers.causal_attention(
-            q, k_all, v_all, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
-            deterministic=deterministic,
-            dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         dt = c.compute_dtype
         y = beta.astype(dt) * attn + alpha.astype(dt) * v - gamma.astype(dt) * mean
         y = layers.merge_heads(y)

@@ -6,7 +6,7 @@
 Attn: c_attn d -> 3d (q | k | v), causal softmax(q k^T / sqrt(D)) v per head, heads
 concatenated. With bias=True and activation='gelu_tanh' this is exactly GPT-2 (the teacher);
 parameter names follow GPT-2's (h_i/attn/c_attn, h_i/mlp/c_fc, ...).
-Decoding cache per block: {'k', 'v'} (B, S, H, D).
+Decoding cache per block: 'k' (B, H, D, S), 'v' (B, H, S, D) (layers.init_kv_cache).
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ class SelfAttention(nn.Module):
         c = self.config
         qkv = layers.dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
-        mask = None
         if cache is not None:
-            k, v, cache = layers.update_kv_cache(cache, k, v, step.index)
-            mask = step.mask
-        y = layers.causal_attention(
-            q, k, v, bias=attn_bias, mask=mask, dropout_rate=c.dropout,
-            deterministic=deterministic,
-            dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
+            y, cache = layers.cached_attention(q, k, v, cache, step)
+        else:
+            y = layers.causal_attention(
+                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
+                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         y = layers.dense(c, c.n_embd, "c_proj", residual=True)(layers.merge_heads(y))
         y = nn.Dropout(c.dropout)(y, deterministic=deterministic)
         return y if cache is None else (y, cache)
