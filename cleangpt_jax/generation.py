@@ -27,6 +27,13 @@ How one call runs:
    last block_size tokens (the earlier ones can never be seen).
 5. ALiBi depends on position differences only, so the cache stays valid; a row may reach
    max_position_embeddings tokens (prompt + new) and asking for more is an error.
+
+Recompilation: the program is specialised on the batch size, the two buckets, the model and
+the static settings (greedy or not, top_k, whether top_p is set, return_logits); temperature,
+top_p's value, the seed, eos/pad ids and the prompts themselves are traced. `program()` is the
+jitted function (`program()._cache_size()` counts its compiled variants).
+Speed: a decode step is bound by reading the weights (batch 1) and the cache; the cache layout
+and `layers.cached_attention` let it read both in place (see models/layers.py).
 """
 
 from __future__ import annotations

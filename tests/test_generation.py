@@ -320,6 +320,38 @@ def test_cli_generates_then_goes_interactive(trained_run, greedy_texts):
     assert "unknown setting 'bogus'" in errors[2]
 
 
+def cli_main(args, capsys):
+    """Run the CLI's own flag parsing and main in-process; returns (exit code, stdout, stderr)."""
+    from absl import flags
+
+    from cleangpt_jax import generate as cli
+
+    values = flags.FlagValues()
+    cli.define_flags(values)
+    values(["generate", *args])
+    code = 0
+    try:
+        cli.main(["generate"], flag_values=values)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_hf_loads_an_exported_gpt2_directory(trained_run, greedy_texts, tmp_path, capsys):
+    """--hf: the run exported as a GPT-2 directory (weights + tokenizer) generates the same text
+    as the workdir it came from."""
+    from cleangpt_jax import hf
+
+    hf.export_run(trained_run["workdir"], tmp_path / "hf")
+    code, out, err = cli_main([f"--hf={tmp_path / 'hf'}", "--prompt=ROMEO:",
+                               "--max_new_tokens=12", "--temperature=0"], capsys)
+    assert code == 0, err
+    assert out == greedy_texts[1][0] + "\n"
+    code, _, err = cli_main([f"--hf={tmp_path / 'hf'}", "--step=3"], capsys)
+    assert code != 0 and err.strip() == "error: --step applies to --workdir checkpoints, not to --hf"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workdir={missing}"], r"error: workdir '.*missing' does not exist"),
     (["--workdir={empty}"], r"error: .*no checkpoint"),
@@ -331,23 +363,15 @@ def test_cli_generates_then_goes_interactive(trained_run, greedy_texts):
 ])
 def test_cli_bad_input_gets_a_one_line_error(args, message, trained_run, tmp_path, capsys):
     """Through the CLI's own flag parsing and main (in-process: one subprocess per case would
-    cost seconds each; test_cli_generates_from_a_trained_workdir runs the real entry point)."""
+    cost seconds each; test_cli_generates_then_goes_interactive runs the real entry point)."""
     import re
-
-    from absl import flags
-
-    from cleangpt_jax import generate as cli
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(
         open(os.path.join(trained_run["workdir"], "config.json")).read())
     os.symlink(os.path.join(trained_run["workdir"], "tokenizer"), tmp_path / "empty" / "tokenizer")
-    values = flags.FlagValues()
-    cli.define_flags(values)
-    values(["generate"] + [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty",
-                                    run=trained_run["workdir"]) for a in args])
-    with pytest.raises(SystemExit) as e:
-        cli.main(["generate"], flag_values=values)
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = cli_main([a.format(missing=tmp_path / "missing", empty=tmp_path / "empty",
+                                      run=trained_run["workdir"]) for a in args], capsys)
+    assert code not in (0, None)
+    err = err.strip().splitlines()
     assert len(err) == 1 and re.match(message, err[0]), err
