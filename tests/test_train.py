@@ -496,7 +496,7 @@ def saved_dataset(path, **columns) -> str:
 
 
 @pytest.mark.parametrize("case", ["text_column", "empty", "short", "accum", "strategy",
-                                  "other_model", "num_steps", "lr_schedule"])
+                                  "other_model", "num_steps", "lr_schedule", "param_dtype"])
 def test_bad_input_gives_one_line_error_and_leaves_the_workdir_alone(case, env, straight,
                                                                       tmp_path):
     workdir = tmp_path / "run"
@@ -520,6 +520,8 @@ def test_bad_input_gives_one_line_error_and_leaves_the_workdir_alone(case, env, 
                                               r"64\).*pass a new --workdir"),
         "num_steps": ({"train.num_steps": 0}, "train.num_steps must be a positive integer"),
         "lr_schedule": ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
+        "param_dtype": ({"model.param_dtype": "bfloat16"},
+                        "training keeps float32 master weights and optimizer state"),
     }
     changes, pattern = cases[case]
     with pytest.raises(ValueError) as e:
@@ -607,6 +609,22 @@ def test_gradient_accumulation_equals_the_large_batch(env):
     np.testing.assert_allclose(l4, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_optimizer_state(env, tmp_path):
+    cfg = make_config(env, **{"model.dtype": "bfloat16", "model.n_layer": 1,
+                              "train.num_steps": 2, "train.eval_every": 0})
+    seen = {}
+
+    class Dtypes(hooks_lib.Hook):
+        def on_train_end(self, t):
+            seen["state"] = {str(x.dtype) for x in jax.tree.leaves(
+                (t.state.params, t.state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+    summary = run(cfg, tmp_path / "bf16", [Dtypes()])
+    assert summary.step == 2 and math.isfinite(summary.train_loss)
+    assert seen["state"] == {"float32"}
+    assert {str(v.dtype) for v in params_of(tmp_path / "bf16").values()} == {"float32"}
 
 
 # ---------------------------------------------------------------- 8 devices, 2 processes
