@@ -183,8 +183,7 @@ class Checkpointer:
             shutil.move(os.path.join(self.directory, str(step)), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
-        self._manager.close()
-        self._manager = self._make_manager()
+        self._manager.reload()  # forget the moved step (no close: reads may still be landing)
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON meta of a step (latest by default) without touching the arrays."""
