@@ -253,7 +253,8 @@ def trained_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("generate_run")
     cfg = get_config()
-    cfg.model.update(dict(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    # bias=True: a GPT-2-compatible model, so that --hf of its export is the same model.
+    cfg.model.update(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True))
     cfg.data.max_samples = 2
     cfg.data.cache_dir = str(root / "cache")
     cfg.train.update(dict(num_steps=3, batch_size=4, warmup_steps=1, eval_every=0, log_every=1,
@@ -338,16 +339,21 @@ def cli_main(args, capsys):
     return code, out.out, out.err
 
 
-def test_cli_hf_loads_an_exported_gpt2_directory(trained_run, greedy_texts, tmp_path, capsys):
-    """--hf: the run exported as a GPT-2 directory (weights + tokenizer) generates the same text
-    as the workdir it came from."""
+def test_cli_hf_loads_an_exported_gpt2_directory(trained_run, loaded, greedy_texts, tmp_path,
+                                                 capsys):
+    """--hf: the run exported as a GPT-2 directory (weights + tokenizer) is the same model and
+    generates the same texts as the workdir it came from (several --prompt: one batch)."""
+    from cleangpt_jax import generate as cli
     from cleangpt_jax import hf
 
     hf.export_run(trained_run["workdir"], tmp_path / "hf")
-    code, out, err = cli_main([f"--hf={tmp_path / 'hf'}", "--prompt=ROMEO:",
-                               "--max_new_tokens=12", "--temperature=0"], capsys)
+    assert cli.load(hf=str(tmp_path / "hf")).model == loaded.model
+    code, out, err = cli_main([f"--hf={tmp_path / 'hf'}", "--prompt=ROMEO:", "--prompt=",
+                               "--prompt=JULIET:", "--max_new_tokens=12", "--temperature=0"],
+                              capsys)
     assert code == 0, err
-    assert out == greedy_texts[1][0] + "\n"
+    chunks = out.split("----- prompt ")[1:]
+    assert [c.split("\n", 1)[1][:-2] for c in chunks] == greedy_texts[1]  # each text + "\n\n"
     code, _, err = cli_main([f"--hf={tmp_path / 'hf'}", "--step=3"], capsys)
     assert code != 0 and err.strip() == "error: --step applies to --workdir checkpoints, not to --hf"
 
