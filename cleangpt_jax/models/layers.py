@@ -183,7 +183,7 @@ def causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0
 
     q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv).
     With `mask` None the mask is the plain causal one for T == S (training); a boolean `mask`
-    broadcastable to (B, H, T, S) replaces it (decoding with a cache).
+    broadcastable to (B, H, T, S) replaces it (decoding uses `cached_attention`).
     On CPU the training case runs `blockwise_causal_attention`. Elsewhere the deterministic
     path is `jax.nn.dot_product_attention` (fused kernels on GPU/TPU); with attention dropout
     the softmax is materialised so its probabilities can be dropped out. Softmax runs in
