@@ -1,0 +1,32 @@
+"""Block-by-block distillation of a GPT-2 teacher into any student (DESIGN.md section 3).
+
+    python -m cleangpt_jax.distill --config=configs/distill_shakespeare_offline.py --workdir=DIR
+
+    from cleangpt_jax import distill
+    summary = distill.run(config, workdir)          # every stage, resumable; the final student
+
+`plan` decides what each stage trains, for how long, against which teacher layer; `losses`
+holds the loss registry (add one with `register_loss` and name it in the config); `stitching`
+the stitching layers; `runner` the stage loop: truncated jit-compiled steps, per-stage Orbax
+checkpoints, resume, and the final student written as a model workdir.
+"""
+
+from cleangpt_jax.distill.losses import LOSSES, distillation_loss, get_loss, register_loss
+from cleangpt_jax.distill.plan import Stage, build_stages, layer_map
+from cleangpt_jax.distill.stitching import Stitch, apply_stitch, init_stitching
+
+_RUNNER = ("DistillError", "layer_map_from_config", "load_stitching", "run")
+
+
+def __getattr__(name):
+    # The runner pulls in the data and HF stacks; import it only when it is asked for.
+    if name in _RUNNER:
+        from cleangpt_jax.distill import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)
+
+
+__all__ = ["DistillError", "LOSSES", "Stage", "Stitch", "apply_stitch", "build_stages",
+           "distillation_loss", "get_loss", "init_stitching", "layer_map",
+           "layer_map_from_config", "load_stitching", "register_loss", "run"]

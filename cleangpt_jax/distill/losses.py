@@ -1,0 +1,95 @@
+"""Distillation losses: one registry of per-token losses, one masked token mean.
+
+A loss compares student and teacher vectors at every position and returns a (B, T) array;
+`distillation_loss` averages it over real (non-padding) tokens. The same registry serves the
+hidden-state stages (stitch_k(h_s[k]) against h_t[map(k)], vectors of width d_t) and the logit
+stages (vectors of width V):
+
+    mse     mean_i (s_i - t_i)^2
+    cosine  1 - <s, t> / (|s| |t|)
+    kl_div  T^2 * KL(softmax(t / T) || softmax(s / T))     (per token, never summed over time)
+    ce      -log softmax(s)[argmax t]                        (cross-entropy on the teacher's argmax)
+
+Add your own (the original tutorial's mixed MSE + cosine, say) and name it in the config:
+
+    @register_loss("mse_cosine")
+    def mse_cosine(student, teacher, temperature):
+        return LOSSES["mse"](student, teacher, temperature) + LOSSES["cosine"](student, teacher,
+                                                                              temperature)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[[jax.Array, jax.Array, float], jax.Array]
+LOSSES: dict[str, LossFn] = {}
+
+
+class LossError(ValueError):
+    """Unknown loss name."""
+
+
+def register_loss(name: str, fn: LossFn | None = None):
+    """Register a per-token loss `fn(student, teacher, temperature) -> (B, T)`; a decorator too."""
+
+    def add(fn):
+        LOSSES[name.lower()] = fn
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def get_loss(name: str) -> LossFn:
+    try:
+        return LOSSES[name.lower()]
+    except KeyError:
+        raise LossError(f"unknown distillation loss {name!r}: registered losses are "
+                        f"{sorted(LOSSES)} (add one with register_loss)") from None
+
+
+def distillation_loss(loss: str | LossFn, student, teacher, mask=None,
+                      temperature: float = 1.0):
+    """Mean of the per-token loss (a registered name or a function) over real tokens.
+
+    student/teacher (B, T, n), mask (B, T) with 1 = real token (None: every token counts):
+        sum_bt mask[b, t] * loss(student, teacher)[b, t] / sum_bt mask[b, t]
+    """
+    fn = get_loss(loss) if isinstance(loss, str) else loss
+    per_token = fn(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                   temperature)
+    if mask is None:
+        return per_token.mean()
+    mask = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@register_loss("mse")
+def mse(student, teacher, temperature):
+    return jnp.mean(jnp.square(student - teacher), axis=-1)
+
+
+@register_loss("cosine")
+def cosine(student, teacher, temperature):
+    eps = 1e-8
+    dot = jnp.sum(student * teacher, axis=-1)
+    norms = jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1)
+    return 1.0 - dot / jnp.maximum(norms, eps)
+
+
+@register_loss("kl_div")
+def kl_div(student, teacher, temperature):
+    log_p_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    log_p_student = jax.nn.log_softmax(student / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+    return kl * temperature ** 2
+
+
+@register_loss("ce")
+def ce(student, teacher, temperature):
+    target = jnp.argmax(teacher, axis=-1)
+    log_p = jax.nn.log_softmax(student, axis=-1)
+    return -jnp.take_along_axis(log_p, target[..., None], axis=-1)[..., 0]
