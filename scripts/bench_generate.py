@@ -18,6 +18,12 @@ whether the greedy tokens agree. HF is timed with 1 and with the default number 
 threads (--hf_threads) and the faster is compared: on a busy machine torch's thread pool can
 collapse, and the comparison should be against HF at its best.
 
+Batch-1 decoding reads every weight once per token, so it is bound by memory bandwidth, not
+FLOPs, once the weights outgrow the caches. The script measures the read bandwidth XLA gets
+on this machine (a jitted sum over 512 MiB) and prints the roofline: bandwidth / parameter
+bytes = the most tokens/s any float32 implementation can reach at batch 1 (the KV cache adds
+to the bytes, so the real ceiling is a little lower).
+
 The machine is shared, so the contenders run interleaved (ours, theirs, ours, ...) --repeats
 times and the medians are compared; tokens/s = batch * new_tokens / seconds of one whole call
 (prompt included). Compile = our first call minus the median call (HF: its first-call
@@ -117,6 +123,20 @@ class Recompute:
         self.fn = run
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a jitted full read (sum) of a float32 array far larger than any cache."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = min(timed(lambda: total(x).block_until_ready())[0] for _ in range(repeats))
+    del x
+    return mib * 2**20 / best
+
+
+def param_bytes(params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
 def race(contenders, repeats):
     """Interleaved timing: {name: (first call seconds, [steady seconds], output)}."""
     results = {}
@@ -146,6 +166,9 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({default_threads} threads by default), {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth (jitted sum over 512 MiB): {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
     rng = np.random.default_rng(0)
     summary = []
     for case in args.cases.split(","):
@@ -181,6 +204,11 @@ def main():
                                                  f"{'met' if ratio >= target else 'NOT met'}")
             print(f"  ours / {best}: {ratio:6.2f}x   (greedy rows identical: {same:.0%}){verdict}",
                   flush=True)
+            if b == 1:
+                ceiling = bandwidth / param_bytes(params)
+                print(f"  roofline at batch 1: {param_bytes(params) / 2**20:.1f} MiB of weights "
+                      f"per token at {bandwidth / 1e9:.1f} GB/s -> at most {ceiling:.0f} tok/s; "
+                      f"ours reaches {tps[ours.name] / ceiling:.0%} of it", flush=True)
             summary.append((case, b, tps[ours.name], tps[best], ratio, target))
     print("\ncase       batch   ours tok/s   other tok/s   ratio   target")
     for case, b, ours_tps, other_tps, ratio, target in summary:
