@@ -68,12 +68,7 @@ def load_config_file(path):
 
 
 def apply(cfg, overrides: dict):
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 
