@@ -1,0 +1,238 @@
+"""Every `python -m cleangpt_jax...` command written in README.md and docs/*.md runs.
+
+The commands are extracted from the files' fenced shell blocks, so the docs cannot drift from
+the code. Each file's commands run in order in one scratch directory (later commands use the
+workdirs earlier ones wrote), through bash, with:
+
+  - tiny sizes appended to each invocation (`TINY`; a later flag overrides an earlier one);
+  - Hugging Face hub names (`gpt2`, ...) replaced by a local random GPT-2 directory with a
+    byte-level BPE tokenizer, and hub datasets by a local dataset directory (JSON lines with
+    train/validation splits and `text`/`story` columns), because CI has no network. The same
+    code paths (`from_pretrained`-style loading, `datasets.load_dataset`) read them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC_FILES = ["README.md"] + sorted(
+    os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+INVOCATION = re.compile(r"python -m (cleangpt_jax(?:\.\w+)+)")
+
+_MODEL = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=2",
+          "--config.model.block_size=32"]
+_DATA = ["--config.data.max_samples=2"]
+TINY = {
+    "cleangpt_jax.train": _MODEL + _DATA + [
+        "--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
+        "--config.train.eval_every=2", "--config.train.eval_steps=1",
+        "--config.train.warmup_steps=1", "--config.train.sample_max_new_tokens=4"],
+    "cleangpt_jax.distill": ["--config.model.n_layer=1", "--config.model.n_embd=16",
+                             "--config.model.n_head=2", "--config.model.block_size=32",
+                             "--config.train.batch_size=8", "--config.distill.steps_per_block=2",
+                             "--config.distill.head.steps=2", "--config.distill.final.steps=2",
+                             "--config.distill.eval_steps=1"] + _DATA,
+    "cleangpt_jax.generate": ["--max_new_tokens=4"],
+    "cleangpt_jax.evaluate": ["--config.eval.num_batches=1", "--config.eval.max_new_tokens=4",
+                              "--config.eval.num_prompts=1"] + _DATA,
+    "cleangpt_jax.token_analysis": _DATA,
+}
+
+
+def doc_commands(relpath: str) -> list[tuple[int, str]]:
+    """(line number, command line) of each shell line that runs `python -m cleangpt_jax...`,
+    backslash continuations joined."""
+    out, in_block, in_shell, pending, start = [], False, False, "", 0
+    with open(os.path.join(ROOT, relpath), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            stripped = line.strip()
+            if stripped.startswith("```"):
+                in_block = not in_block
+                in_shell = in_block and stripped[3:].strip() in ("bash", "sh", "shell", "")
+                continue
+            if not in_shell:
+                continue
+            if not pending:
+                start = n
+            pending += stripped[:-1] + " " if stripped.endswith("\\") else stripped
+            if stripped.endswith("\\"):
+                continue
+            command, pending = pending.split(" #")[0].strip(), ""
+            if INVOCATION.search(command):
+                out.append((start, command))
+    return out
+
+
+def _config_file(args: list[str]):
+    for a in args:
+        if a.startswith("--config=") and a.endswith(".py"):
+            return runpy.run_path(os.path.join(ROOT, a.split("=", 1)[1]))["get_config"]()
+    return None
+
+
+def adapt(segment: str, local_gpt2: str, local_data: str = "LOCAL_DATA") -> str:
+    """One `python -m cleangpt_jax.X ...` invocation, made tiny and offline."""
+    words = shlex.split(segment)
+    module = next(w for w in words if w.startswith("cleangpt_jax"))
+    # Hub names on the command line -> the local GPT-2 directory / the local dataset.
+    words = [re.sub(r"^(--[\w.]+=)(%s)$" % "|".join(map(re.escape, HUB_MODELS)),
+                    lambda m: m.group(1) + local_gpt2, w) for w in words]
+    words = [re.sub(r"^(--config\.data\.name=).*$", lambda m: m.group(1) + local_data, w)
+             for w in words]
+    extra = list(TINY.get(module, []))
+    cfg = _config_file(words)
+    if module == "cleangpt_jax.distill":
+        from cleangpt_jax.distill.config import get_config as distill_default
+
+        cfg = cfg or distill_default()
+        if str(cfg.distill.teacher) in HUB_MODELS and not any(
+                w.startswith("--config.distill.teacher=") for w in words):
+            extra.append(f"--config.distill.teacher={local_gpt2}")
+        # Epoch budgets override step counts (and cannot be reset to None on a command line).
+        d = cfg.distill
+        epochs = {"epochs_per_block": d.epochs_per_block, "head.epochs": d.head.epochs,
+                  "final.epochs": d.final.epochs}
+        extra += [f"--config.distill.{key}=0.0001" for key, v in epochs.items() if v is not None]
+    if cfg is not None:
+        if cfg.tokenizer.type == "gpt2" and str(cfg.tokenizer.name_or_path) in HUB_MODELS:
+            extra.append(f"--config.tokenizer.name_or_path={local_gpt2}")
+        if cfg.data.source == "hf" and not any(w.startswith("--config.data.name=")
+                                               for w in words):
+            extra.append(f"--config.data.name={local_data}")
+    return shlex.join(words + extra)
+
+
+def adapt_line(line: str, local_gpt2: str, local_data: str = "LOCAL_DATA") -> str:
+    """Adapt every invocation in a shell line; other parts (pip installs) are dropped, shell
+    operators (&&, &, ;) and environment assignments are kept."""
+    parts = re.split(r"(\s*(?:&&|;|&)\s*)", line)
+    kept = []
+    for part in parts:
+        if re.fullmatch(r"\s*(?:&&|;|&)\s*", part):
+            kept.append(part)
+        elif INVOCATION.search(part):
+            head, body = part[:INVOCATION.search(part).start()], part[INVOCATION.search(part).start():]
+            kept.append(head + adapt(body, local_gpt2, local_data))
+        elif part.strip() == "wait":
+            kept.append(part)
+        else:
+            kept.append(None)
+    # Drop non-invocations together with the operator that joins them to the rest.
+    out = []
+    for i, part in enumerate(kept):
+        if part is None:
+            if out:
+                out.pop()
+            elif i + 1 < len(kept):
+                kept[i + 1] = ""
+            continue
+        out.append(part)
+    return "".join(out).strip()
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory) -> str:
+    """A local stand-in for a hub dataset such as roneneldan/TinyStories: JSON lines with train
+    and validation splits, each record's text under both `text` and `story`."""
+    import json
+
+    from cleangpt_jax import corpus
+
+    path = tmp_path_factory.mktemp("hub") / "stories"
+    path.mkdir()
+    text = corpus.shakespeare_text()[:60_000]
+    docs = [text[i:i + 600] for i in range(0, len(text), 600)]
+    for split, part in (("train", docs[:-10]), ("validation", docs[-10:])):
+        with open(path / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for doc in part:
+                f.write(json.dumps({"text": doc, "story": doc}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_gpt2(tmp_path_factory, gpt2_tokenizer_dir) -> str:
+    """A random GPT-2 (2 layers, 32 wide) saved with its BPE tokenizer: our stand-in for `gpt2`."""
+    import shutil
+
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("hub") / "gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    for name in os.listdir(gpt2_tokenizer_dir):
+        shutil.copy(os.path.join(gpt2_tokenizer_dir, name), path / name)
+    return str(path)
+
+
+def test_docs_contain_commands():
+    found = {f: doc_commands(f) for f in DOC_FILES}
+    assert found["README.md"], "README.md shows no python -m cleangpt_jax command"
+    assert sum(map(len, found.values())) >= 10, found
+
+
+def test_adapt_line_keeps_operators_and_drops_installs():
+    line = "pip install -e . && python -m cleangpt_jax.generate --hf=gpt2 --prompt='a b'"
+    assert adapt_line(line, "/x") == ("python -m cleangpt_jax.generate --hf=/x "
+                                      "'--prompt=a b' --max_new_tokens=4")
+    two = ("A=1 python -m cleangpt_jax.generate --workdir=r & "
+           "python -m cleangpt_jax.generate --workdir=r; wait")
+    assert adapt_line(two, "/x") == ("A=1 python -m cleangpt_jax.generate --workdir=r "
+                                     "--max_new_tokens=4 & python -m cleangpt_jax.generate "
+                                     "--workdir=r --max_new_tokens=4; wait")
+
+
+@pytest.mark.parametrize("relpath", DOC_FILES)
+def test_every_documented_command_runs(relpath, local_gpt2, local_data, tmp_path):
+    commands = doc_commands(relpath)
+    if not commands:
+        return
+    for name in ("configs", "docs", "README.md"):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    env = {**os.environ, "CLEANGPT_JAX_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)
+    for lineno, line in commands:
+        command = adapt_line(line, local_gpt2, local_data)
+        proc = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")],
+                              cwd=tmp_path, env=env, input="ROMEO:\nsettings\nexit\n",
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (f"{relpath}:{lineno}: {line}\nran: {command}\n"
+                                      f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+
+
+def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, tmp_path, monkeypatch):
+    """The Colab notebook, executed as written with its parameters cell followed by an injected
+    one (as papermill does): SMOKE on, the local GPT-2 as teacher, Shakespeare as data."""
+    import nbclient
+    import nbformat
+
+    path = os.path.join(ROOT, "notebooks", "colab_tpu_quickstart.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+        f"SMOKE = True\nTEACHER = {local_gpt2!r}\nDISTILL_DATA = None\n"
+        f"WORKDIR = {str(tmp_path / 'runs')!r}"))
+    monkeypatch.setenv("CLEANGPT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": ROOT}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert "ROMEO:" in outputs
+    assert (tmp_path / "runs" / "distill_factored_eval" / "report.md").exists()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "the evaluation plots are not shown inline"
