@@ -193,23 +193,38 @@ def test_adapt_line_keeps_operators_and_drops_installs():
                                      "--workdir=r --max_new_tokens=4; wait")
 
 
-@pytest.mark.parametrize("relpath", DOC_FILES)
-def test_every_documented_command_runs(relpath, local_gpt2, local_data, tmp_path):
-    commands = doc_commands(relpath)
-    if not commands:
-        return
+def run_doc_commands(relpath: str, commands: list[tuple[int, str, str]], cwd) -> str | None:
+    """Run one file's (line number, line, adapted command)s in order in `cwd`; the first
+    failure's report, or None."""
+    cwd.mkdir()
     for name in ("configs", "docs", "README.md"):
-        os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    env = {**os.environ, "CLEANGPT_JAX_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+        os.symlink(os.path.join(ROOT, name), cwd / name)
+    env = {**os.environ, "CLEANGPT_JAX_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
-    for lineno, line in commands:
-        command = adapt_line(line, local_gpt2, local_data)
+    for lineno, line, command in commands:
         proc = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")],
-                              cwd=tmp_path, env=env, input="ROMEO:\nsettings\nexit\n",
+                              cwd=cwd, env=env, input="ROMEO:\nsettings\nexit\n",
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, (f"{relpath}:{lineno}: {line}\nran: {command}\n"
-                                      f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:
+            return (f"{relpath}:{lineno}: {line}\nran: {command}\n{proc.stdout[-1500:]}\n"
+                    f"{proc.stderr[-3000:]}")
+    return None
+
+
+def test_every_documented_command_runs(local_gpt2, local_data, tmp_path):
+    # The files are independent (each has its own scratch directory), so their command
+    # sequences run side by side: most of a command's time is single-threaded compilation.
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Adapting imports config files: do it here, not in the threads (concurrent imports).
+    plans = [(relpath, [(n, line, adapt_line(line, local_gpt2, local_data))
+                        for n, line in doc_commands(relpath)], tmp_path / f"doc{i}")
+             for i, relpath in enumerate(DOC_FILES)]
+    with ThreadPoolExecutor(len(plans)) as pool:
+        reports = list(pool.map(lambda plan: run_doc_commands(*plan), plans))
+    failures = [r for r in reports if r]
+    assert not failures, "\n\n".join(failures)
 
 
 def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, tmp_path, monkeypatch):
