@@ -138,13 +138,13 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
     if not os.path.isdir(tok_dir):
         raise WorkdirError(f"{workdir!r} has no {TOKENIZER_DIR}/ directory: the run did not "
                            f"finish setting up; rerun training into it")
-    tokenizer = load_tokenizer(tok_dir)
-    mcfg = model_config(config.model)
-    model = get_model(config=mcfg)
     ckdir = checkpoint_dir(workdir)
     if not os.path.isdir(ckdir):
         raise WorkdirError(f"{workdir!r} has no checkpoint yet: train until a checkpoint is "
                            f"written (train.checkpoint_every), or pick another workdir")
+    tokenizer = load_tokenizer(tok_dir)
+    mcfg = model_config(config.model)
+    model = get_model(config=mcfg)
     shapes = param_shapes(model)
     if mesh is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
