@@ -17,7 +17,6 @@ Outputs (summary.json, report.md, PNG plots) go to --output_dir (default WORKDIR
 from __future__ import annotations
 
 import os
-import sys
 
 import ml_collections
 from absl import app, flags, logging
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 
 from cleangpt_jax import config as config_lib
 from cleangpt_jax import evaluation
+from cleangpt_jax.cli import die, flag_error, flags_parser
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The student: a training or distillation run.")
 _TEACHER = flags.DEFINE_string("teacher", None, "HF hub name, HF GPT-2 directory or workdir "
@@ -44,24 +44,8 @@ def define_config_flag():
         "--config.eval.key=value (what is measured).")
 
 
-def die(message, code: int = 1):
-    """Print `error: message` as one line on stderr and exit."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _flag_error(e: Exception):
-    if isinstance(e, (AttributeError, KeyError)):  # --config.<key> the config lacks
-        die(f"unknown config key {str(e).strip(chr(39) + chr(34))!r}: only --config.data.* (the "
-            f"run's data section) and --config.eval.* (evaluation.get_eval_config) can be set", 2)
-    die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- one line, not usage text or a traceback
-        _flag_error(e)
+_KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* " \
+            "(evaluation.get_eval_config) can be set"
 
 
 def main(argv):
@@ -93,8 +77,8 @@ def run():
     try:
         define_config_flag()
     except Exception as e:  # noqa: BLE001
-        _flag_error(e)
-    app.run(main, flags_parser=parse_flags)
+        flag_error(e, key_hint=_KEY_HINT)
+    app.run(main, flags_parser=flags_parser(_KEY_HINT))
 
 
 if __name__ == "__main__":

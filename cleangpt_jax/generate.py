@@ -41,6 +41,8 @@ from typing import Any, TextIO
 
 from absl import app, flags, logging
 
+from cleangpt_jax.cli import die, flags_parser
+
 COMMANDS = ("/temperature X", "/top_k K|off", "/top_p P|off", "/max_new_tokens N", "/seed S",
             "settings", "help", "exit | quit")
 
@@ -194,12 +196,6 @@ def interact(generator: Generator, settings: Settings, stdin: TextIO = sys.stdin
     return settings
 
 
-def die(message, code: int = 1):
-    """Print `error: message` as one line on stderr and exit."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     if len(argv) > 1:
         die(f"unexpected arguments {argv[1:]}: flags look like --workdir=DIR --prompt=TEXT "
@@ -225,17 +221,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
         interact(generator, settings)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing with a one-line error instead of usage text."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        die(e, 2)
-
-
 def run():
     define_flags(flags.FLAGS)
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser())
 
 
 if __name__ == "__main__":

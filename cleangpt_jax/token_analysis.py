@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Iterable
 
 import numpy as np
@@ -339,12 +338,6 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
 
 # ------------------------------------------------------------------------------ the CLI
 
-def die(message, code: int = 1):
-    """Print `error: message` as one line on stderr and exit."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def run():
     """`python -m cleangpt_jax.token_analysis`: flags are defined here, not at import, so the
     library can be imported next to other CLIs."""
@@ -352,12 +345,7 @@ def run():
     from ml_collections import config_flags
 
     from cleangpt_jax import config as config_lib
-
-    def flag_error(e: Exception):
-        if isinstance(e, (AttributeError, KeyError)):  # --config.<key> the config lacks
-            die(f"unknown config key {str(e).strip(chr(39) + chr(34))!r}: check it against the "
-                f"config's get_config()", 2)
-        die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
+    from cleangpt_jax.cli import die, flag_error, flags_parser
 
     try:  # config_flags applies --config.x=y overrides while defining the flag
         cfg_flag = config_flags.DEFINE_config_file(
@@ -374,12 +362,6 @@ def run():
     prune_flag = flags.DEFINE_float("prune", None, "Build a pruned tokenizer keeping the most "
                                     "frequent tokens that cover this share of the data, e.g. 0.95.")
     top_flag = flags.DEFINE_integer("top_n", 20, "How many of the most frequent tokens to list.")
-
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
-            flag_error(e)
 
     def main(argv):
         if len(argv) > 1:
@@ -403,7 +385,7 @@ def run():
                   f"{os.path.join(out_flag.value, p['directory'])}")
         print(f"outputs: {out_flag.value}")
 
-    app.run(main, flags_parser=parse)
+    app.run(main, flags_parser=flags_parser())
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ Errors in the config, the data or the workdir print one line and exit non-zero.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cleangpt_jax import config as config_lib
+from cleangpt_jax.cli import die, flag_error, flags_parser
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: runs/<config file name>); rerun to resume.")
@@ -32,31 +32,6 @@ def define_config_flag():
         "config", default=config_lib.__file__,
         help_string="Config file with get_config() (default: cleangpt_jax/config.py); "
                     "override keys with --config.section.key=value.", lock_config=True)
-
-
-def die(message: str, code: int = 1):
-    """Print `error: message` as one line on stderr and exit."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _flag_error(e: Exception, argv: list[str]):
-    if isinstance(e, (AttributeError, KeyError)):  # an override naming a key the config lacks
-        name = str(e).strip("'\"")
-        bad = [a.split("=")[0] for a in argv[1:]
-               if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        where = bad[0] if bad else name
-        die(f"unknown config key {where!r}: check its spelling against the config file's "
-            f"get_config()", 2)
-    die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors instead of usage text or tracebacks."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
-        _flag_error(e, argv)
 
 
 def config_name(path: str | None) -> str:
@@ -99,8 +74,8 @@ def run():
     try:
         define_config_flag()
     except Exception as e:  # noqa: BLE001
-        _flag_error(e, sys.argv)
-    app.run(main, flags_parser=parse_flags)
+        flag_error(e)
+    app.run(main, flags_parser=flags_parser())
 
 
 if __name__ == "__main__":

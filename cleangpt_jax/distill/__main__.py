@@ -13,29 +13,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cleangpt_jax.cli import die, flag_error, flags_parser
+
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for stage checkpoints, metrics and the student.")
-
-
-def die(message, code: int = 1):
-    """Print `error: message` as one line on stderr and exit."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _flag_error(e: Exception):
-    if isinstance(e, (AttributeError, KeyError)):  # --config.<key> the config lacks
-        die(f"unknown config key {str(e).strip(chr(39) + chr(34))!r}: check its spelling "
-            f"against the config file's get_config()", 2)
-    die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- one line, not usage text or a traceback
-        _flag_error(e)
 
 
 def main(argv):
@@ -80,8 +62,8 @@ def run():
             "config", _DEFAULT, "Distillation config file (get_config()); override keys with "
             "--config.distill.key=value.", lock_config=True)
     except Exception as e:  # noqa: BLE001 -- a bad --config.x=y override
-        _flag_error(e)
-    app.run(main, flags_parser=parse_flags)
+        flag_error(e)
+    app.run(main, flags_parser=flags_parser())
 
 
 if __name__ == "__main__":
