@@ -8,14 +8,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from cleangpt_jax import hf, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import get_config, model_config
+from helpers import persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -70,19 +69,8 @@ def jit_cache(tmp_path_factory):
     """A persistent compilation cache (configs that share an architecture compile it once), and
     XLA's optimisation passes off: compiling is what a two-step run costs."""
     path = str(tmp_path_factory.mktemp("jit_cache"))
-    flags = {"jax_compilation_cache_dir": path,
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": -1,
-             "jax_disable_most_optimizations": True}
-    old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else jax.config.read(k)
-           for k in flags}  # (the last flag has no attribute)
-    for k, v in flags.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(path, fast_compile=True):
+        yield path
 
 
 def test_the_expected_configs_exist_document_their_command_and_validate():

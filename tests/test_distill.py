@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 
 from cleangpt_jax import hf, input_pipeline, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.distill import runner
 from cleangpt_jax.distill import config as distill_config
+from helpers import one_line_error, persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_CONFIG = "configs/distill_shakespeare_offline.py"
@@ -112,34 +112,13 @@ def diverging_stages(offline, workdir_a, workdir_b) -> list[str]:
     return out
 
 
-def one_line(e) -> str:
-    text = str(e.value)
-    assert "\n" not in text, text
-    return text
-
-
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Token cache and a persistent compilation cache for this module and its subprocesses."""
     root = tmp_path_factory.mktemp("distill")
-    jit_cache = str(root / "jit_cache")
-    flags = {"jax_compilation_cache_dir": jit_cache,
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": -1}
-    old = {k: getattr(jax.config, k) for k in flags}
-    for k, v in flags.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    sub_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jit_cache,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    sub_env.pop("XLA_FLAGS", None)
-    yield types.SimpleNamespace(root=root, tokens=str(root / "tokens"), sub_env=sub_env)
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(str(root / "jit_cache")) as sub_env:
+        yield types.SimpleNamespace(root=root, tokens=str(root / "tokens"), sub_env=sub_env)
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +344,7 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
     monkeypatch.setattr(hf, "load_gpt2", poisoned)
     with pytest.raises(runner.DistillError, match="stage block_2 step 1: loss is nan") as e:
         runner.run(offline.config(), workdir, progress=False)
-    assert "completed stages are kept" in one_line(e)
+    assert "completed stages are kept" in one_line_error(e)
     monkeypatch.undo()
     assert [m["name"] for m in runner.read_manifest(workdir)] == ["block_1"]
     block_2 = os.path.join(workdir, "stages", "block_2")
@@ -378,7 +357,7 @@ def test_changed_settings_are_refused_on_resume(offline, reference):
     before = sorted(os.listdir(os.path.join(reference.workdir, "stages")))
     with pytest.raises(runner.DistillError, match="other settings") as e:
         runner.run(offline.config(**{"model.n_embd": 32}), reference.workdir, progress=False)
-    assert "student.n_embd: 16 -> 32" in one_line(e)
+    assert "student.n_embd: 16 -> 32" in one_line_error(e)
     assert sorted(os.listdir(os.path.join(reference.workdir, "stages"))) == before
 
 
@@ -431,7 +410,7 @@ def test_bad_setups_get_one_line_errors_and_write_nothing(gpt2_teacher, tmp_path
                                                          message):
     with pytest.raises(ValueError, match=message) as e:
         runner.run(gpt2_teacher.config(**overrides), str(tmp_path / "run"), progress=False)
-    one_line(e)
+    one_line_error(e)
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -24,7 +24,6 @@ import pytest
 import torch
 import transformers
 
-from cleangpt_jax import hf
 from cleangpt_jax.config import ModelConfig
 from cleangpt_jax.hf import HFError, export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from cleangpt_jax import hooks as hooks_lib
 from cleangpt_jax import optim, trainer
@@ -40,6 +39,7 @@ from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
+from helpers import one_line_error, persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, HALF = 12, 6  # steps of the short runs; the interrupted run stops at HALF
@@ -171,12 +171,6 @@ class SigtermAt(hooks_lib.Hook):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -187,27 +181,8 @@ def env(tmp_path_factory):
     (jax_disable_most_optimizations: ~3x cheaper compiles, slower but still millisecond steps).
     Every number compared bitwise comes from programs compiled the same way."""
     root = tmp_path_factory.mktemp("train")
-    jit_cache = str(root / "jit_cache")
-    flags = {"jax_compilation_cache_dir": jit_cache,
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": -1,
-             "jax_compilation_cache_max_size": 2**32,  # a size limit turns on file locking
-             "jax_disable_most_optimizations": True}
-    old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else jax.config.read(k)
-           for k in flags}  # (the last flag has no attribute)
-    for k, v in flags.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    sub_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jit_cache,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                   JAX_COMPILATION_CACHE_MAX_SIZE=str(2**32), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    sub_env.pop("XLA_FLAGS", None)
-    yield types.SimpleNamespace(root=root, tokens=root / "tokens", sub_env=sub_env)
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(str(root / "jit_cache"), fast_compile=True) as sub_env:
+        yield types.SimpleNamespace(root=root, tokens=root / "tokens", sub_env=sub_env)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,58 @@
+"""Helpers shared by the test modules.
+
+persistent_compile_cache: compiling, not running, is what the tiny runs in these tests cost;
+with one persistent XLA cache per module each program compiles once, in the test process or
+in any CLI subprocess. one_line_error: the message of a raised project error, checked to be
+the one line the standards ask for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(path: str, *, fast_compile: bool = False):
+    """Inside the block this process caches every compiled program under `path`; yields the
+    environment for subprocesses that share the cache (CPU, this checkout on PYTHONPATH, no
+    XLA_FLAGS from the caller). fast_compile turns XLA's optimisation passes off: ~3x cheaper
+    compiles, still millisecond steps, and bitwise comparisons stay valid between programs
+    compiled the same way. The previous settings are restored afterwards."""
+    flags = {"jax_compilation_cache_dir": path,
+             "jax_persistent_cache_min_compile_time_secs": 0.0,
+             "jax_persistent_cache_min_entry_size_bytes": -1,
+             "jax_compilation_cache_max_size": 2**32}  # a size limit turns on file locking
+    if fast_compile:
+        flags["jax_disable_most_optimizations"] = True
+    old = {k: getattr(jax.config, k) if hasattr(jax.config, k) else jax.config.read(k)
+           for k in flags}  # (jax_disable_most_optimizations has no attribute)
+    for k, v in flags.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=path,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               JAX_COMPILATION_CACHE_MAX_SIZE=str(2**32),
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    if fast_compile:
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    env.pop("XLA_FLAGS", None)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
+
+
+def one_line_error(excinfo) -> str:
+    """The message of `pytest.raises(...)`'s exception, asserted to be one line."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
