@@ -8,7 +8,9 @@ roneneldan/TinyStories --dataset_text_column story --epochs_per_block 3 --batch_
 the student keeps the teacher's 12 blocks (the original copied n_layer from the teacher) at
 half its width, so every stitching layer maps 384 -> 768; 3 epochs per block over the first
 100k stories (the original's --max_samples default), block size 128, then 3 epochs of head
-distillation (KL at T = 2) with the head initialised as W_gpt2 S_12. Learning rate 5e-5,
+distillation (KL at T = 2) with the head initialised as W_gpt2 S_12. The text column is
+`text`, the only column roneneldan/TinyStories has: the original's example passed `story`,
+and an explicit column that does not exist is an error here. Learning rate 5e-5,
 weight decay 0.01, clipping 1.0 per block: the original's defaults. Needs the Hugging Face
 hub (teacher and data); a full run is long (about 14k steps per block on one accelerator), so
 try --config.distill.epochs_per_block=0.1 first. Rerunning the command resumes.
@@ -22,7 +24,7 @@ def get_config():
     cfg.model.update(model_type="factored", n_layer=12, n_head=6, n_embd=384, block_size=128,
                      dropout=0.1, bias=False)
     cfg.data.update(source="hf", name="roneneldan/TinyStories", split="train",
-                    val_split="validation", text_column="story", streaming=True,
+                    val_split="validation", text_column="text", streaming=True,
                     max_samples=100_000)
     cfg.train.batch_size = 32
     d = cfg.distill

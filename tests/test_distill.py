@@ -446,7 +446,7 @@ def test_distill_configs_document_their_command_and_plan(offline_teacher):
     readme = load_config_file("configs/distill_gpt2_factored.py").get_config()
     assert (readme.model.model_type, readme.model.n_embd, readme.model.n_head) == (
         "factored", 384, 6)
-    assert (readme.data.name, readme.data.text_column) == ("roneneldan/TinyStories", "story")
+    assert (readme.data.name, readme.data.text_column) == ("roneneldan/TinyStories", "text")
     assert readme.distill.teacher == "gpt2" and readme.distill.epochs_per_block == 3
     vanilla = load_config_file("configs/distill_gpt2_vanilla.py").get_config()
     assert (vanilla.model.bias, vanilla.model.activation, vanilla.model.n_embd) == (
