@@ -28,6 +28,14 @@ class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message says how to fix it."""
 
 
+# The original's default dataset (needs the Hugging Face hub): roneneldan/TinyStories, streamed,
+# its first 100k training stories and its 'validation' split; its only column is 'text'.
+# Config files use it as cfg.data.update(**TINYSTORIES).
+TINYSTORIES = dict(source="hf", name="roneneldan/TinyStories", split="train",
+                   val_split="validation", text_column="text", streaming=True,
+                   max_samples=100_000)
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The default configuration: a small character-level model on the embedded Shakespeare.
 

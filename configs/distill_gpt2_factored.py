@@ -16,6 +16,7 @@ hub (teacher and data); a full run is long (about 14k steps per block on one acc
 try --config.distill.epochs_per_block=0.1 first. Rerunning the command resumes.
 """
 
+from cleangpt_jax.config import TINYSTORIES
 from cleangpt_jax.distill import config as distill_config
 
 
@@ -23,9 +24,7 @@ def get_config():
     cfg = distill_config.get_config()
     cfg.model.update(model_type="factored", n_layer=12, n_head=6, n_embd=384, block_size=128,
                      dropout=0.1, bias=False)
-    cfg.data.update(source="hf", name="roneneldan/TinyStories", split="train",
-                    val_split="validation", text_column="text", streaming=True,
-                    max_samples=100_000)
+    cfg.data.update(**TINYSTORIES)
     cfg.train.batch_size = 32
     d = cfg.distill
     d.teacher = "gpt2"

@@ -9,6 +9,7 @@ SASP with values and projections (use_v, use_proj), as the original's SASP examp
 the Hugging Face hub (teacher and data). Rerunning the command resumes.
 """
 
+from cleangpt_jax.config import TINYSTORIES
 from cleangpt_jax.distill import config as distill_config
 
 
@@ -16,9 +17,7 @@ def get_config():
     cfg = distill_config.get_config()
     cfg.model.update(model_type="sasp", n_layer=6, n_head=6, n_embd=384, block_size=256,
                      dropout=0.0, use_v=True, use_proj=True)
-    cfg.data.update(source="hf", name="roneneldan/TinyStories", split="train",
-                    val_split="validation", text_column="text", streaming=True,
-                    max_samples=100_000)
+    cfg.data.update(**TINYSTORIES)
     cfg.train.batch_size = 32
     d = cfg.distill
     d.teacher = "gpt2"

@@ -10,6 +10,7 @@ loss, DistilGPT2's recipe). The result is also exported to WORKDIR/hf, which
 TinyStories). Rerunning the command resumes.
 """
 
+from cleangpt_jax.config import TINYSTORIES
 from cleangpt_jax.distill import config as distill_config
 
 
@@ -17,9 +18,7 @@ def get_config():
     cfg = distill_config.get_config()
     cfg.model.update(model_type="vanilla", n_layer=6, n_head=12, n_embd=768, block_size=256,
                      dropout=0.1, bias=True, activation="gelu_tanh")
-    cfg.data.update(source="hf", name="roneneldan/TinyStories", split="train",
-                    val_split="validation", text_column="text", streaming=True,
-                    max_samples=100_000)
+    cfg.data.update(**TINYSTORIES)
     cfg.train.batch_size = 32
     d = cfg.distill
     d.teacher = "gpt2"

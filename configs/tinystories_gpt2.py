@@ -18,9 +18,7 @@ def get_config():
     cfg.model.update(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1)
     cfg.tokenizer.type = "gpt2"
     cfg.tokenizer.name_or_path = "gpt2"
-    cfg.data.update(source="hf", name="roneneldan/TinyStories", split="train",
-                    val_split="validation", text_column="text", streaming=True,
-                    max_samples=100_000)
+    cfg.data.update(**base.TINYSTORIES)
     cfg.train.update(batch_size=32, num_steps=10_000, learning_rate=6e-4, min_lr=6e-5,
                      warmup_steps=500, weight_decay=0.1, eval_every=500, eval_steps=50,
                      checkpoint_every=1000, log_every=100,
