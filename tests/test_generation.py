@@ -91,8 +91,11 @@ def variant(request):
     ids, lengths = padded(PROMPTS)
     out = generate(model, params, ids, n_new, temperature=0, prompt_lengths=lengths,
                    return_logits=True)
+    # Batch 1 decodes with the decode-layout weight copies on CPU (layers.decode_layout).
+    alone = generate(model, params, np.asarray([PROMPTS[1]]), n_new, temperature=0,
+                     return_logits=True)
     return dict(name=request.param, model=model, params=params, n_new=n_new, out=out,
-                reference=Uncached(model, params, MAX_POS if alibi else BLOCK))
+                alone=alone, reference=Uncached(model, params, MAX_POS if alibi else BLOCK))
 
 
 def test_cached_logits_equal_the_uncached_forward_at_every_step(variant):
@@ -102,6 +105,48 @@ def test_cached_logits_equal_the_uncached_forward_at_every_step(variant):
     tokens, logits = np.asarray(out.tokens), np.asarray(out.logits)
     assert tokens.shape == (3, variant["n_new"]) and logits.shape == (3, variant["n_new"], V)
     np.testing.assert_allclose(logits, variant["reference"].prefix_logits(PROMPTS, tokens), **TOL)
+
+
+def test_batch_one_decoding_equals_the_uncached_forward(variant):
+    """A single row takes the batch-1 path (on CPU, Dense layers read transposed weight copies):
+    its logits at every step still equal the uncached forward, and its tokens equal the same
+    prompt's row in the mixed batch."""
+    alone = variant["alone"]
+    tokens, logits = np.asarray(alone.tokens), np.asarray(alone.logits)
+    np.testing.assert_allclose(logits, variant["reference"].prefix_logits(PROMPTS[1:2], tokens),
+                               **TOL)
+    np.testing.assert_array_equal(tokens[0], np.asarray(variant["out"].tokens)[1])
+
+
+def test_dense_is_flax_dense_and_its_decode_layout_gives_the_same_product():
+    """layers.Dense has nn.Dense's parameters (names, shapes, init values: checkpoints are
+    unchanged); for one row, the transposed copies from decode_layout give the same product
+    for d_in > d_out, d_in < d_out; square kernels get no copy."""
+    from flax import linen as nn
+
+    from cleangpt_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(2), (1, 1, 48))
+    for d_out in (16, 48, 80):
+        ours = layers.Dense(d_out, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+                            kernel_init=layers.normal_init())
+        flax_dense = nn.Dense(d_out, kernel_init=layers.normal_init())
+        params = ours.init(jax.random.key(3), x)["params"]
+        jax.tree.map(np.testing.assert_array_equal, params,
+                     flax_dense.init(jax.random.key(3), x)["params"])
+        params = {"kernel": params["kernel"], "bias": params["bias"] + 0.5}
+        plain = ours.apply({"params": params}, x)
+        np.testing.assert_allclose(plain, flax_dense.apply({"params": params}, x), rtol=1e-6)
+        copies = layers.decode_layout(params)
+        assert ("kernel_t" in copies) == (d_out != 48)
+        if copies:
+            np.testing.assert_array_equal(copies["kernel_t"], params["kernel"].T)
+        fast = jax.jit(lambda p, c, x: ours.apply({"params": p, layers.DECODE_LAYOUT: c}, x))
+        np.testing.assert_allclose(fast(params, copies, x), plain, rtol=1e-5, atol=1e-6)
+        # More than one row: the copies are not used (batched products keep W's layout).
+        rows = jnp.concatenate([x, x + 1.0], axis=1)
+        np.testing.assert_allclose(fast(params, copies, rows),
+                                   ours.apply({"params": params}, rows), rtol=1e-6)
 
 
 def test_greedy_equals_the_uncached_argmax_loop(variant):
