@@ -24,6 +24,9 @@ on this machine (a jitted sum over 512 MiB) and prints the roofline: bandwidth /
 bytes = the most tokens/s any float32 implementation can reach at batch 1 (the KV cache adds
 to the bytes, so the real ceiling is a little lower).
 
+At batch 1 on CPU, "ours, W as stored" is the same program without `layers.decode_layout`'s
+transposed weight copies: the ratio between the two is what that layout buys here.
+
 The machine is shared, so the contenders run interleaved (ours, theirs, ours, ...) --repeats
 times and the medians are compared; tokens/s = batch * new_tokens / seconds of one whole call
 (prompt included). Compile = our first call minus the median call (HF: its first-call
@@ -33,11 +36,13 @@ overhead). Rerun to confirm.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +51,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cleangpt_jax.config import model_config  # noqa: E402
+from cleangpt_jax import generation  # noqa: E402
 from cleangpt_jax.generation import generate  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 
@@ -76,6 +82,25 @@ class Ours:
     def __init__(self, model, params, prompt, new_tokens):
         self.fn = lambda: np.asarray(generate(model, params, prompt, new_tokens,  # noqa: E731
                                               temperature=0).tokens)
+
+
+class OursWLayout:
+    """Ablation: our program without the batch-1 decode layout (every product reads W as
+    stored), to measure what `layers.decode_layout` buys on this machine."""
+
+    name = "ours, W as stored"
+
+    def __init__(self, model, params, prompt, new_tokens):
+        plain = jax.jit(functools.partial(generation._generate_program, cpu=False),
+                        static_argnames=generation._STATIC,
+                        compiler_options=generation._CPU_OPTIONS)
+
+        def run():
+            with mock.patch.object(generation, "program", lambda: plain):
+                return np.asarray(generate(model, params, prompt, new_tokens,
+                                           temperature=0).tokens)
+
+        self.fn = run
 
 
 class HF:
@@ -188,13 +213,20 @@ def main():
                 threads = ([int(t) for t in args.hf_threads.split(",")] if args.hf_threads
                            else sorted({1, default_threads}))
                 others = [HF(cfg, params, prompt, args.new_tokens, t) for t in threads]
-            results = race([ours, *others], args.repeats)
+            ablation = ([OursWLayout(model, params, prompt, args.new_tokens)]
+                        if b == 1 and case != "recompute" and jax.default_backend() == "cpu"
+                        else [])
+            results = race([ours, *ablation, *others], args.repeats)
             tps = {}
             for name, (first, times, _) in results.items():
                 med = statistics.median(times)
                 tps[name] = b * args.new_tokens / med
                 print(f"  {name:<28} batch {b}: {tps[name]:9.1f} tok/s  (median {med:7.3f} s, "
                       f"min {min(times):7.3f} s; compile/warm-up {max(first - med, 0):6.2f} s)",
+                      flush=True)
+            if ablation:
+                print(f"  decode layout (layers.decode_layout): "
+                      f"{tps[ours.name] / tps[ablation[0].name]:.2f}x the W-as-stored program",
                       flush=True)
             best = max((o.name for o in others), key=tps.get)
             ratio = tps[ours.name] / tps[best]
