@@ -101,8 +101,8 @@ def row_times_kernel_t(x, kernel_t):
     stored" row of scripts/bench_generate.py measures the whole effect (1.19x tokens/s).
     d_in > d_out: one product over W^T's contiguous rows. d_in < d_out: x (W^T)^T, which XLA
     emits as its own loop over W^T, split across threads. The optimization barriers keep XLA
-    from fusing the neighbouring elementwise work into the product (it would be recomputed
-    for every output) or folding the transpose back into a W-layout product.
+    from fusing the bias add and other neighbouring elementwise work into the product: it
+    does so when they are absent, and the fused products ran 1.5-2x slower in the trace.
     """
     d_out, d_in = kernel_t.shape
     x = jax.lax.optimization_barrier(x)
