@@ -36,12 +36,13 @@ Speed: a decode step is bound by reading the weights (batch 1) and the cache; th
 and `layers.cached_attention` let it read both in place (see models/layers.py). On CPU at
 batch 1 the program first makes transposed copies of the non-square Dense kernels
 (`layers.decode_layout`, once per call): XLA:CPU reads those faster in a matrix-vector product
-(1.2x per token at the char shape, scripts/bench_generate.py).
+(1.19x tokens/s at the char shape over 256 new tokens, scripts/bench_generate.py). Making them
+costs about 30 decode steps, so calls with fewer than DECODE_LAYOUT_MIN_STEPS (bucketed) new
+tokens go without.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Sequence
 
@@ -52,6 +53,14 @@ import numpy as np
 
 from cleangpt_jax import sampling
 from cleangpt_jax.models import layers
+
+
+# Batch-1 CPU calls make `layers.decode_layout` copies when they decode at least this many
+# (bucketed) tokens: making them costs about 30 decode steps. Tokens/s with copies / without,
+# same run (scripts/bench_generate.py --new_tokens N): N=16: 0.78x (char shape), 0.85x (GPT-2
+# 124M); N=64: 1.09x, 1.09x, then 0.91x and 1.07x at the char shape (break-even, in the noise);
+# N=256: 1.19x (char).
+DECODE_LAYOUT_MIN_STEPS = 64
 
 
 class GenerationError(ValueError):
@@ -157,7 +166,9 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
         jnp.int32(-1 if eos_token_id is None else eos_token_id), jnp.int32(pad_token_id),
         model=model, cache_len=cache_len, steps=steps, windowed=windowed,
         top_k=int(top_k) if top_k else None, greedy_only=greedy_only,
-        return_logits=return_logits)
+        return_logits=return_logits,
+        decode_layout=(jax.default_backend() == "cpu" and len(rows) == 1
+                       and steps >= DECODE_LAYOUT_MIN_STEPS))
     tokens = tokens[:, :n_new]
     if eos_token_id is None:
         counts = jnp.full((tokens.shape[0],), n_new, jnp.int32)
@@ -197,17 +208,17 @@ def _prompt_rows(input_ids, prompt_lengths, attention_mask) -> list[np.ndarray]:
 
 def _generate_program(params, prompt, start, n_new, temperature, top_p, rng, eos, pad, *,
                        model, cache_len: int, steps: int, windowed: bool, top_k: int | None,
-                       greedy_only: bool, return_logits: bool, cpu: bool = False):
+                       greedy_only: bool, return_logits: bool, decode_layout: bool):
     """The whole generation as one program: prefill, then the decode loop(s).
-    cpu: compiled for XLA:CPU (batch 1 then decodes with `layers.decode_layout` copies).
 
     prompt (B, P) left-padded, start (B,) = P - prompt length. Returns the (B, steps) new tokens
     (only the first n_new are drawn) and, with return_logits, their (B, steps, V) logits.
+    decode_layout: decode with `layers.decode_layout` copies of the weights (batch 1, CPU).
     """
     c = model.config
     batch, width = prompt.shape
     variables = {"params": params}
-    if cpu and batch == 1:
+    if decode_layout:
         variables[layers.DECODE_LAYOUT] = layers.decode_layout(params)
 
     def forward(ids, cache):
@@ -273,14 +284,14 @@ def _generate_program(params, prompt, start, n_new, temperature, top_p, rng, eos
     return state["history"][:, width:], state["all_logits"]
 
 
-_STATIC = ("model", "cache_len", "steps", "windowed", "top_k", "greedy_only", "return_logits")
+_STATIC = ("model", "cache_len", "steps", "windowed", "top_k", "greedy_only", "return_logits",
+           "decode_layout")
 # XLA:CPU's default copy insertion copies every cache buffer at each decode step, because the
 # step reads the cache before updating it in place; its region analysis proves the in-place
 # update safe (3x faster at batch 8). Other backends get the default options.
 _CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 _compiled = jax.jit(_generate_program, static_argnames=_STATIC)
-_compiled_cpu = jax.jit(functools.partial(_generate_program, cpu=True), static_argnames=_STATIC,
-                        compiler_options=_CPU_OPTIONS)
+_compiled_cpu = jax.jit(_generate_program, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
 
 
 def program():

@@ -6,6 +6,7 @@ API, and the generate CLI on a workdir written by a tiny training run."""
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +92,11 @@ def variant(request):
     ids, lengths = padded(PROMPTS)
     out = generate(model, params, ids, n_new, temperature=0, prompt_lengths=lengths,
                    return_logits=True)
-    # Batch 1 decodes with the decode-layout weight copies on CPU (layers.decode_layout).
-    alone = generate(model, params, np.asarray([PROMPTS[1]]), n_new, temperature=0,
-                     return_logits=True)
+    # Batch 1 decodes with the decode-layout weight copies on CPU (layers.decode_layout), here
+    # even for these few tokens.
+    with mock.patch.object(generation, "DECODE_LAYOUT_MIN_STEPS", 0):
+        alone = generate(model, params, np.asarray([PROMPTS[1]]), n_new, temperature=0,
+                         return_logits=True)
     return dict(name=request.param, model=model, params=params, n_new=n_new, out=out,
                 alone=alone, reference=Uncached(model, params, MAX_POS if alibi else BLOCK))
 
