@@ -77,22 +77,16 @@ def timed(fn):
 
 
 class Ours:
-    name = "ours (KV cache, one jit)"
+    """Our generate(). decode_layout=False is the ablation: the same program without the
+    batch-1 decode layout (every product reads W as stored), to measure what
+    `layers.decode_layout` buys on this machine."""
 
-    def __init__(self, model, params, prompt, new_tokens):
-        self.fn = lambda: np.asarray(generate(model, params, prompt, new_tokens,  # noqa: E731
-                                              temperature=0).tokens)
+    def __init__(self, model, params, prompt, new_tokens, decode_layout=True):
+        self.name = "ours (KV cache, one jit)" if decode_layout else "ours, W as stored"
+        min_steps = generation.DECODE_LAYOUT_MIN_STEPS if decode_layout else float("inf")
 
-
-class OursWLayout:
-    """Ablation: our program without the batch-1 decode layout (every product reads W as
-    stored), to measure what `layers.decode_layout` buys on this machine."""
-
-    name = "ours, W as stored"
-
-    def __init__(self, model, params, prompt, new_tokens):
         def run():
-            with mock.patch.object(generation, "DECODE_LAYOUT_MIN_STEPS", float("inf")):
+            with mock.patch.object(generation, "DECODE_LAYOUT_MIN_STEPS", min_steps):
                 return np.asarray(generate(model, params, prompt, new_tokens,
                                            temperature=0).tokens)
 
@@ -209,7 +203,7 @@ def main():
                 threads = ([int(t) for t in args.hf_threads.split(",")] if args.hf_threads
                            else sorted({1, default_threads}))
                 others = [HF(cfg, params, prompt, args.new_tokens, t) for t in threads]
-            ablation = ([OursWLayout(model, params, prompt, args.new_tokens)]
+            ablation = ([Ours(model, params, prompt, args.new_tokens, decode_layout=False)]
                         if b == 1 and case != "recompute" and jax.default_backend() == "cpu"
                         else [])
             results = race([ours, *ablation, *others], args.repeats)
