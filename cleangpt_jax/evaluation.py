@@ -16,7 +16,7 @@ here):
     NLL = sum_{b,t} m[b,t+1] * -log p(x[b,t+1] | x[b,<=t]) / sum_{b,t} m[b,t+1]
     PPL = exp(NLL),   ratio = PPL_student / PPL_teacher
 
-Batches are the stream's non-overlapping windows of T tokens (`input_pipeline.eval_batches`),
+Batches are the stream's non-overlapping windows of T tokens (`data.eval_batches`),
 so the first token of each window is context only.
 
 Hidden states, per student layer i = 0..L_s (0 = embeddings), against teacher layer
@@ -512,13 +512,6 @@ def _apply_data_overrides(config, overrides: dict | None) -> ml_collections.Conf
     return config
 
 
-def _data_label(data) -> str:
-    if data.get("mixture"):
-        return "mixture"
-    detail = data.get("name") or data.get("files")
-    return f"{data.source}:{detail}" if detail else data.source
-
-
 def _check_eval_config(e, student: LM, teacher: LM | None) -> int:
     """The window length, after checking the eval section against the models."""
     if e.split not in ("val", "train"):
@@ -544,7 +537,7 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
     (`get_eval_config()` by default). The teacher defaults to the run's `distill.teacher`;
     teacher='none' evaluates the student alone.
     """
-    from cleangpt_jax import input_pipeline, sharding
+    from cleangpt_jax import data as data_lib, sharding
     from cleangpt_jax.workdir import is_writer
 
     e = eval_config if eval_config is not None else get_eval_config()
@@ -567,12 +560,12 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
 
     with config.unlocked():
         config.model.block_size = block  # load_dataset checks that the stream holds one window
-    token_data = input_pipeline.load_dataset(config, student.tokenizer)
+    token_data = data_lib.load_dataset(config, student.tokenizer)
     tokens = token_data.val if e.split == "val" else token_data.train
     if tokens is None:
         raise EvaluationError("the data has no validation split (data.val_fraction=0 and no "
                               "data.val_split): set one, or pass --config.eval.split=train")
-    batches = input_pipeline.eval_batches(
+    batches = data_lib.eval_batches(
         tokens, global_batch_size=int(e.batch_size), block_size=block,
         num_batches=e.num_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -607,7 +600,7 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
     summary = {
         "student": student.describe(),
         "teacher": t_lm.describe() if t_lm is not None else None,
-        "data": {"source": _data_label(config.data), "split": e.split,
+        "data": {"source": data_lib.data_label(config.data), "split": e.split,
                  "batch_size": int(e.batch_size), "block_size": block,
                  "num_batches": len(batches), "tokens": result["tokens"]},
         "loss": result["loss"], "perplexity": result["perplexity"],

@@ -8,7 +8,7 @@
 workdir's tokenizer, a tokenizer saved by cleangpt_jax, a pruned one included, or an HF tokenizer
 directory) or a Hugging Face hub name such as 'gpt2'; without it the config's tokenizer section
 is used. The data are the config's data section (`--config=FILE`,
-`--config.data.key=value`), packed exactly as training packs them (`input_pipeline`); the
+`--config.data.key=value`), packed exactly as training packs them (`cleangpt_jax.data`); the
 training and validation streams are analysed together.
 
 Statistics, with c_v the number of occurrences of token id v in the N tokens of the stream:
@@ -51,7 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
-from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, load_tokenizer
+from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
 JSON_FILE = "token_analysis.json"
@@ -121,7 +121,7 @@ def text_length(streams: Iterable, tokenizer: Tokenizer) -> tuple[int, int]:
 
 
 def text_groups(data) -> list[list]:
-    """The streams of `data` (an `input_pipeline.TokenData`) as texts to read one after another:
+    """The streams of `data` (a `cleangpt_jax.data.TokenData`) as texts to read one after another:
     [[train, val]] when the validation stream is the tail of a single document split by tokens
     (a word may straddle the split), else one text per stream (each ends at a document end)."""
     parts = [p for p in (data.train, data.val) if p is not None]
@@ -264,21 +264,20 @@ def prune_tokenizer(tokenizer: Tokenizer, counts: np.ndarray, coverage: float) -
 def resolve_tokenizer(spec: str | None, config) -> Tokenizer:
     """The tokenizer --tokenizer names.
 
-    None: the config's tokenizer section (`input_pipeline.build_tokenizer`). 'character': a
+    None: the config's tokenizer section (`tokenizers.build_tokenizer`). 'character': a
     character tokenizer of the data. A directory: a training workdir (its tokenizer/), a saved
     tokenizer of any registered type (a pruned one included) or an HF tokenizer directory.
     Anything else: a Hugging Face hub name ('gpt2', 'distilgpt2', ...), loaded as a GPT-2-style
     tokenizer (needs the network the first time).
     """
-    from cleangpt_jax import input_pipeline
     from cleangpt_jax.tokenizers import create_tokenizer
 
     if spec is None:
-        return input_pipeline.build_tokenizer(config)
+        return build_tokenizer(config)
     if spec == "character":
         with config.unlocked():
             config.tokenizer.type, config.tokenizer.name_or_path = "character", None
-        return input_pipeline.build_tokenizer(config)
+        return build_tokenizer(config)
     if os.path.isdir(spec):
         workdir_tokenizer = os.path.join(spec, "tokenizer")
         if os.path.isdir(workdir_tokenizer) and os.path.isfile(os.path.join(spec, "config.json")):
@@ -287,18 +286,11 @@ def resolve_tokenizer(spec: str | None, config) -> Tokenizer:
     return create_tokenizer("gpt2", name_or_path=spec)  # a missing path fails in one line there
 
 
-def _data_label(data) -> str:
-    if data.get("mixture"):
-        return "mixture"
-    detail = data.get("name") or data.get("files")
-    return f"{data.source}:{detail}" if detail else str(data.source)
-
-
 def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
                     prune: float | None = None, top_n: int = 20, source: str = "") -> dict:
     """Analyse the config's data under `tokenizer`; write JSON, plots (and the pruned
     tokenizer with `prune`) into `output_dir`; returns the JSON dict."""
-    from cleangpt_jax import input_pipeline
+    from cleangpt_jax.data import data_label, load_dataset
 
     if prune is not None:
         check_coverage(prune)
@@ -306,7 +298,7 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
         raise TokenAnalysisError(f"--top_n must be >= 0, got {top_n}")
     config = type(config)(config.to_dict())
     config.model.block_size = 1  # any non-empty stream can be analysed
-    data = input_pipeline.load_dataset(config, tokenizer)
+    data = load_dataset(config, tokenizer)
     groups = text_groups(data)
     counts = count_tokens([s for group in groups for s in group], tokenizer.vocab_size)
     chars = words = 0
@@ -316,7 +308,7 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
     stats = token_stats(counts, tokenizer, num_chars=chars, num_words=words, top_n=top_n)
     result = {"tokenizer": {"type": tokenizer.tokenizer_type, "vocab_size": tokenizer.vocab_size,
                             "source": source},
-              "data": {"source": _data_label(config.data),
+              "data": {"source": data_label(config.data),
                        "num_documents": data.num_documents + data.num_val_documents},
               **stats, "pruned": None}
     os.makedirs(output_dir, exist_ok=True)

@@ -433,19 +433,18 @@ def check_train_config(config) -> None:
 def prepare_tokenizer(config, workdir: str):
     """The run's tokenizer: the one saved in the workdir when resuming, else built from the
     config and saved there."""
-    from cleangpt_jax import input_pipeline
-    from cleangpt_jax.tokenizers import load_tokenizer
+    from cleangpt_jax.tokenizers import build_tokenizer, load_tokenizer
 
     saved = os.path.join(workdir, workdir_lib.TOKENIZER_DIR)
     if os.path.isdir(saved):
         return load_tokenizer(saved)
-    return input_pipeline.build_tokenizer(config)
+    return build_tokenizer(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        extra_hooks: list | None = None) -> Summary:
     """Train `config` in `workdir`, resuming from its latest checkpoint when there is one."""
-    from cleangpt_jax import input_pipeline
+    from cleangpt_jax import data as data_lib
     from cleangpt_jax.models import get_model
 
     sharding.initialize_distributed(config.train)
@@ -473,10 +472,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"{workdir} holds a run with a different model/tokenizer ({'; '.join(diff[:4])})"
                 f": pass a new --workdir, or the original settings to resume it")
 
-    data = input_pipeline.load_dataset(config, tokenizer)
+    data = data_lib.load_dataset(config, tokenizer)
     block, batch_size = mcfg.block_size, t.batch_size
     num_steps = resolve_num_steps(
-        t, lambda: input_pipeline.steps_per_epoch(data.train, batch_size, block))
+        t, lambda: data_lib.steps_per_epoch(data.train, batch_size, block))
 
     model = get_model(config=mcfg)
     optimizer, schedule = make_optimizer(t, num_steps)
@@ -506,14 +505,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pi, pc = jax.process_index(), jax.process_count()
 
     def batch_for_step(step):
-        return input_pipeline.batch_for_step(data.train, seed=t.seed, step=step,
-                                             global_batch_size=batch_size, block_size=block,
-                                             process_index=pi, process_count=pc)
+        return data_lib.batch_for_step(data.train, seed=t.seed, step=step,
+                                       global_batch_size=batch_size, block_size=block,
+                                       process_index=pi, process_count=pc)
 
     def eval_batches():
-        return input_pipeline.eval_batches(data.val, global_batch_size=micro_batch,
-                                           block_size=block, num_batches=t.eval_steps,
-                                           process_index=pi, process_count=pc)
+        return data_lib.eval_batches(data.val, global_batch_size=micro_batch,
+                                     block_size=block, num_batches=t.eval_steps,
+                                     process_index=pi, process_count=pc)
 
     train_step = make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings,
                                  grad_accum_steps=t.grad_accum_steps, seed=t.seed)

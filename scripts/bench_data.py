@@ -1,11 +1,12 @@
-"""Input-pipeline throughput: tokenise + pack + cache, cache reuse, and batch construction.
+"""Data-package throughput: tokenise + pack + cache, cache reuse, and batch construction.
 
     python scripts/bench_data.py                       # 10k synthetic documents, local BPE
     python scripts/bench_data.py --num_docs=100000 --num_proc=8
 
 1. `load_dataset` on `--num_docs` JSON-lines documents (sentences drawn from the embedded
    Shakespeare corpus, ~200 words each) with a locally trained byte-level BPE (GPT-2 format, the
-   hub is not needed): cold with 1 tokenising process, cold with `--num_proc`, then warm (cache hit).
+   hub is not needed): cold with 1 tokenising process, cold with `--num_proc`, then warm (cache
+   hit).
 2. `batch_for_step` (B=32, T=256) against the obvious pure-function alternative that materialises
    the epoch's permutation, `rng(seed, epoch).permutation(W)[positions]`, on streams of 10^7 and
    10^10 tokens: the index shuffle costs the same at any size, the permutation grows with W.
@@ -20,9 +21,8 @@ import time
 
 import numpy as np
 
-from cleangpt_jax import corpus
-from cleangpt_jax import input_pipeline as ip
 from cleangpt_jax.config import get_config
+from cleangpt_jax.data import batch_for_step, corpus, load_dataset
 from cleangpt_jax.tokenizers import create_tokenizer
 from cleangpt_jax.tokenizers.testing import build_local_gpt2_tokenizer
 
@@ -58,21 +58,26 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         lines = write_documents(os.path.join(tmp, "docs.jsonl"), args.num_docs)
-        tok_dir = build_local_gpt2_tokenizer(os.path.join(tmp, "tok"), lines[:20_000], args.vocab_size)
+        tok_dir = build_local_gpt2_tokenizer(os.path.join(tmp, "tok"), lines[:20_000],
+                                             args.vocab_size)
         tokenizer = create_tokenizer("gpt2", name_or_path=tok_dir)
         cfg = get_config()
         cfg.tokenizer.type = "gpt2"
-        cfg.data.source, cfg.data.name, cfg.data.files = "hf", "json", os.path.join(tmp, "docs.jsonl")
+        cfg.data.source, cfg.data.name = "hf", "json"
+        cfg.data.files = os.path.join(tmp, "docs.jsonl")
 
         print(f"load_dataset: {args.num_docs} documents, BPE vocab {tokenizer.vocab_size}")
         results = {}
-        for label, procs, cache in (("cold, 1 process", 1, "c1"), (f"cold, {args.num_proc} processes",
-                                    args.num_proc, "cN"), ("warm (cache hit)", args.num_proc, "cN")):
+        runs = (("cold, 1 process", 1, "c1"), (f"cold, {args.num_proc} processes", args.num_proc,
+                "cN"), ("warm (cache hit)", args.num_proc, "cN"))
+        for label, procs, cache in runs:
             cfg.data.num_proc = procs
-            seconds, data = timed(lambda: ip.load_dataset(cfg, tokenizer, cache_dir=os.path.join(tmp, cache)))
+            cache_dir = os.path.join(tmp, cache)
+            seconds, data = timed(lambda: load_dataset(cfg, tokenizer, cache_dir=cache_dir))
             tokens = len(data.train) + len(data.val)
             results[label] = seconds
-            print(f"  {label:22s} {seconds:8.3f} s  {tokens / seconds / 1e6:8.2f} M tokens/s  ({tokens} tokens)")
+            print(f"  {label:22s} {seconds:8.3f} s  {tokens / seconds / 1e6:8.2f} M tokens/s  "
+                  f"({tokens} tokens)")
         cold1, coldn, warm = results.values()
         print(f"  ratio: {args.num_proc} processes / 1 process = {cold1 / coldn:.2f}x faster; "
               f"cache hit = {cold1 / warm:.0f}x faster than cold")
@@ -85,18 +90,21 @@ def main():
 
         def ours(steps=200):
             for step in range(steps):
-                ip.batch_for_step(stream, seed=0, step=step, global_batch_size=batch, block_size=block)
+                batch_for_step(stream, seed=0, step=step, global_batch_size=batch,
+                               block_size=block)
 
         def materialised(steps):
             for step in range(steps):
                 g = step * batch + rows
-                w = np.random.default_rng([0, int(g[0] // windows)]).permutation(windows)[g % windows]
+                rng = np.random.default_rng([0, int(g[0] // windows)])
+                w = rng.permutation(windows)[g % windows]
                 np.asarray(stream[w[:, None] * block + np.arange(block)], np.int32)
 
         t_ours = timed(ours, repeat=3)[0] / 200
         t_perm = timed(lambda: materialised(steps_perm))[0] / steps_perm
-        print(f"  {num_tokens:.0e} tokens ({windows} windows): index shuffle {t_ours * 1e3:.3f} ms/batch, "
-              f"materialised permutation {t_perm * 1e3:.3f} ms/batch ({t_perm / t_ours:.1f}x slower)")
+        print(f"  {num_tokens:.0e} tokens ({windows} windows): index shuffle "
+              f"{t_ours * 1e3:.3f} ms/batch, materialised permutation {t_perm * 1e3:.3f} ms/batch "
+              f"({t_perm / t_ours:.1f}x slower)")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cleangpt_jax import hf, input_pipeline, sharding, trainer  # noqa: E402
+from cleangpt_jax import data as data_lib  # noqa: E402
+from cleangpt_jax import hf, sharding, trainer  # noqa: E402
 from cleangpt_jax import workdir as workdir_lib  # noqa: E402
 from cleangpt_jax.config import get_config  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
@@ -198,7 +199,7 @@ def scratch_run(args, teacher: str, arch: str, width: int, steps: int, workdir) 
                      checkpoint_every=0, sample_max_new_tokens=0, log_every=50)
     trainer.train_and_evaluate(cfg, workdir)
     run = workdir_lib.load_run(workdir)
-    data = input_pipeline.load_dataset(cfg, run.tokenizer)
+    data = data_lib.load_dataset(cfg, run.tokenizer)
     mesh = sharding.create_mesh()
     val = runner.val_loss(run.model, run.params, data.val, _eval_cfg(args), mesh)
     return {"val_ppl": val["val_ppl"], "val_loss": val["val_loss"], "steps": steps}
@@ -220,9 +221,9 @@ def time_stages(args, cfg, label: str, vocab_size: int | None = None) -> dict:
             "params"]
         s.student = get_model(config=s.student.config.replace(vocab_size=vocab_size))
     tree = runner.init_tree(s, 0)
-    batch = input_pipeline.batch_for_step(s.data.train, seed=0, step=0,
-                                          global_batch_size=args.batch_size,
-                                          block_size=s.student.config.block_size)
+    batch = data_lib.batch_for_step(s.data.train, seed=0, step=0,
+                                    global_batch_size=args.batch_size,
+                                    block_size=s.student.config.block_size)
     batch = sharding.global_batch(batch, s.mesh)
     key = jax.random.key(0)
     rows = []

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cleangpt_jax import hf, input_pipeline, trainer
+from cleangpt_jax import data as data_lib
+from cleangpt_jax import hf, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.distill import runner
 from cleangpt_jax.distill import config as distill_config
@@ -45,13 +46,13 @@ OFFLINE = {"data.max_samples": 3, "model.model_type": "vanilla", "model.n_layer"
 STAGES = ["block_1", "block_2", "head", "final"]
 KILLER = """
 import os, signal, sys
-from cleangpt_jax import input_pipeline
-real = input_pipeline.batch_for_step
+from cleangpt_jax import data as data_lib
+real = data_lib.batch_for_step
 def batch_for_step(tokens, *, step, **kw):
     if step == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a preempted VM
     return real(tokens, step=step, **kw)
-input_pipeline.batch_for_step = batch_for_step
+data_lib.batch_for_step = batch_for_step
 from cleangpt_jax.distill.__main__ import run
 run()
 """
@@ -302,14 +303,14 @@ def test_sigterm_mid_stage_then_rerun_equals_uninterrupted(env, offline, referen
     """SIGTERM inside the head stage: the step finishes, is saved, the run stops; the same
     call again runs only the head (from its step 2) and final stages, bit for bit."""
     workdir = str(env.root / "sigterm")
-    real = input_pipeline.batch_for_step
+    real = data_lib.batch_for_step
 
     def batch_for_step(tokens, *, step, **kw):
         if step == 9:  # the head stage's second batch
             os.kill(os.getpid(), __import__("signal").SIGTERM)
         return real(tokens, step=step, **kw)
 
-    monkeypatch.setattr(input_pipeline, "batch_for_step", batch_for_step)
+    monkeypatch.setattr(data_lib, "batch_for_step", batch_for_step)
     with pytest.raises(KeyboardInterrupt, match="stopped in stage head at step 2"):
         runner.run(offline.config(), workdir, progress=False)
     monkeypatch.undo()

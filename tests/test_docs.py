@@ -145,7 +145,7 @@ def local_data(tmp_path_factory) -> str:
     and validation splits, each record's text under both `text` and `story`."""
     import json
 
-    from cleangpt_jax import corpus
+    from cleangpt_jax.data import corpus
 
     path = tmp_path_factory.mktemp("hub") / "stories"
     path.mkdir()

@@ -425,7 +425,7 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(setup, tmp_path):
-    from cleangpt_jax.input_pipeline import DataError
+    from cleangpt_jax.data import DataError
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

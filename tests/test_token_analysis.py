@@ -12,7 +12,7 @@ from PIL import Image
 
 from cleangpt_jax import token_analysis as ta
 from cleangpt_jax.config import get_config
-from cleangpt_jax.input_pipeline import DataError
+from cleangpt_jax.data import DataError
 from cleangpt_jax.tokenizers import PrunedTokenizer, create_tokenizer, load_tokenizer
 
 

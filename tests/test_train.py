@@ -614,7 +614,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_optimizer_state(env, tmp_pat
 SHARDING_SCRIPT = r"""
 import json, os, shutil, sys
 import jax, jax.numpy as jnp, ml_collections, numpy as np
-from cleangpt_jax import hooks, input_pipeline, sharding, trainer, workdir as wdl
+from cleangpt_jax import data as data_lib, hooks, sharding, trainer, workdir as wdl
 from cleangpt_jax.checkpoint import Checkpointer, path_str
 from cleangpt_jax.config import model_config
 from cleangpt_jax.models import get_model
@@ -632,9 +632,9 @@ flat = lambda t: {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flat
 #    resumed run below has it on and must still land on the 1-device result).
 nodrop = model_config(cfg.model, dropout=0.0)
 plain = get_model(config=nodrop)
-data = input_pipeline.load_dataset(cfg, tok)
-batch = input_pipeline.batch_for_step(data.train, seed=0, step=3, global_batch_size=8,
-                                      block_size=16)
+data = data_lib.load_dataset(cfg, tok)
+batch = data_lib.batch_for_step(data.train, seed=0, step=3, global_batch_size=8,
+                                block_size=16)
 params = jax.device_get(jax.jit(trainer.model_init_fn(plain, 0))())
 loss_terms = trainer.get_strategy("lm", plain, cfg)
 results = {}

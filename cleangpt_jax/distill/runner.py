@@ -51,7 +51,8 @@ import optax
 from flax import traverse_util
 
 from cleangpt_jax import checkpoint as ckpt_lib
-from cleangpt_jax import hf, input_pipeline, sharding, trainer
+from cleangpt_jax import data as data_lib
+from cleangpt_jax import hf, sharding, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -98,7 +99,7 @@ class Setup:
     teacher_params: Any
     student: Any                # any registered architecture
     tokenizer: Any              # the teacher's
-    data: Any                   # input_pipeline.TokenData
+    data: Any                   # data_lib.TokenData
     mesh: Any
     stages: list
     layer_map: list[int] | None  # None without block stages
@@ -165,9 +166,9 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
         raise ConfigError("distill.head.init_from_teacher at different widths maps the "
                           "teacher's head through the last trained stitching layer, which "
                           "distill.block_stages=False never trains: set init_from_teacher=False")
-    data = input_pipeline.load_dataset(cfg, tokenizer)
-    steps_per_epoch = input_pipeline.steps_per_epoch(data.train, cfg.train.batch_size,
-                                                     s_cfg.block_size)
+    data = data_lib.load_dataset(cfg, tokenizer)
+    steps_per_epoch = data_lib.steps_per_epoch(data.train, cfg.train.batch_size,
+                                               s_cfg.block_size)
     stages = plan_lib.build_stages(d, s_cfg.n_layer, t_cfg.n_layer, steps_per_epoch)
     mapping = ([st.teacher_layer for st in stages if st.kind == "block"]
                if d.block_stages else None)
@@ -537,7 +538,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         pending = None
         for step in range(start, stage.steps):
             g = step_offset + step
-            batch = input_pipeline.batch_for_step(
+            batch = data_lib.batch_for_step(
                 s.data.train, seed=seed, step=g, global_batch_size=cfg.train.batch_size,
                 block_size=s.student.config.block_size, process_index=jax.process_index(),
                 process_count=jax.process_count())
@@ -602,7 +603,7 @@ def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
         return None
     step = trainer.make_eval_step(trainer.lm_strategy(model), mesh=mesh,
                                   params_shardings=sharding.state_shardings(params, mesh))
-    batches = input_pipeline.eval_batches(
+    batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
     return trainer.evaluate(step, place(params, mesh), batches, mesh)

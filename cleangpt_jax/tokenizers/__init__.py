@@ -1,79 +1,28 @@
-"""Tokenizers and the registry that creates and loads them by name.
+"""Tokenizers, the registry that creates and loads them by name, and the one a config describes.
 
     tok = create_tokenizer("character", text=corpus)
     tok = create_tokenizer("gpt2", name_or_path="gpt2")
+    tok = build_tokenizer(config)                      # config.tokenizer, fitted to config.data
     tok.save_pretrained(d); tok = load_tokenizer(d)
 
-'pruned' (a tokenizer restricted to part of another's vocabulary) is built by
-`python -m cleangpt_jax.token_analysis --prune=COVERAGE` and loads like the others.
+    base.py       the `Tokenizer` interface: encode/decode, batching, the separator between
+                  packed documents and the fingerprint that keys the token cache
+    character.py  one id per character;  gpt2.py  GPT-2's byte-level BPE (Hugging Face files)
+    pruned.py     a tokenizer restricted to part of another's vocabulary, built by
+                  `python -m cleangpt_jax.token_analysis --prune=COVERAGE`; loads like the others
+    registry.py   `register_tokenizer`, `create_tokenizer`, `load_tokenizer`
+    build.py      `build_tokenizer(config)`
+    testing.py    a tiny local GPT-2-format tokenizer for tests (no network)
 """
 
-import os
-
 from .base import MARKER_FILE, Tokenizer, read_marker
+from .build import build_tokenizer
 from .character import CharacterTokenizer
-from .gpt2 import GPT2Tokenizer, has_hf_tokenizer_files
+from .gpt2 import GPT2Tokenizer
 from .pruned import PrunedTokenizer
+from .registry import (create_tokenizer, get_tokenizer_class, load_tokenizer, register_tokenizer,
+                       registered_tokenizers)
 
-_REGISTRY: dict[str, type[Tokenizer]] = {}
-
-
-def register_tokenizer(name: str, cls: type[Tokenizer] | None = None):
-    """Register `cls` under `name` (case-insensitive). Also a decorator: @register_tokenizer("name").
-
-    A class without its own `tokenizer_type` gets `name` as its tokenizer_type.
-    """
-    if cls is None:
-        return lambda c: register_tokenizer(name, c)
-    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
-        raise TypeError(f"{cls!r} is not a Tokenizer subclass")
-    key = name.lower()
-    if _REGISTRY.get(key, cls) is not cls:
-        raise ValueError(f"tokenizer type {key!r} is already registered to {_REGISTRY[key].__name__}")
-    if cls.__dict__.get("tokenizer_type") is None:
-        cls.tokenizer_type = key
-    _REGISTRY[key] = cls
-    return cls
-
-
-def registered_tokenizers() -> list[str]:
-    """Sorted names of the registered tokenizer types."""
-    return sorted(_REGISTRY)
-
-
-def get_tokenizer_class(tokenizer_type: str) -> type[Tokenizer]:
-    """The class registered under `tokenizer_type` (case-insensitive)."""
-    cls = _REGISTRY.get(str(tokenizer_type).lower())
-    if cls is None:
-        raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; registered: {', '.join(registered_tokenizers())}")
-    return cls
-
-
-def create_tokenizer(tokenizer_type: str, **kwargs) -> Tokenizer:
-    """Build a tokenizer of a registered type, e.g. ("character", text=...) or ("gpt2", name_or_path=...)."""
-    return get_tokenizer_class(tokenizer_type).create(**kwargs)
-
-
-def load_tokenizer(directory) -> Tokenizer:
-    """Load a tokenizer saved with `save_pretrained`, choosing the class from its marker file.
-
-    A directory without a marker but with vocab.json + merges.txt or tokenizer.json loads as gpt2.
-    """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise ValueError(f"tokenizer directory {directory!r} does not exist")
-    marker = read_marker(directory)
-    if marker is not None:
-        return get_tokenizer_class(marker["tokenizer_type"]).from_pretrained(directory)
-    if has_hf_tokenizer_files(directory):
-        return GPT2Tokenizer.from_pretrained(directory)
-    raise ValueError(f"no tokenizer in {directory!r}: expected {MARKER_FILE} "
-                     "(written by save_pretrained) or vocab.json + merges.txt or tokenizer.json")
-
-
-register_tokenizer("character", CharacterTokenizer)
-register_tokenizer("gpt2", GPT2Tokenizer)
-register_tokenizer("pruned", PrunedTokenizer)
-
-__all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "PrunedTokenizer", "register_tokenizer", "registered_tokenizers",
-           "get_tokenizer_class", "create_tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "PrunedTokenizer",
+           "register_tokenizer", "registered_tokenizers", "get_tokenizer_class",
+           "create_tokenizer", "load_tokenizer", "build_tokenizer"]

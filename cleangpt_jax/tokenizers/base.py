@@ -2,14 +2,17 @@
 
 A tokenizer maps text to a list of integer token ids and back. Concrete
 tokenizers implement `encode`, `decode`, `vocab_size`, `save_pretrained` and
-`from_pretrained`; batching (padding, truncation, attention masks) lives here.
+`from_pretrained`; batching (padding, truncation, attention masks), the separator put
+between packed documents and the fingerprint that keys the token cache live here.
 A saved tokenizer directory always holds a marker file, `cleangpt_tokenizer.json`,
 recording which registered tokenizer class wrote it.
 """
 
 import abc
+import hashlib
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -47,7 +50,8 @@ class Tokenizer(abc.ABC):
     Subclasses set `tokenizer_type` (their registry name) and the special token
     ids `pad_token_id`, `eos_token_id`, `bos_token_id`, `unk_token_id` (None when
     the tokenizer has no such token). `model_max_length` is the longest sequence
-    the tokenizer is meant for, or None for no limit.
+    the tokenizer is meant for, or None for no limit. `document_separator_text` is the
+    text put between two documents of a packed stream, or None to put EOS there.
     """
 
     tokenizer_type: str | None = None
@@ -56,6 +60,7 @@ class Tokenizer(abc.ABC):
     bos_token_id: int | None = None
     unk_token_id: int | None = None
     model_max_length: int | None = None
+    document_separator_text: str | None = None
 
     @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -128,6 +133,31 @@ class Tokenizer(abc.ABC):
     def decode_batch(self, batch_ids, skip_special_tokens: bool = True) -> list[str]:
         """Decode each row of a [B, T] array (or list of id lists)."""
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch_ids]
+
+    def document_separator(self) -> list[int]:
+        """Token ids put between two packed documents: `document_separator_text` encoded, else
+        [eos]."""
+        if self.document_separator_text is not None:
+            return list(self.encode(self.document_separator_text))
+        if self.eos_token_id is None:
+            raise ValueError(f"{type(self).__name__} has no EOS token to separate documents: add "
+                             "one, or set its document_separator_text")
+        return [int(self.eos_token_id)]
+
+    def fingerprint(self) -> str:
+        """A hash of what the tokenizer maps text to: its type, size and saved vocabulary files
+        (not where it came from)."""
+        digest = hashlib.sha256(f"{self.tokenizer_type}:{self.vocab_size}".encode())
+        with tempfile.TemporaryDirectory() as d:
+            self.save_pretrained(d)
+            for name in sorted(os.listdir(d)):
+                # The marker and *_config.json record provenance (paths, flags), not the mapping;
+                # the special ids that matter (the separator) are part of the cache key.
+                if name.endswith("config.json") or name == MARKER_FILE:
+                    continue
+                with open(os.path.join(d, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+        return digest.hexdigest()[:16]
 
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"

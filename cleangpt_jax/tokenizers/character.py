@@ -18,6 +18,7 @@ class CharacterTokenizer(Tokenizer):
     """
 
     tokenizer_type = "character"
+    document_separator_text = "\n"
     unk_token_id, pad_token_id, bos_token_id, eos_token_id = 0, 1, 2, 3
 
     def __init__(self, chars, *, special_tokens=(), model_max_length: int | None = None):

@@ -123,7 +123,7 @@ class PrunedTokenizer(Tokenizer):
 
     @classmethod
     def from_pretrained(cls, directory_or_name) -> "PrunedTokenizer":
-        from . import get_tokenizer_class  # the registry lives in the package
+        from .registry import get_tokenizer_class  # the registry imports this module
 
         directory = os.fspath(directory_or_name)
         marker = read_marker(directory) if os.path.isdir(directory) else None

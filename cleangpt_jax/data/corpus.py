@@ -33,7 +33,7 @@ _EMPHASIS = re.compile(r"[*_]")
 
 
 def markdown_to_text(markdown: str) -> str:
-    """One play's markdown as plain play text (rules in the module docstring); ends with a newline."""
+    """One play's markdown as plain play text (rules in the module docstring), newline-ended."""
     lines = []
     for line in markdown.splitlines():
         line = line.rstrip()
