@@ -1,4 +1,5 @@
-"""Tests for cleangpt_jax.tokenizers: character and GPT-2 tokenizers, batching, save/load, registry."""
+"""Tests for cleangpt_jax.tokenizers: character and GPT-2 tokenizers, batching, save/load,
+the document separator, the registry."""
 
 import json
 import os
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import transformers
 
-from cleangpt_jax.tokenizers import (CharacterTokenizer, GPT2Tokenizer, Tokenizer, create_tokenizer,
-                                     load_tokenizer, register_tokenizer, registered_tokenizers)
+from cleangpt_jax.tokenizers import (CharacterTokenizer, GPT2Tokenizer, Tokenizer,
+                                     create_tokenizer, load_tokenizer, register_tokenizer,
+                                     registered_tokenizers)
 from cleangpt_jax.tokenizers.base import MARKER_FILE, ids_to_list, write_marker
 
-TEXTS = ["hello world", "The quick brown fox.", "héllo wörld 日本語 🙂", "", "a , b . c !  two  spaces\n"]
+TEXTS = ["hello world", "The quick brown fox.", "héllo wörld 日本語 🙂", "",
+         "a , b . c !  two  spaces\n"]
 CORPUS = "\n".join(TEXTS)
 EOT = "<|endoftext|>"
 
@@ -36,10 +39,12 @@ def any_tok(request):
 
 def test_char_vocab_is_specials_then_sorted_chars(char_tok):
     assert char_tok.itos[:4] == ["<unk>", "<pad>", "<bos>", "<eos>"]
-    assert (char_tok.unk_token_id, char_tok.pad_token_id, char_tok.bos_token_id, char_tok.eos_token_id) == (0, 1, 2, 3)
+    assert (char_tok.unk_token_id, char_tok.pad_token_id, char_tok.bos_token_id,
+            char_tok.eos_token_id) == (0, 1, 2, 3)
     assert char_tok.itos[4:] == sorted(set(CORPUS))
     assert char_tok.vocab_size == 4 + len(set(CORPUS))
-    assert CharacterTokenizer.from_text(CORPUS[::-1]).stoi == char_tok.stoi  # order of text does not matter
+    # the order of the text does not matter
+    assert CharacterTokenizer.from_text(CORPUS[::-1]).stoi == char_tok.stoi
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -63,7 +68,8 @@ def test_char_unknown_chars_map_to_unk(char_tok):
 def test_char_extra_special_tokens_and_validation():
     tok = CharacterTokenizer("ba", special_tokens=["<sep>"])
     assert tok.itos == ["<unk>", "<pad>", "<bos>", "<eos>", "<sep>", "b", "a"]
-    assert tok.decode([5, 4, 6]) == "ba" and tok.decode([5, 4, 6], skip_special_tokens=False) == "b<sep>a"
+    assert tok.decode([5, 4, 6]) == "ba"
+    assert tok.decode([5, 4, 6], skip_special_tokens=False) == "b<sep>a"
     with pytest.raises(ValueError, match="single characters"):
         CharacterTokenizer(["ab"])
     with pytest.raises(ValueError, match="out of range"):
@@ -83,7 +89,8 @@ def test_char_save_load_round_trip(tmp_path):
         assert loaded.itos == tok.itos and loaded.special_tokens == tok.special_tokens
         assert loaded.vocab_size == tok.vocab_size and loaded.model_max_length == 64
         for text in TEXTS:
-            assert loaded.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=True)
+            assert (loaded.encode(text, add_special_tokens=True)
+                    == tok.encode(text, add_special_tokens=True))
 
 
 def test_char_from_pretrained_rejects_foreign_vocab(tmp_path):
@@ -115,18 +122,21 @@ def test_gpt2_ids_match_hf_and_raw_bpe(gpt2_tokenizer_dir, gpt2_tok):
     from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
     d = gpt2_tokenizer_dir
     hf = transformers.AutoTokenizer.from_pretrained(d)
-    raw = RawTokenizer(models.BPE.from_file(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")))
+    raw = RawTokenizer(models.BPE.from_file(os.path.join(d, "vocab.json"),
+                                            os.path.join(d, "merges.txt")))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     assert isinstance(gpt2_tok, GPT2Tokenizer) and gpt2_tok.hf_tokenizer.eos_token == EOT
     for text in TEXTS + [" leading space", "The king and the queen"]:
         ids = gpt2_tok.encode(text)
         assert ids == hf.encode(text, add_special_tokens=False) == raw.encode(text).ids
-    assert len(gpt2_tok.encode("The quick brown fox jumps")) < len("The quick brown fox jumps")  # merges are used
+    # merges are used
+    assert len(gpt2_tok.encode("The quick brown fox jumps")) < len("The quick brown fox jumps")
 
 
 def test_gpt2_specials_and_round_trip(gpt2_tok):
     eot = gpt2_tok.hf_tokenizer.convert_tokens_to_ids(EOT)
-    assert gpt2_tok.eos_token_id == gpt2_tok.bos_token_id == gpt2_tok.unk_token_id == gpt2_tok.pad_token_id == eot
+    assert (gpt2_tok.eos_token_id == gpt2_tok.bos_token_id == gpt2_tok.unk_token_id
+            == gpt2_tok.pad_token_id == eot)
     assert gpt2_tok.vocab_size == 300 and gpt2_tok.model_max_length == 1024
     for text in TEXTS:
         ids = gpt2_tok.encode(text)
@@ -149,13 +159,17 @@ def test_gpt2_save_load_round_trip(gpt2_tok, tmp_path):
     gpt2_tok.save_pretrained(tmp_path / "saved")
     with open(tmp_path / "saved" / MARKER_FILE) as f:
         assert json.load(f)["tokenizer_type"] == "gpt2"
-    for loaded in (GPT2Tokenizer.from_pretrained(tmp_path / "saved"), load_tokenizer(tmp_path / "saved")):
+    def specials(t):
+        return t.pad_token_id, t.eos_token_id, t.bos_token_id, t.unk_token_id
+
+    saved = tmp_path / "saved"
+    for loaded in (GPT2Tokenizer.from_pretrained(saved), load_tokenizer(saved)):
         assert type(loaded) is GPT2Tokenizer
         assert loaded.vocab_size == gpt2_tok.vocab_size
-        assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id, loaded.unk_token_id) == \
-            (gpt2_tok.pad_token_id, gpt2_tok.eos_token_id, gpt2_tok.bos_token_id, gpt2_tok.unk_token_id)
+        assert specials(loaded) == specials(gpt2_tok)
         for text in TEXTS:
-            assert loaded.encode(text, add_special_tokens=True) == gpt2_tok.encode(text, add_special_tokens=True)
+            assert (loaded.encode(text, add_special_tokens=True)
+                    == gpt2_tok.encode(text, add_special_tokens=True))
 
 
 def test_load_tokenizer_falls_back_to_gpt2_without_marker(gpt2_tokenizer_dir):
@@ -168,9 +182,11 @@ def test_gpt2_missing_or_empty_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError) as e:
         GPT2Tokenizer(missing)
     msg = str(e.value)
-    assert missing in msg and "does not exist" in msg and "vocab.json + merges.txt or tokenizer.json" in msg
+    assert missing in msg and "does not exist" in msg
+    assert "vocab.json + merges.txt or tokenizer.json" in msg
     assert "\n" not in msg and e.value.__cause__ is None
-    with pytest.raises(ValueError, match="holds no tokenizer files.*vocab.json \\+ merges.txt or tokenizer.json"):
+    with pytest.raises(ValueError, match="holds no tokenizer files.*vocab.json \\+ merges.txt "
+                                         "or tokenizer.json"):
         create_tokenizer("gpt2", name_or_path=tmp_path)
 
 
@@ -210,7 +226,8 @@ def test_batch_max_length_and_truncation(any_tok):
         assert row_ids.tolist() == seq[:k] + [any_tok.pad_token_id] * (n - k)
         assert row_mask.tolist() == [1] * k + [0] * (n - k)
     wide = any_tok.encode_batch(TEXTS, padding="max_length", max_length=100)
-    assert wide["input_ids"].shape == (len(TEXTS), 100) and wide["attention_mask"].sum() == sum(map(len, seqs))
+    assert wide["input_ids"].shape == (len(TEXTS), 100)
+    assert wide["attention_mask"].sum() == sum(map(len, seqs))
     with pytest.raises(ValueError, match="truncation=True"):
         any_tok.encode_batch(TEXTS, padding="max_length", max_length=n)
     with pytest.raises(ValueError, match="padding must be"):
@@ -219,10 +236,32 @@ def test_batch_max_length_and_truncation(any_tok):
 
 def test_batch_single_text_and_default_max_length(char_tok, gpt2_tok):
     single = char_tok("hello")
-    assert single["input_ids"].tolist() == [char_tok.encode("hello")] and single["attention_mask"].tolist() == [[1] * 5]
+    assert single["input_ids"].tolist() == [char_tok.encode("hello")]
+    assert single["attention_mask"].tolist() == [[1] * 5]
     with pytest.raises(ValueError, match="max_length is required"):
         char_tok(["hello"], padding="max_length")  # no model_max_length
     assert gpt2_tok(["hi"], padding="max_length")["input_ids"].shape == (1, 1024)
+
+
+# ---------------------------------------------------------------- packing support
+
+def test_document_separator_is_a_newline_for_characters_else_eos(char_tok, gpt2_tok):
+    assert char_tok.document_separator() == char_tok.encode("\n")
+    assert gpt2_tok.document_separator() == [gpt2_tok.eos_token_id]
+
+    class NoEos(CharacterTokenizer):
+        document_separator_text = None
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="NoEos has no EOS token to separate documents"):
+        NoEos("ab").document_separator()
+
+
+def test_fingerprint_follows_the_vocabulary_not_the_directory(gpt2_tok, tmp_path):
+    copy = GPT2Tokenizer.from_pretrained(gpt2_tok.save_pretrained(tmp_path / "copy"))
+    assert copy.fingerprint() == gpt2_tok.fingerprint()
+    assert (CharacterTokenizer.from_text("abc").fingerprint()
+            != CharacterTokenizer.from_text("abd").fingerprint())
 
 
 # ---------------------------------------------------------------- registry
@@ -260,7 +299,8 @@ def test_register_custom_tokenizer(tmp_path):
     assert type(tok) is ByteTokenizer and tok.offset == 3
     assert tok(["é", "a"])["input_ids"].tolist() == [[195, 169], [97, 256]]
     assert type(load_tokenizer(tok.save_pretrained(tmp_path / "b"))) is ByteTokenizer
-    assert register_tokenizer("bytes-test", ByteTokenizer) is ByteTokenizer  # re-registering is a no-op
+    # re-registering is a no-op
+    assert register_tokenizer("bytes-test", ByteTokenizer) is ByteTokenizer
     with pytest.raises(ValueError, match="already registered"):
         register_tokenizer("bytes-test", CharacterTokenizer)
     with pytest.raises(TypeError):
@@ -268,7 +308,8 @@ def test_register_custom_tokenizer(tmp_path):
 
 
 def test_unknown_tokenizer_type_lists_registered_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown tokenizer type 'nope'; registered: .*character.*gpt2"):
+    with pytest.raises(ValueError,
+                       match="unknown tokenizer type 'nope'; registered: .*character.*gpt2"):
         create_tokenizer("nope")
     write_marker(tmp_path, "nope")
     with pytest.raises(ValueError, match="unknown tokenizer type 'nope'; registered: .*character"):
@@ -276,7 +317,8 @@ def test_unknown_tokenizer_type_lists_registered_names(tmp_path):
 
 
 def test_load_tokenizer_empty_or_missing_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=f"no tokenizer in '{tmp_path}': expected {MARKER_FILE}.*vocab.json"):
+    with pytest.raises(ValueError,
+                       match=f"no tokenizer in '{tmp_path}': expected {MARKER_FILE}.*vocab.json"):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")

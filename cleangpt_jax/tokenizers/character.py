@@ -25,9 +25,11 @@ class CharacterTokenizer(Tokenizer):
         chars = list(dict.fromkeys(chars))  # dedupe, keep order
         if any(not isinstance(c, str) or len(c) != 1 for c in chars):
             raise ValueError("chars must be single characters")
-        specials = list(DEFAULT_SPECIAL_TOKENS) + [t for t in special_tokens if t not in DEFAULT_SPECIAL_TOKENS]
+        extra = [t for t in special_tokens if t not in DEFAULT_SPECIAL_TOKENS]
+        specials = list(DEFAULT_SPECIAL_TOKENS) + extra
         if len(set(specials)) != len(specials) or set(specials) & set(chars):
-            raise ValueError(f"special tokens {specials} must be distinct from each other and from chars")
+            raise ValueError(f"special tokens {specials} must be distinct from each other and "
+                             "from chars")
         self.special_tokens = specials
         self.itos = specials + chars
         self.stoi = {t: i for i, t in enumerate(self.itos)}
@@ -39,11 +41,15 @@ class CharacterTokenizer(Tokenizer):
         return cls(sorted(set(text)), **kwargs)
 
     @classmethod
-    def create(cls, *, text=None, name_or_path=None, chars=None, **kwargs) -> "CharacterTokenizer":
-        """`create_tokenizer('character', ...)`: exactly one of text=, name_or_path= (a saved dir), chars=."""
-        given = [k for k, v in (("text", text), ("name_or_path", name_or_path), ("chars", chars)) if v is not None]
+    def create(cls, *, text=None, name_or_path=None, chars=None,
+               **kwargs) -> "CharacterTokenizer":
+        """`create_tokenizer('character', ...)`: exactly one of text=, name_or_path= (a saved
+        directory), chars=."""
+        options = (("text", text), ("name_or_path", name_or_path), ("chars", chars))
+        given = [k for k, v in options if v is not None]
         if len(given) != 1:
-            raise ValueError(f"character tokenizer needs exactly one of text=, name_or_path=, chars= (got {given})")
+            raise ValueError(f"character tokenizer needs exactly one of text=, name_or_path=, "
+                             f"chars= (got {given})")
         if text is not None:
             return cls.from_text(text, **kwargs)
         if name_or_path is not None:
@@ -81,7 +87,8 @@ class CharacterTokenizer(Tokenizer):
         directory = os.fspath(directory_or_name)
         path = os.path.join(directory, "vocab.json")
         if not os.path.isfile(path):
-            raise ValueError(f"no character tokenizer in {directory!r}: expected vocab.json (token -> id)")
+            raise ValueError(f"no character tokenizer in {directory!r}: expected vocab.json "
+                             "(token -> id)")
         with open(path, encoding="utf-8") as f:
             stoi = json.load(f)
         marker = read_marker(directory) or {}
@@ -90,6 +97,6 @@ class CharacterTokenizer(Tokenizer):
         tok = cls([t for t in tokens if t not in specials], special_tokens=specials,
                   model_max_length=marker.get("model_max_length"))
         if tok.stoi != stoi:
-            raise ValueError(f"{path!r} is not a CharacterTokenizer vocabulary "
-                             f"(ids must be {list(DEFAULT_SPECIAL_TOKENS)}, extra specials, then chars)")
+            raise ValueError(f"{path!r} is not a CharacterTokenizer vocabulary (ids must be "
+                             f"{list(DEFAULT_SPECIAL_TOKENS)}, extra specials, then chars)")
         return tok

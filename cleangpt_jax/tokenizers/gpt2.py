@@ -10,7 +10,8 @@ _EXPECTED = "expected a directory with vocab.json + merges.txt or tokenizer.json
 
 
 def has_hf_tokenizer_files(directory) -> bool:
-    """Whether `directory` holds a GPT-2-style HF tokenizer (vocab.json + merges.txt, or tokenizer.json)."""
+    """Whether `directory` holds a GPT-2-style HF tokenizer (vocab.json + merges.txt, or
+    tokenizer.json)."""
     has = lambda name: os.path.isfile(os.path.join(directory, name))
     return (has("vocab.json") and has("merges.txt")) or has("tokenizer.json")
 
@@ -30,8 +31,10 @@ def _load_hf_tokenizer(name_or_path: str, **kwargs):
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = "local directory" if os.path.isdir(path) else "not a local directory; Hugging Face hub lookup"
-        raise ValueError(f"could not load tokenizer {name_or_path!r} ({where} failed: {reason})") from None
+        where = ("local directory" if os.path.isdir(path)
+                 else "not a local directory; Hugging Face hub lookup")
+        raise ValueError(f"could not load tokenizer {name_or_path!r} ({where} failed: "
+                         f"{reason})") from None
 
 
 class GPT2Tokenizer(Tokenizer):

@@ -41,8 +41,9 @@ def build_local_gpt2_tokenizer(directory, texts=None, vocab_size: int = 300) -> 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tok.model.save(directory)  # vocab.json + merges.txt
-    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-              "add_prefix_space": False, "add_bos_token": False, "model_max_length": 1024}
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot,
+              "unk_token": eot, "add_prefix_space": False, "add_bos_token": False,
+              "model_max_length": 1024}
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return directory
