@@ -100,7 +100,7 @@ def test_bpe_packing_puts_eos_between_documents(tmp_path, bpe):
     # a blank document is dropped
     glob = write_files(tmp_path / "docs", DOCS[:2] + ["  \n", DOCS[2]])
     data = data_lib.load_dataset(make_config(source="text", files=glob, val_fraction=0.0), bpe,
-                           cache_dir=tmp_path / "cache")
+                                 cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(data.train, packed(bpe, [DOCS[0], DOCS[1], DOCS[2]]))
     assert data.train.dtype == np.uint16 and isinstance(data.train, np.memmap)
     assert data.val is None and data.num_documents == 3
@@ -217,7 +217,7 @@ def test_missing_text_column_error_names_the_columns(tmp_path, bpe):
     saved = save_dataset(tmp_path / "ds", train={"id": [1], "body": ["b"]})
     with pytest.raises(data_lib.DataError, match=r"data.text_column='content'.*\['id', 'body'\]"):
         data_lib.load_dataset(make_config(source="hf", name=saved, text_column="content"), bpe,
-                        cache_dir=tmp_path / "cache")
+                              cache_dir=tmp_path / "cache")
     saved = save_dataset(tmp_path / "ints", train={"id": [1], "n": [2]})
     with pytest.raises(data_lib.DataError, match="no string column"):
         data_lib.load_documents(make_config(source="hf", name=saved).data)
@@ -250,12 +250,12 @@ def test_hf_json_builder_with_local_files_and_streaming(tmp_path, bpe):
 def test_named_validation_split_versus_val_fraction(tmp_path, bpe):
     saved = save_dataset(tmp_path / "ds", train={"text": DOCS[:3]}, validation={"text": DOCS[3:]})
     named = data_lib.load_dataset(make_config(source="hf", name=saved, val_split="validation"), bpe,
-                            cache_dir=tmp_path / "cache")
+                                  cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(named.train, packed(bpe, DOCS[:3]))
     np.testing.assert_array_equal(named.val, packed(bpe, DOCS[3:]))
     assert (named.num_documents, named.num_val_documents) == (3, 1)
     fraction = data_lib.load_dataset(make_config(source="hf", name=saved, val_fraction=1 / 3), bpe,
-                               cache_dir=tmp_path / "cache")
+                                     cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(fraction.train, packed(bpe, DOCS[:2]))
     np.testing.assert_array_equal(fraction.val, packed(bpe, DOCS[2:3]))
     with pytest.raises(data_lib.DataError,
@@ -402,7 +402,7 @@ def test_mixture_rows_follow_the_schedule():
 
     def fraction_from_b(steps):
         rows = np.concatenate([data_lib.batch_for_step(mix, seed=3, step=s, global_batch_size=32,
-                                                 block_size=4)["input_ids"] for s in steps])
+                                                       block_size=4)["input_ids"] for s in steps])
         assert np.all(rows % 4 == np.arange(4) % 4)
         return np.mean(rows[:, 0] >= 100_000)
 
@@ -441,6 +441,18 @@ def test_load_dataset_builds_a_mixture_from_the_config(tmp_path, bpe):
         data_lib.load_dataset(cfg, bpe, cache_dir=tmp_path / "cache")
 
 
+def test_data_label_names_the_source():
+    assert data_lib.data_label(make_config().data) == "shakespeare"
+    assert data_lib.data_label(make_config(source="text", files="a/*.txt").data) == "text:a/*.txt"
+    assert data_lib.data_label(make_config(source="hf", name="json", files="x.jsonl").data) == (
+        "hf:json")
+    cfg = make_config()
+    cfg.data.mixture = {"sources": [{}, {"source": "text", "files": "b.txt"}]}
+    assert data_lib.data_label(cfg.data) == "mixture"
+    assert [data_lib.data_label(d) for d in data_lib.data_sections(cfg)] == [
+        "shakespeare", "text:b.txt"]
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -456,7 +468,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, bpe, monkeypatch):
     no_rows = datasets.Dataset.from_dict(
         {"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
     empty = data_lib.Source(load=lambda data: (no_rows, None),
-                      fingerprint=lambda data: {})
+                            fingerprint=lambda data: {})
     monkeypatch.setitem(data_lib.SOURCES, "empty", empty)
     with pytest.raises(data_lib.DataError, match="the dataset is empty"):
         load(make_config(source="empty"))
