@@ -245,7 +245,7 @@ def load_dataset(config, tokenizer, *, cache_dir: str | None = None) -> TokenDat
     mixture = config.data.get("mixture")
     if not mixture:
         return parts[0]
-    schedule = make_schedule(mixture.get("schedule") or {"type": "constant"}, len(parts))
+    schedule = make_schedule(mixture.get("schedule") or {}, len(parts))
     names = tuple(data_label(d) for d in sections)
     has_val = all(p.val is not None for p in parts)
     return TokenData(
