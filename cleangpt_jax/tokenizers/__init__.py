@@ -23,6 +23,10 @@ from .pruned import PrunedTokenizer
 from .registry import (create_tokenizer, get_tokenizer_class, load_tokenizer, register_tokenizer,
                        registered_tokenizers)
 
+register_tokenizer("character", CharacterTokenizer)
+register_tokenizer("gpt2", GPT2Tokenizer)
+register_tokenizer("pruned", PrunedTokenizer)
+
 __all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "PrunedTokenizer",
            "register_tokenizer", "registered_tokenizers", "get_tokenizer_class",
            "create_tokenizer", "load_tokenizer", "build_tokenizer"]

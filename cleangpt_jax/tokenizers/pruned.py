@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Tokenizer, ids_to_list, read_marker, write_marker
+from .registry import get_tokenizer_class
 
 
 class PrunedTokenizer(Tokenizer):
@@ -123,8 +124,6 @@ class PrunedTokenizer(Tokenizer):
 
     @classmethod
     def from_pretrained(cls, directory_or_name) -> "PrunedTokenizer":
-        from .registry import get_tokenizer_class  # the registry imports this module
-
         directory = os.fspath(directory_or_name)
         marker = read_marker(directory) if os.path.isdir(directory) else None
         path = os.path.join(directory, cls.VOCAB_FILE)

@@ -1,11 +1,12 @@
-"""The registry of tokenizer types: create a tokenizer by type name, load a saved one."""
+"""The registry of tokenizer types: create a tokenizer by type name, load a saved one.
+
+The built-in types ('character', 'gpt2', 'pruned') are registered by the package's __init__.
+"""
 
 import os
 
 from .base import MARKER_FILE, Tokenizer, read_marker
-from .character import CharacterTokenizer
 from .gpt2 import GPT2Tokenizer, has_hf_tokenizer_files
-from .pruned import PrunedTokenizer
 
 _REGISTRY: dict[str, type[Tokenizer]] = {}
 
@@ -65,8 +66,3 @@ def load_tokenizer(directory) -> Tokenizer:
         return GPT2Tokenizer.from_pretrained(directory)
     raise ValueError(f"no tokenizer in {directory!r}: expected {MARKER_FILE} "
                      "(written by save_pretrained) or vocab.json + merges.txt or tokenizer.json")
-
-
-register_tokenizer("character", CharacterTokenizer)
-register_tokenizer("gpt2", GPT2Tokenizer)
-register_tokenizer("pruned", PrunedTokenizer)
