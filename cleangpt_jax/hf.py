@@ -407,39 +407,7 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
-
-
 # ----------------------------------------------------------------------------- workdirs
-
-def import_to_workdir(name_or_path, workdir, *, dtype="float32") -> str:
-    """Convert an HF GPT-2 checkpoint (hub name or directory) into a cleangpt_jax workdir.
-
-    Writes config.json (the default config with the converted model section and the
-    checkpoint's tokenizer), tokenizer/ and a params-only Orbax checkpoint at step 0, so that
-    `load_run(workdir)`, generate, evaluate and distillation use it like a trained run. The
-    workdir must be new or empty. Returns `workdir`.
-    """
-    from cleangpt_jax.config import get_config
-    from cleangpt_jax.tokenizers import load_tokenizer
-    from cleangpt_jax.workdir import TOKENIZER_DIR, write_model_workdir
-
-    workdir = os.fspath(workdir)
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-        raise HFError(f"workdir {workdir!r} already exists and is not empty: import into a new "
-                      f"directory")
-    directory = resolve_checkpoint(name_or_path, tokenizer=True)
-    model_cfg, params = load_gpt2(directory, dtype=dtype)
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise HFError(f"the tokenizer in {directory!r} has {tokenizer.vocab_size} tokens but the "
-                      f"model only {model_cfg.vocab_size}: they do not belong together")
-    config = get_config()
-    config.model.update(model_cfg.to_dict())
-    config.tokenizer.type = tokenizer.tokenizer_type
-    config.tokenizer.name_or_path = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
-    return write_model_workdir(workdir, config, tokenizer, params,
-                               meta={"hf_source": os.fspath(name_or_path)})
-
 
 def export_run(workdir, out_dir, *, step: int | None = None, overwrite: bool = False) -> str:
     """Export a Vanilla run's checkpoint (latest unless `step`) and tokenizer with `export_gpt2`."""

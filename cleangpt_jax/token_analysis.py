@@ -341,20 +341,19 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
 def run():
     """`python -m cleangpt_jax.token_analysis`: flags are defined here, not at import, so the
     library can be imported next to other CLIs."""
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
+    from cleangpt_jax import cli
     from cleangpt_jax import config as config_lib
-    from cleangpt_jax.cli import die, flag_error, flags_parser
 
-    try:  # config_flags applies --config.x=y overrides while defining the flag
-        cfg_flag = config_flags.DEFINE_config_file(
+    def define_config():
+        return config_flags.DEFINE_config_file(
             "config", default=config_lib.__file__, lock_config=True,
             help_string="Config file with get_config() (default: cleangpt_jax/config.py); its "
                         "data and tokenizer sections are used. Override with "
                         "--config.data.key=value.")
-    except Exception as e:  # noqa: BLE001
-        flag_error(e)
+
     tok_flag = flags.DEFINE_string("tokenizer", None, "'character' (built from the data), a "
                                    "directory (workdir, saved or HF tokenizer) or a hub name "
                                    "such as 'gpt2' (default: the config's tokenizer section).")
@@ -363,18 +362,14 @@ def run():
                                     "frequent tokens that cover this share of the data, e.g. 0.95.")
     top_flag = flags.DEFINE_integer("top_n", 20, "How many of the most frequent tokens to list.")
 
+    @cli.tool(usage="--tokenizer=gpt2 --config.data.max_samples=1000",
+              errors=(ValueError, OSError))  # project errors are ValueErrors with the fix in them
     def main(argv):
-        if len(argv) > 1:
-            die(f"unexpected arguments {argv[1:]}: flags look like --tokenizer=gpt2 "
-                f"--config.data.max_samples=1000", 2)
-        try:
-            config = cfg_flag.value
-            tokenizer = resolve_tokenizer(tok_flag.value, config)
-            result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
-                                     top_n=top_flag.value,
-                                     source=tok_flag.value or str(config.tokenizer.type))
-        except (ValueError, OSError) as e:  # project errors are ValueErrors with the fix in them
-            die(e)
+        config = cli.config_flag_value()
+        tokenizer = resolve_tokenizer(tok_flag.value, config)
+        result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
+                                 top_n=top_flag.value,
+                                 source=tok_flag.value or str(config.tokenizer.type))
         print(f"{result['total_tokens']} tokens, {result['unique_tokens']} unique of "
               f"{result['vocab_size']} ({result['vocab_coverage']:.1%} of the vocabulary)")
         print("vocabulary size for coverage: " + ", ".join(
@@ -385,7 +380,7 @@ def run():
                   f"{os.path.join(out_flag.value, p['directory'])}")
         print(f"outputs: {out_flag.value}")
 
-    app.run(main, flags_parser=flags_parser())
+    cli.run(main, define_flags=define_config)
 
 
 if __name__ == "__main__":
