@@ -51,6 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, load_tokenizer
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
@@ -62,10 +63,6 @@ RESULT_KEYS = ("tokenizer", "data", "total_tokens", "special_tokens", "unique_to
                "vocab_size", "vocab_coverage", "num_chars", "num_words", "tokens_per_char",
                "tokens_per_word", "top_tokens", "coverage_thresholds", "pruned", "files")
 _CHUNK = 1 << 20  # tokens per read of a (memmapped) stream
-
-
-class TokenAnalysisError(ValueError):
-    """Input the analysis cannot use; the message says how to fix it."""
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -84,9 +81,9 @@ def count_tokens(streams: Iterable, vocab_size: int) -> np.ndarray:
         for start in range(0, len(stream), _CHUNK):
             part = np.asarray(stream[start:start + _CHUNK]).astype(np.int64)
             if part.size and (part.min() < 0 or part.max() >= vocab_size):
-                raise TokenAnalysisError(
-                    f"the stream holds token id {int(part.max())} but the tokenizer has only "
-                    f"{vocab_size} ids: the data were tokenized with another tokenizer")
+                raise ConfigError(f"the stream holds token id {int(part.max())} but the tokenizer "
+                                  f"has only {vocab_size} ids: the data were tokenized with "
+                                  "another tokenizer")
             counts += np.bincount(part, minlength=vocab_size)
     return counts
 
@@ -135,7 +132,7 @@ def coverage_curve(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, np.int64)
     total = counts.sum()
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to analyse: the dataset is empty")
+        raise ConfigError("there are no tokens to analyse: the dataset is empty")
     return np.cumsum(np.sort(counts)[::-1]) / total
 
 
@@ -155,7 +152,7 @@ def token_stats(counts: np.ndarray, tokenizer: Tokenizer, *, num_chars: int, num
     counts = np.asarray(counts, np.int64)
     total = int(counts.sum())
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to analyse: the dataset is empty")
+        raise ConfigError("there are no tokens to analyse: the dataset is empty")
     special = int(counts[special_token_ids(tokenizer)].sum())
     text_tokens = total - special
     top = np.argsort(-counts, kind="stable")[:top_n]
@@ -230,8 +227,8 @@ def plot_coverage(counts: np.ndarray, path: str) -> str:
 
 def check_coverage(coverage) -> None:
     if not (isinstance(coverage, (int, float)) and 0.0 < coverage <= 1.0):
-        raise TokenAnalysisError(f"--prune must be a coverage in (0, 1], got {coverage!r}: "
-                                 f"e.g. --prune=0.95 keeps the tokens covering 95% of the data")
+        raise ConfigError(f"--prune must be a coverage in (0, 1], got {coverage!r}: e.g. "
+                          "--prune=0.95 keeps the tokens covering 95% of the data")
 
 
 def prune_tokenizer(tokenizer: Tokenizer, counts: np.ndarray, coverage: float) -> PrunedTokenizer:
@@ -243,11 +240,11 @@ def prune_tokenizer(tokenizer: Tokenizer, counts: np.ndarray, coverage: float) -
     check_coverage(coverage)
     counts = np.asarray(counts, np.int64)
     if len(counts) != tokenizer.vocab_size:
-        raise TokenAnalysisError(f"counts has {len(counts)} entries for a vocabulary of "
-                                 f"{tokenizer.vocab_size}")
+        raise ConfigError(f"counts has {len(counts)} entries for a vocabulary of "
+                          f"{tokenizer.vocab_size}")
     total = counts.sum()
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to prune on: the dataset is empty")
+        raise ConfigError("there are no tokens to prune on: the dataset is empty")
     special = special_token_ids(tokenizer)
     regular = np.setdiff1d(np.flatnonzero(counts > 0), special)
     regular = regular[np.argsort(-counts[regular], kind="stable")]
@@ -303,7 +300,7 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
     if prune is not None:
         check_coverage(prune)
     if top_n < 0:
-        raise TokenAnalysisError(f"--top_n must be >= 0, got {top_n}")
+        raise ConfigError(f"--top_n must be >= 0, got {top_n}")
     config = type(config)(config.to_dict())
     config.model.block_size = 1  # any non-empty stream can be analysed
     data = input_pipeline.load_dataset(config, tokenizer)

@@ -469,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         previous = workdir_lib.load_config(workdir)
         diff = workdir_lib.config_differences(previous, config)
         if diff:
-            raise workdir_lib.WorkdirError(
+            raise ConfigError(
                 f"{workdir} holds a run with a different model/tokenizer ({'; '.join(diff[:4])})"
                 f": pass a new --workdir, or the original settings to resume it")
 
