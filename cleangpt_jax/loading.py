@@ -4,7 +4,7 @@ directory or a hub name.
     lm = load_lm("runs/default")              # a training or distillation run (latest step)
     lm = load_lm("runs/teacher-hf")           # an HF GPT-2 directory (e.g. export_hf's)
     lm = load_lm("gpt2", dtype="bfloat16")    # a hub name: weights, config and tokenizer
-    logits = lm.model.apply({"params": lm.params}, ids).logits       # ids: (B, T) int32
+    logits = lm.model.apply({"params": lm.params}, ids).logits   # (B, T, V) for (B, T) ids
 
 Which kind a source is: an existing directory holding checkpoints/ and config.json is a
 workdir (`cleangpt_jax.workdir.load_run`); anything else is a GPT-2 checkpoint
