@@ -1,17 +1,25 @@
-"""What every `python -m cleangpt_jax.<tool>` shares: errors as one line, absl flag parsing.
+"""What every `python -m cleangpt_jax.<tool>` shares: flag parsing, quiet Orbax, one-line errors.
 
-    app.run(main, flags_parser=cli.flags_parser())
+    @cli.tool(usage="--workdir=DIR --out=DIR")
+    def main(argv):
+        ...                                    # a ValueError here prints one line, exit 1
+
+    if __name__ == "__main__":
+        cli.run(main, define_flags=define_flags)
 
 A tool never shows a traceback or absl's usage text for bad input: `die` prints
-`error: <message>` (the message names the problem and the fix) and exits non-zero.
+`error: <message>` (the message names the problem and the fix) and exits non-zero; code 2 for
+bad flags, 1 for everything else. Orbax logs every checkpoint access at INFO, so a tool logs
+WARNING and up unless --verbosity is given.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
-from absl import flags
+from absl import app, flags, logging
 
 CONFIG_KEY_HINT = "check its spelling against the config file's get_config()"
 
@@ -48,3 +56,55 @@ def flags_parser(key_hint: str = CONFIG_KEY_HINT):
         except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
             flag_error(e, argv, key_hint)
     return parse
+
+
+def quiet_logs(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Log WARNING and up unless --verbosity was given (Orbax logs every access at INFO)."""
+    if "verbosity" not in flag_values or not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def tool(*, usage: str, errors: tuple[type[Exception], ...] = (ValueError,)):
+    """Decorator for a tool's `main(argv, ...)`: positional arguments are refused (the message
+    shows `usage`, flags as they are written), logs are quieted, and `errors` (the project's
+    errors are ValueErrors with the fix in their message) print one line and exit 1."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapped(argv, *args, **kwargs):
+            if len(argv) > 1:
+                die(f"unexpected arguments {argv[1:]}: flags look like {usage}", 2)
+            quiet_logs(kwargs.get("flag_values", flags.FLAGS))
+            try:
+                return main(argv, *args, **kwargs)
+            except errors as e:
+                die(e)
+        return wrapped
+    return decorate
+
+
+def config_flag_value(name: str = "config"):
+    """The ConfigDict of a config_flags file flag; a config file that failed to load exits (2)
+    with one line naming it."""
+    from ml_collections import config_flags
+
+    try:
+        config = flags.FLAGS[name].value
+        config.get("model")  # a config file that failed to load raises here
+    except (IOError, OSError) as e:
+        path = config_flags.get_config_filename(flags.FLAGS[name])
+        die(f"cannot load --{name}={path}: {e.__cause__ or e}", 2)
+    return config
+
+
+def run(main: Callable, *, define_flags: Callable | None = None,
+        key_hint: str = CONFIG_KEY_HINT) -> None:
+    """Start a tool: define its flags (config_flags applies --config.x=y overrides while
+    defining the config flag, so a wrong key fails there), then parse them and call `main`,
+    every failure as one line. Tools define their flags here, not at import, so that any of
+    them can be imported next to the others."""
+    if define_flags is not None:
+        try:
+            define_flags()
+        except Exception as e:  # noqa: BLE001 -- a bad --config.x=y override
+            flag_error(e, key_hint=key_hint)
+    app.run(main, flags_parser=flags_parser(key_hint))

@@ -11,7 +11,8 @@ an HF GPT-2 directory or a cleangpt_jax workdir (default: the run's `distill.tea
 The data are the run's own (config.json's data section); `--config.data.key=value` overrides
 them and `--config.eval.key=value` sets what is measured (`evaluation.get_eval_config`).
 Outputs (summary.json, report.md, PNG plots) go to --output_dir (default WORKDIR/eval); see
-`cleangpt_jax.evaluation` for what each number means. Errors print one line and exit non-zero.
+`cleangpt_jax.evaluation.metrics` for what each number means and
+`cleangpt_jax.evaluation.report` for the files. Errors print one line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -19,24 +20,25 @@ from __future__ import annotations
 import os
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from cleangpt_jax import cli
 from cleangpt_jax import config as config_lib
 from cleangpt_jax import evaluation
-from cleangpt_jax.cli import die, flag_error, flags_parser
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The student: a training or distillation run.")
-_TEACHER = flags.DEFINE_string("teacher", None, "HF hub name, HF GPT-2 directory or workdir "
-                               "(default: the run's distill.teacher; 'none': no teacher).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Where the outputs go (default WORKDIR/eval).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the student (default: latest).")
+FLAGS = flags.FLAGS
 
 
-def define_config_flag():
-    """--config.data.* and --config.eval.*. config_flags applies the overrides while defining
-    the flag (a wrong key raises there), hence a function called under `run`'s error handling."""
+def define_flags():
+    """--workdir, --teacher, --output_dir, --step, and --config.data.* / --config.eval.*.
+    config_flags applies the overrides while defining the flag (a wrong key raises there),
+    hence a function called under `cli.run`'s error handling."""
+    flags.DEFINE_string("workdir", None, "The student: a training or distillation run.")
+    flags.DEFINE_string("teacher", None, "HF hub name, HF GPT-2 directory or workdir "
+                        "(default: the run's distill.teacher; 'none': no teacher).")
+    flags.DEFINE_string("output_dir", None, "Where the outputs go (default WORKDIR/eval).")
+    flags.DEFINE_integer("step", None, "Checkpoint step of the student (default: latest).")
     default = ml_collections.ConfigDict({"data": config_lib.get_config().data,
                                          "eval": evaluation.get_eval_config()})
     return config_flags.DEFINE_config_dict(
@@ -48,38 +50,24 @@ _KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* "
             "(evaluation.get_eval_config) can be set"
 
 
+@cli.tool(usage="--workdir=DIR --teacher=gpt2")
 def main(argv):
-    if len(argv) > 1:
-        die(f"unexpected arguments {argv[1:]}: flags look like --workdir=DIR --teacher=gpt2", 2)
-    if not _WORKDIR.value:
-        die("--workdir is required: the training or distillation run to evaluate", 2)
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
-        logging.set_verbosity(logging.WARNING)
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    if not FLAGS.workdir:
+        cli.die("--workdir is required: the training or distillation run to evaluate", 2)
+    overrides = config_flags.get_override_values(FLAGS["config"])
     data = {k: v for k, v in overrides.items() if k.startswith("data.")}
-    try:
-        summary = evaluation.evaluate_workdir(
-            _WORKDIR.value, teacher=_TEACHER.value, data=data, eval_config=flags.FLAGS.config.eval,
-            output_dir=_OUTPUT_DIR.value, step=_STEP.value)
-    except ValueError as e:  # every project error is a ValueError subclass with a fix in it
-        die(e)
+    summary = evaluation.evaluate_workdir(
+        FLAGS.workdir, teacher=FLAGS.teacher, data=data, eval_config=FLAGS.config.eval,
+        output_dir=FLAGS.output_dir, step=FLAGS.step)
     ppl = summary["perplexity"]
     line = f"student perplexity {ppl['student']:.4f}"
     if ppl["teacher"] is not None:
         line += f", teacher {ppl['teacher']:.4f}, ratio {ppl['ratio']:.4f}"
     print(line)
     if summary["files"]:
-        out = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
+        out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
         print(f"report: {os.path.join(out, summary['files']['report'])}")
 
 
-def run():
-    try:
-        define_config_flag()
-    except Exception as e:  # noqa: BLE001
-        flag_error(e, key_hint=_KEY_HINT)
-    app.run(main, flags_parser=flags_parser(_KEY_HINT))
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main, define_flags=define_flags, key_hint=_KEY_HINT)

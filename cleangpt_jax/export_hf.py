@@ -4,32 +4,32 @@
 
 The output (config.json + model.safetensors + tokenizer) loads with
 `transformers.GPT2LMHeadModel.from_pretrained(out)` and anywhere cleangpt_jax accepts a hub name
-(`cleangpt_jax.hf.load_gpt2`, a distillation teacher, `generate --hf`).
+(`cleangpt_jax.loading.load_lm`: a distillation teacher, `generate --hf`, `evaluate --teacher`).
+Errors print one line and exit non-zero.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
-from cleangpt_jax import hf
+from cleangpt_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run to export (its latest checkpoint).")
-flags.DEFINE_string("out", None, "Output directory (new or empty, unless --overwrite).")
-flags.DEFINE_integer("step", None, "Checkpoint step to export instead of the latest.")
-flags.DEFINE_bool("overwrite", False, "Replace the files of a non-empty --out directory.")
-flags.mark_flags_as_required(["workdir", "out"])
 
 
+def define_flags():
+    flags.DEFINE_string("workdir", None, "Training run to export (its latest checkpoint).")
+    flags.DEFINE_string("out", None, "Output directory (new or empty, unless --overwrite).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export instead of the latest.")
+    flags.DEFINE_bool("overwrite", False, "Replace the files of a non-empty --out directory.")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+@cli.tool(usage="--workdir=DIR --out=DIR")
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint access at INFO
-        logging.set_verbosity(logging.WARNING)
-    try:
-        out = hf.export_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, overwrite=FLAGS.overwrite)
-    except ValueError as e:
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    from cleangpt_jax import hf  # after flags: keeps --help fast
+
+    out = hf.export_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, overwrite=FLAGS.overwrite)
     print(f"Exported {FLAGS.workdir} as GPT-2 to {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags=define_flags)

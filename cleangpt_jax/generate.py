@@ -7,9 +7,9 @@
     python -m cleangpt_jax.generate --hf=runs/teacher-hf --prompt="Once upon a time"
 
 The model: --workdir loads config.json, tokenizer/ and the latest checkpoint (or --step) of a
-training or distillation run (`cleangpt_jax.workdir.load_run`); --hf loads a GPT-2 checkpoint
-(a hub name such as gpt2, or a local directory such as the one `export_hf` writes) with the
-tokenizer saved beside it (`cleangpt_jax.hf.load_gpt2`).
+training or distillation run; --hf loads a GPT-2 checkpoint (a hub name such as gpt2, or a
+local directory such as the one `export_hf` writes) with the tokenizer saved beside it. Both go
+through `cleangpt_jax.loading.load_lm`.
 
 Several --prompt flags are generated together as one batch, and each result is printed as the
 prompt followed by its continuation. No --prompt (and no --interactive) means an empty prompt:
@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from absl import app, flags, logging
+from absl import flags
 
-from cleangpt_jax.cli import die, flags_parser
+from cleangpt_jax import cli
+
+if TYPE_CHECKING:
+    from cleangpt_jax.loading import LM
 
 COMMANDS = ("/temperature X", "/top_k K|off", "/top_p P|off", "/max_new_tokens N", "/seed S",
             "settings", "help", "exit | quit")
@@ -92,8 +95,8 @@ class Settings:
             try:
                 value = kinds[name](text)
             except ValueError:
-                raise ValueError(f"{name} needs {'an integer' if kinds[name] is int else 'a number'}"
-                                 f", got {text!r}") from None
+                kind = "an integer" if kinds[name] is int else "a number"
+                raise ValueError(f"{name} needs {kind}, got {text!r}") from None
         return dataclasses.replace(self, **{name: value}).check()
 
     def describe(self) -> str:
@@ -102,62 +105,37 @@ class Settings:
                 f"top_k={off(self.top_k or None)} top_p={off(self.top_p)} seed={self.seed}")
 
 
-@dataclasses.dataclass
-class Generator:
-    """A loaded model with its tokenizer; `__call__` generates the texts for some prompts."""
-
-    model: Any
-    params: Any
-    tokenizer: Any
-    source: str
-
-    def __call__(self, prompts: list[str], settings: Settings) -> list[str]:
-        from cleangpt_jax.generation import run_generation
-
-        _, texts = run_generation(self.model, self.params, self.tokenizer, list(prompts),
-                                  max_new_tokens=settings.max_new_tokens,
-                                  temperature=settings.temperature, top_k=settings.top_k,
-                                  top_p=settings.top_p, seed=settings.seed)
-        return texts
-
-
-def load(workdir: str | None = None, hf: str | None = None, step: int | None = None
-         ) -> Generator:
-    """The model, parameters and tokenizer of a training run (`workdir`, latest checkpoint or
-    `step`) or of a Hugging Face GPT-2 checkpoint (`hf`: hub name or local directory)."""
+def load(workdir: str | None = None, hf: str | None = None, step: int | None = None) -> LM:
+    """The model of --workdir (a training run, latest checkpoint or `step`) or of --hf (a GPT-2
+    hub name or local directory with its tokenizer): `cleangpt_jax.loading.load_lm`."""
     if bool(workdir) == bool(hf):
         raise ValueError("pass --workdir=RUN (a training run) or --hf=NAME_OR_DIR (a GPT-2 "
                          "checkpoint), exactly one of them")
-    if hf:
-        from cleangpt_jax import hf as hf_lib
-        from cleangpt_jax.models import get_model
-        from cleangpt_jax.tokenizers import load_tokenizer
+    if hf and step is not None:
+        raise ValueError("--step applies to --workdir checkpoints, not to --hf")
+    from cleangpt_jax.loading import load_lm  # after flags: keeps --help fast
 
-        if step is not None:
-            raise ValueError("--step applies to --workdir checkpoints, not to --hf")
-        directory = hf_lib.resolve_checkpoint(hf, tokenizer=True)
-        config, params = hf_lib.load_gpt2(directory)
-        try:
-            tokenizer = load_tokenizer(directory)
-        except ValueError as e:
-            raise ValueError(f"{e}: --hf needs the tokenizer saved next to the weights "
-                             f"(export_hf writes it)") from None
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"the tokenizer in {directory!r} has {tokenizer.vocab_size} tokens "
-                             f"but the model only {config.vocab_size}: they do not belong together")
-        return Generator(get_model(config=config), params, tokenizer, directory)
-    from cleangpt_jax.workdir import load_run
-
-    run = load_run(workdir, step)
-    return Generator(run.model, run.params, run.tokenizer, f"{workdir} (step {run.step})")
+    return load_lm(workdir or hf, step=step, kind="workdir" if workdir else "hf")
 
 
-def interact(generator: Generator, settings: Settings, stdin: TextIO = sys.stdin,
+def generate_texts(lm: LM, prompts: list[str], settings: Settings) -> list[str]:
+    """Each prompt followed by its continuation, decoded (`run_generation`)."""
+    from cleangpt_jax.generation import run_generation
+
+    _, texts = run_generation(lm.model, lm.params, lm.tokenizer, list(prompts),
+                              max_new_tokens=settings.max_new_tokens,
+                              temperature=settings.temperature, top_k=settings.top_k,
+                              top_p=settings.top_p, seed=settings.seed)
+    return texts
+
+
+def interact(lm: LM, settings: Settings, stdin: TextIO = sys.stdin,
              stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> Settings:
     """The interactive loop (see the module docstring); returns the final settings."""
     tty = stdin.isatty()
     if tty:
-        print(f"{generator.source}: type a prompt, or one of {', '.join(COMMANDS)}", file=stdout)
+        source = lm.source if lm.step is None else f"{lm.source} (step {lm.step})"
+        print(f"{source}: type a prompt, or one of {', '.join(COMMANDS)}", file=stdout)
     while True:
         if tty:
             stdout.write("> ")
@@ -187,7 +165,7 @@ def interact(generator: Generator, settings: Settings, stdin: TextIO = sys.stdin
                 print(settings.describe(), file=stdout, flush=True)
             continue
         try:
-            text = generator([line], settings)[0]
+            text = generate_texts(lm, [line], settings)[0]
         except ValueError as e:
             print(f"error: {' '.join(str(e).split())}", file=stderr, flush=True)
             continue
@@ -196,35 +174,23 @@ def interact(generator: Generator, settings: Settings, stdin: TextIO = sys.stdin
     return settings
 
 
+@cli.tool(usage="--workdir=DIR --prompt=TEXT (quote a prompt with spaces)")
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
-    if len(argv) > 1:
-        die(f"unexpected arguments {argv[1:]}: flags look like --workdir=DIR --prompt=TEXT "
-            f"(quote a prompt with spaces)", 2)
     f = flag_values
-    if "verbosity" not in f or not f["verbosity"].present:  # Orbax logs at INFO
-        logging.set_verbosity(logging.WARNING)
-    try:
-        settings = Settings(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                            top_k=f.top_k, top_p=f.top_p, seed=f.seed).check()
-        generator = load(f.workdir, f.hf, f.step)
-        prompts = list(f.prompt) or ([] if f.interactive else [""])
-        if prompts:
-            texts = generator(prompts, settings)
-            for i, text in enumerate(texts):
-                if len(texts) > 1:
-                    print(f"----- prompt {i + 1}: {prompts[i]!r} -----")
-                print(text + ("\n" if len(texts) > 1 else ""), flush=True)
-            settings = dataclasses.replace(settings, seed=settings.seed + 1)
-    except ValueError as e:  # every project error is a ValueError with the fix in its message
-        die(e)
+    settings = Settings(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                        top_k=f.top_k, top_p=f.top_p, seed=f.seed).check()
+    lm = load(f.workdir, f.hf, f.step)
+    prompts = list(f.prompt) or ([] if f.interactive else [""])
+    if prompts:
+        texts = generate_texts(lm, prompts, settings)
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"----- prompt {i + 1}: {prompts[i]!r} -----")
+            print(text + ("\n" if len(texts) > 1 else ""), flush=True)
+        settings = dataclasses.replace(settings, seed=settings.seed + 1)
     if f.interactive:
-        interact(generator, settings)
-
-
-def run():
-    define_flags(flags.FLAGS)
-    app.run(main, flags_parser=flags_parser())
+        interact(lm, settings)
 
 
 if __name__ == "__main__":
-    run()
+    cli.run(main, define_flags=define_flags)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cleangpt_jax import sampling
+from cleangpt_jax.loading import check_vocab
 from cleangpt_jax.models import layers
 
 
@@ -314,10 +315,8 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
     if not texts or not all(isinstance(t, str) for t in texts):
         raise GenerationError(f"prompt_text must be a string or a non-empty list of strings, "
                               f"got {prompt_text!r}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GenerationError(f"tokenizer vocab_size {tokenizer.vocab_size} > model vocab_size "
-                              f"{model.config.vocab_size}: use the tokenizer the model was "
-                              f"trained with")
+    check_vocab(tokenizer.vocab_size, model.config.vocab_size, error=GenerationError,
+                fix="use the tokenizer the model was trained with")
     start_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                 else tokenizer.eos_token_id)
     prompts = [list(tokenizer.encode(t)) for t in texts]

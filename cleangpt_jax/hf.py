@@ -73,10 +73,6 @@ _BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2" or "org/name"
 
 
-class HFError(ValueError):
-    """A Hugging Face checkpoint or export request that cannot work; the message says the fix."""
-
-
 # ----------------------------------------------------------------------------- names and shapes
 
 def param_names(config: ModelConfig) -> dict[str, str]:
@@ -84,7 +80,8 @@ def param_names(config: ModelConfig) -> dict[str, str]:
     "h_0/ln_1/scale"; "lm_head.weight" -> "lm_head" for an untied head."""
     names = {f"transformer.{hf}": ours for hf, ours in _TOP_LEVEL.items()}
     for i in range(config.n_layer):
-        names.update({f"transformer.h.{i}.{hf}": f"h_{i}/{ours}" for hf, ours in _PER_BLOCK.items()})
+        names.update({f"transformer.h.{i}.{hf}": f"h_{i}/{ours}"
+                      for hf, ours in _PER_BLOCK.items()})
     if not config.tie_embeddings:
         names["lm_head.weight"] = "lm_head"
     return names
@@ -115,11 +112,14 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype="float32",
     c = dict(hf_config)
     model_type = c.get("model_type")
     if model_type != "gpt2" or "n_embd" not in c:
-        raise HFError(f"{source} describes a {model_type!r} model, not GPT-2 (model_type 'gpt2' with "
-                      f"n_embd/n_layer/n_head): only GPT2LMHeadModel checkpoints can be loaded")
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in c]
+        raise ConfigError(f"{source} describes a {model_type!r} model, not GPT-2 (model_type "
+                          "'gpt2' with n_embd/n_layer/n_head): only GPT2LMHeadModel checkpoints "
+                          "can be loaded")
+    required = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    missing = [k for k in required if k not in c]
     if missing:
-        raise HFError(f"{source} lacks the GPT-2 field(s) {missing}: it is not a complete GPT2Config")
+        raise ConfigError(f"{source} lacks the GPT-2 field(s) {missing}: it is not a complete "
+                          "GPT2Config")
     d = c["n_embd"]
     unsupported = {
         "scale_attn_by_inverse_layer_idx": (c.get("scale_attn_by_inverse_layer_idx", False), False),
@@ -128,15 +128,16 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype="float32",
     }
     for key, (value, needed) in unsupported.items():
         if bool(value) != needed:
-            raise HFError(f"{source} sets {key}={value}, which the Vanilla model cannot represent "
-                          f"(it needs {key}={needed}): this checkpoint cannot be converted")
+            raise ConfigError(f"{source} sets {key}={value}, which the Vanilla model cannot "
+                              f"represent (it needs {key}={needed}): this checkpoint cannot be "
+                              "converted")
     if c.get("n_inner") not in (None, 4 * d):
-        raise HFError(f"{source} sets n_inner={c['n_inner']}, but the Vanilla MLP is 4 * n_embd = "
-                      f"{4 * d} wide: this checkpoint cannot be converted")
+        raise ConfigError(f"{source} sets n_inner={c['n_inner']}, but the Vanilla MLP is 4 * "
+                          f"n_embd = {4 * d} wide: this checkpoint cannot be converted")
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise HFError(f"{source} uses activation_function={act!r}: supported are "
-                      f"{sorted(ACTIVATIONS)}")
+        raise ConfigError(f"{source} uses activation_function={act!r}: supported are "
+                          f"{sorted(ACTIVATIONS)}")
     # reorder_and_upcast_attn only changes HF's eager numerics (float32 softmax); ours is float32.
     try:
         return ModelConfig(
@@ -147,17 +148,19 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype="float32",
             tie_embeddings=bool(c.get("tie_word_embeddings", True)),
             dtype=_dtype_name(dtype), param_dtype=_dtype_name(dtype))
     except ConfigError as e:
-        raise HFError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def hf_config(config: ModelConfig, tokenizer=None) -> dict[str, Any]:
     """The GPT2Config dict (config.json) of a Vanilla model; checks that GPT-2 can represent it."""
     if config.model_type != "vanilla":
-        raise HFError(f"cannot export a {config.model_type!r} model as GPT-2: only 'vanilla' models "
-                      f"have GPT2LMHeadModel's architecture (use it as a cleangpt_jax workdir instead)")
+        raise ConfigError(f"cannot export a {config.model_type!r} model as GPT-2: only 'vanilla' "
+                          "models have GPT2LMHeadModel's architecture (use it as a cleangpt_jax "
+                          "workdir instead)")
     if config.position_encoding != "learned":
-        raise HFError(f"cannot export a model with position_encoding={config.position_encoding!r} as "
-                      f"GPT-2: GPT2LMHeadModel has learned positions (wpe) only")
+        raise ConfigError("cannot export a model with "
+                          f"position_encoding={config.position_encoding!r} as GPT-2: "
+                          "GPT2LMHeadModel has learned positions (wpe) only")
     special = {}
     if tokenizer is not None:
         special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -171,7 +174,8 @@ def hf_config(config: ModelConfig, tokenizer=None) -> dict[str, Any]:
         "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": 0.02,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "add_cross_attention": False,
-        "tie_word_embeddings": config.tie_embeddings, "use_cache": True, "dtype": config.param_dtype,
+        "tie_word_embeddings": config.tie_embeddings, "use_cache": True,
+        "dtype": config.param_dtype,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **special,
     }
 
@@ -179,7 +183,7 @@ def hf_config(config: ModelConfig, tokenizer=None) -> dict[str, Any]:
 def _dtype_name(dtype) -> str:
     name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
     if name not in DTYPES:
-        raise HFError(f"unsupported dtype {dtype!r}: choose one of {list(DTYPES)}")
+        raise ConfigError(f"unsupported dtype {dtype!r}: choose one of {list(DTYPES)}")
     return name
 
 
@@ -197,14 +201,15 @@ def resolve_checkpoint(name_or_path, *, tokenizer: bool = False) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise HFError(f"{path!r} is a file: pass the directory holding {CONFIG_FILE} and the weights, "
-                      f"or a Hugging Face hub name like 'gpt2'")
+        raise ConfigError(f"{path!r} is a file: pass the directory holding {CONFIG_FILE} and the "
+                          "weights, or a Hugging Face hub name like 'gpt2'")
     parent = os.path.dirname(path.rstrip(os.sep))
     looks_local = (name.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(path)
                    or (parent and os.path.isdir(parent)) or not _HUB_NAME.fullmatch(name))
     if looks_local:
-        raise HFError(f"directory {path!r} not found: pass an existing directory with {CONFIG_FILE} "
-                      f"and model.safetensors, or a Hugging Face hub name like 'gpt2'")
+        raise ConfigError(f"directory {path!r} not found: pass an existing directory with "
+                          f"{CONFIG_FILE} and model.safetensors, or a Hugging Face hub name like "
+                          "'gpt2'")
     return _download(name, tokenizer=tokenizer)
 
 
@@ -221,8 +226,9 @@ def _download(repo_id: str, *, tokenizer: bool) -> str:
                 CONFIG_FILE, TORCH_FILE, TORCH_INDEX, "pytorch_model-*-of-*.bin", *extra])
     except Exception as e:  # network, auth, missing repo: one line for the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HFError(f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
-                      f"{reason}): check the name and the network, or pass a local directory") from None
+        raise ConfigError(f"could not fetch {repo_id!r} from the Hugging Face hub "
+                          f"({type(e).__name__}: {reason}): check the name and the network, or "
+                          "pass a local directory") from None
     return path
 
 
@@ -259,8 +265,9 @@ def _read_torch(path: str) -> Iterator[tuple[str, Any]]:
     try:
         import torch
     except ImportError:
-        raise HFError(f"{path} is a PyTorch checkpoint and torch is not installed: pip install torch "
-                      f"(CPU build), or convert the checkpoint to model.safetensors") from None
+        raise ConfigError(f"{path} is a PyTorch checkpoint and torch is not installed: pip "
+                          "install torch (CPU build), or convert the checkpoint to "
+                          "model.safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
@@ -286,8 +293,8 @@ def load_gpt2(name_or_path, *, dtype="float32", mesh: jax.sharding.Mesh | None =
     config = _read_config(directory, dtype)
     files = _weight_files(directory)
     if not files:
-        raise HFError(f"no weights in {directory!r}: expected {SAFETENSORS_FILE} (or "
-                      f"{SAFETENSORS_INDEX}) or {TORCH_FILE} next to {CONFIG_FILE}")
+        raise ConfigError(f"no weights in {directory!r}: expected {SAFETENSORS_FILE} (or "
+                          f"{SAFETENSORS_INDEX}) or {TORCH_FILE} next to {CONFIG_FILE}")
     expected = abstract_params(config)
     names = param_names(config)
     shardings = _shardings(mesh, expected)
@@ -298,13 +305,15 @@ def load_gpt2(name_or_path, *, dtype="float32", mesh: jax.sharding.Mesh | None =
         if _BUFFERS.fullmatch(name) or (name == "lm_head.weight" and config.tie_embeddings):
             continue
         if name not in names:
-            raise HFError(f"unexpected tensor {hf_name!r} in {directory!r}: not part of "
-                          f"GPT2LMHeadModel with n_layer={config.n_layer} (is {CONFIG_FILE} right?)")
+            raise ConfigError(f"unexpected tensor {hf_name!r} in {directory!r}: not part of "
+                              f"GPT2LMHeadModel with n_layer={config.n_layer} (is {CONFIG_FILE} "
+                              "right?)")
         path = names[name]
         want = expected[path].shape
         if tuple(array.shape) != tuple(want):
-            raise HFError(f"tensor {hf_name!r} has shape {tuple(array.shape)} but {CONFIG_FILE} "
-                          f"implies {tuple(want)}: the config and the weights do not match")
+            raise ConfigError(f"tensor {hf_name!r} has shape {tuple(array.shape)} but "
+                              f"{CONFIG_FILE} implies {tuple(want)}: the config and the weights do "
+                              "not match")
         array = np.asarray(array, dtype=np_dtype)
         flat[path] = (jax.device_put(array) if shardings is None else
                       jax.make_array_from_callback(array.shape, shardings[path],
@@ -312,21 +321,21 @@ def load_gpt2(name_or_path, *, dtype="float32", mesh: jax.sharding.Mesh | None =
         del array
     missing = [hf for hf, ours in names.items() if ours not in flat]
     if missing:
-        raise HFError(f"{directory!r} lacks {len(missing)} tensor(s) of GPT2LMHeadModel, e.g. "
-                      f"{missing[:3]}: the checkpoint is incomplete or not a GPT-2 model")
+        raise ConfigError(f"{directory!r} lacks {len(missing)} tensor(s) of GPT2LMHeadModel, e.g. "
+                          f"{missing[:3]}: the checkpoint is incomplete or not a GPT-2 model")
     return config, flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _read_config(directory: str, dtype) -> ModelConfig:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise HFError(f"no {CONFIG_FILE} in {directory!r}: a GPT-2 checkpoint directory needs "
-                      f"config.json next to its weights")
+        raise ConfigError(f"no {CONFIG_FILE} in {directory!r}: a GPT-2 checkpoint directory needs "
+                          "config.json next to its weights")
     try:
         with open(path) as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
-        raise HFError(f"{path} is not valid JSON ({e})") from None
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
     return config_from_hf(raw, dtype=dtype, source=path)
 
 
@@ -356,26 +365,26 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
     config = model_config
     hf_cfg = hf_config(config, tokenizer)
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-        raise HFError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size "
-                      f"{config.vocab_size}: export the tokenizer the model was trained with")
+        raise ConfigError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size "
+                          f"{config.vocab_size}: export the tokenizer the model was trained with")
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
     expected = abstract_params(config)
     for path in sorted(set(expected) | set(flat)):
         if path not in flat:
-            raise HFError(f"params lack {path!r} (shape {expected[path].shape}) that the model "
-                          f"config requires: params and config do not belong together")
+            raise ConfigError(f"params lack {path!r} (shape {expected[path].shape}) that the model "
+                              "config requires: params and config do not belong together")
         if path not in expected:
-            raise HFError(f"params hold {path!r}, which a {config.model_type} model with this "
-                          f"config does not have: params and config do not belong together")
+            raise ConfigError(f"params hold {path!r}, which a {config.model_type} model with this "
+                              "config does not have: params and config do not belong together")
         if tuple(flat[path].shape) != tuple(expected[path].shape):
-            raise HFError(f"param {path!r} has shape {tuple(flat[path].shape)} but the model config "
-                          f"implies {tuple(expected[path].shape)}")
+            raise ConfigError(f"param {path!r} has shape {tuple(flat[path].shape)} but the model "
+                              f"config implies {tuple(expected[path].shape)}")
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise HFError(f"output directory {out_dir!r} is not empty: choose a new directory or "
-                      f"overwrite it explicitly (--overwrite)")
+        raise ConfigError(f"output directory {out_dir!r} is not empty: choose a new directory or "
+                          "overwrite it explicitly (--overwrite)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise HFError(f"output path {out_dir!r} is a file: choose a directory")
+        raise ConfigError(f"output path {out_dir!r} is a file: choose a directory")
 
     from cleangpt_jax import sharding
 
@@ -407,39 +416,7 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
-
-
 # ----------------------------------------------------------------------------- workdirs
-
-def import_to_workdir(name_or_path, workdir, *, dtype="float32") -> str:
-    """Convert an HF GPT-2 checkpoint (hub name or directory) into a cleangpt_jax workdir.
-
-    Writes config.json (the default config with the converted model section and the
-    checkpoint's tokenizer), tokenizer/ and a params-only Orbax checkpoint at step 0, so that
-    `load_run(workdir)`, generate, evaluate and distillation use it like a trained run. The
-    workdir must be new or empty. Returns `workdir`.
-    """
-    from cleangpt_jax.config import get_config
-    from cleangpt_jax.tokenizers import load_tokenizer
-    from cleangpt_jax.workdir import TOKENIZER_DIR, write_model_workdir
-
-    workdir = os.fspath(workdir)
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-        raise HFError(f"workdir {workdir!r} already exists and is not empty: import into a new "
-                      f"directory")
-    directory = resolve_checkpoint(name_or_path, tokenizer=True)
-    model_cfg, params = load_gpt2(directory, dtype=dtype)
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise HFError(f"the tokenizer in {directory!r} has {tokenizer.vocab_size} tokens but the "
-                      f"model only {model_cfg.vocab_size}: they do not belong together")
-    config = get_config()
-    config.model.update(model_cfg.to_dict())
-    config.tokenizer.type = tokenizer.tokenizer_type
-    config.tokenizer.name_or_path = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
-    return write_model_workdir(workdir, config, tokenizer, params,
-                               meta={"hf_source": os.fspath(name_or_path)})
-
 
 def export_run(workdir, out_dir, *, step: int | None = None, overwrite: bool = False) -> str:
     """Export a Vanilla run's checkpoint (latest unless `step`) and tokenizer with `export_gpt2`."""

@@ -51,6 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
@@ -62,10 +63,6 @@ RESULT_KEYS = ("tokenizer", "data", "total_tokens", "special_tokens", "unique_to
                "vocab_size", "vocab_coverage", "num_chars", "num_words", "tokens_per_char",
                "tokens_per_word", "top_tokens", "coverage_thresholds", "pruned", "files")
 _CHUNK = 1 << 20  # tokens per read of a (memmapped) stream
-
-
-class TokenAnalysisError(ValueError):
-    """Input the analysis cannot use; the message says how to fix it."""
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -84,9 +81,9 @@ def count_tokens(streams: Iterable, vocab_size: int) -> np.ndarray:
         for start in range(0, len(stream), _CHUNK):
             part = np.asarray(stream[start:start + _CHUNK]).astype(np.int64)
             if part.size and (part.min() < 0 or part.max() >= vocab_size):
-                raise TokenAnalysisError(
-                    f"the stream holds token id {int(part.max())} but the tokenizer has only "
-                    f"{vocab_size} ids: the data were tokenized with another tokenizer")
+                raise ConfigError(f"the stream holds token id {int(part.max())} but the tokenizer "
+                                  f"has only {vocab_size} ids: the data were tokenized with "
+                                  "another tokenizer")
             counts += np.bincount(part, minlength=vocab_size)
     return counts
 
@@ -135,7 +132,7 @@ def coverage_curve(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, np.int64)
     total = counts.sum()
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to analyse: the dataset is empty")
+        raise ConfigError("there are no tokens to analyse: the dataset is empty")
     return np.cumsum(np.sort(counts)[::-1]) / total
 
 
@@ -155,7 +152,7 @@ def token_stats(counts: np.ndarray, tokenizer: Tokenizer, *, num_chars: int, num
     counts = np.asarray(counts, np.int64)
     total = int(counts.sum())
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to analyse: the dataset is empty")
+        raise ConfigError("there are no tokens to analyse: the dataset is empty")
     special = int(counts[special_token_ids(tokenizer)].sum())
     text_tokens = total - special
     top = np.argsort(-counts, kind="stable")[:top_n]
@@ -230,8 +227,8 @@ def plot_coverage(counts: np.ndarray, path: str) -> str:
 
 def check_coverage(coverage) -> None:
     if not (isinstance(coverage, (int, float)) and 0.0 < coverage <= 1.0):
-        raise TokenAnalysisError(f"--prune must be a coverage in (0, 1], got {coverage!r}: "
-                                 f"e.g. --prune=0.95 keeps the tokens covering 95% of the data")
+        raise ConfigError(f"--prune must be a coverage in (0, 1], got {coverage!r}: e.g. "
+                          "--prune=0.95 keeps the tokens covering 95% of the data")
 
 
 def prune_tokenizer(tokenizer: Tokenizer, counts: np.ndarray, coverage: float) -> PrunedTokenizer:
@@ -243,11 +240,11 @@ def prune_tokenizer(tokenizer: Tokenizer, counts: np.ndarray, coverage: float) -
     check_coverage(coverage)
     counts = np.asarray(counts, np.int64)
     if len(counts) != tokenizer.vocab_size:
-        raise TokenAnalysisError(f"counts has {len(counts)} entries for a vocabulary of "
-                                 f"{tokenizer.vocab_size}")
+        raise ConfigError(f"counts has {len(counts)} entries for a vocabulary of "
+                          f"{tokenizer.vocab_size}")
     total = counts.sum()
     if total == 0:
-        raise TokenAnalysisError("there are no tokens to prune on: the dataset is empty")
+        raise ConfigError("there are no tokens to prune on: the dataset is empty")
     special = special_token_ids(tokenizer)
     regular = np.setdiff1d(np.flatnonzero(counts > 0), special)
     regular = regular[np.argsort(-counts[regular], kind="stable")]
@@ -295,7 +292,7 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
     if prune is not None:
         check_coverage(prune)
     if top_n < 0:
-        raise TokenAnalysisError(f"--top_n must be >= 0, got {top_n}")
+        raise ConfigError(f"--top_n must be >= 0, got {top_n}")
     config = type(config)(config.to_dict())
     config.model.block_size = 1  # any non-empty stream can be analysed
     data = load_dataset(config, tokenizer)
@@ -333,20 +330,19 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
 def run():
     """`python -m cleangpt_jax.token_analysis`: flags are defined here, not at import, so the
     library can be imported next to other CLIs."""
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
+    from cleangpt_jax import cli
     from cleangpt_jax import config as config_lib
-    from cleangpt_jax.cli import die, flag_error, flags_parser
 
-    try:  # config_flags applies --config.x=y overrides while defining the flag
-        cfg_flag = config_flags.DEFINE_config_file(
+    def define_config():
+        return config_flags.DEFINE_config_file(
             "config", default=config_lib.__file__, lock_config=True,
             help_string="Config file with get_config() (default: cleangpt_jax/config.py); its "
                         "data and tokenizer sections are used. Override with "
                         "--config.data.key=value.")
-    except Exception as e:  # noqa: BLE001
-        flag_error(e)
+
     tok_flag = flags.DEFINE_string("tokenizer", None, "'character' (built from the data), a "
                                    "directory (workdir, saved or HF tokenizer) or a hub name "
                                    "such as 'gpt2' (default: the config's tokenizer section).")
@@ -355,18 +351,14 @@ def run():
                                     "frequent tokens that cover this share of the data, e.g. 0.95.")
     top_flag = flags.DEFINE_integer("top_n", 20, "How many of the most frequent tokens to list.")
 
+    @cli.tool(usage="--tokenizer=gpt2 --config.data.max_samples=1000",
+              errors=(ValueError, OSError))  # project errors are ValueErrors with the fix in them
     def main(argv):
-        if len(argv) > 1:
-            die(f"unexpected arguments {argv[1:]}: flags look like --tokenizer=gpt2 "
-                f"--config.data.max_samples=1000", 2)
-        try:
-            config = cfg_flag.value
-            tokenizer = resolve_tokenizer(tok_flag.value, config)
-            result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
-                                     top_n=top_flag.value,
-                                     source=tok_flag.value or str(config.tokenizer.type))
-        except (ValueError, OSError) as e:  # project errors are ValueErrors with the fix in them
-            die(e)
+        config = cli.config_flag_value()
+        tokenizer = resolve_tokenizer(tok_flag.value, config)
+        result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
+                                 top_n=top_flag.value,
+                                 source=tok_flag.value or str(config.tokenizer.type))
         print(f"{result['total_tokens']} tokens, {result['unique_tokens']} unique of "
               f"{result['vocab_size']} ({result['vocab_coverage']:.1%} of the vocabulary)")
         print("vocabulary size for coverage: " + ", ".join(
@@ -377,7 +369,7 @@ def run():
                   f"{os.path.join(out_flag.value, p['directory'])}")
         print(f"outputs: {out_flag.value}")
 
-    app.run(main, flags_parser=flags_parser())
+    cli.run(main, define_flags=define_config)
 
 
 if __name__ == "__main__":

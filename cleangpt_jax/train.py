@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from cleangpt_jax import cli
 from cleangpt_jax import config as config_lib
-from cleangpt_jax.cli import die, flag_error, flags_parser
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (default: runs/<config file name>); rerun to resume.")
-
-
-def define_config_flag():
-    """--config, defaulting to cleangpt_jax/config.py so overrides work without a file.
-    config_flags applies --config.x=y overrides while defining the flag, hence a function."""
+def define_flags():
+    """--workdir and --config (defaulting to cleangpt_jax/config.py so overrides work without a
+    file). config_flags applies --config.x=y overrides while defining the flag, hence a
+    function, called under `cli.run`'s error handling."""
+    flags.DEFINE_string("workdir", None,
+                        "Run directory (default: runs/<config file name>); rerun to resume.")
     return config_flags.DEFINE_config_file(
         "config", default=config_lib.__file__,
         help_string="Config file with get_config() (default: cleangpt_jax/config.py); "
@@ -44,39 +43,20 @@ def default_workdir(path: str | None) -> str:
     return os.path.join("runs", config_name(path))
 
 
+@cli.tool(usage="--config=FILE --config.train.num_steps=100 --workdir=DIR")
 def main(argv):
-    if len(argv) > 1:
-        die(f"unexpected arguments {argv[1:]}: flags look like --config=FILE "
-            f"--config.train.num_steps=100 --workdir=DIR", 2)
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    try:
-        config = flags.FLAGS.config
-        config.get("train")  # a config file that failed to load raises here
-    except (IOError, OSError) as e:
-        die(f"cannot load --config={path}: {e.__cause__ or e}", 2)
-    workdir = _WORKDIR.value or default_workdir(path)
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
+    config = cli.config_flag_value()
+    workdir = flags.FLAGS.workdir or default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"]))
 
     from cleangpt_jax.trainer import train_and_evaluate  # after flags: keeps --help fast
 
-    try:
-        summary = train_and_evaluate(config, workdir)
-    except ValueError as e:  # every project error is a ValueError subclass with a fix in it
-        die(e)
+    summary = train_and_evaluate(config, workdir)
     if summary.samples:
         for prompt, text in zip(config.train.sample_prompts, summary.samples):
             print(f"\n----- sample (prompt {prompt!r}, step {summary.step}) -----\n{text}")
     print(f"\nworkdir: {summary.workdir}")
 
 
-def run():
-    try:
-        define_config_flag()
-    except Exception as e:  # noqa: BLE001
-        flag_error(e)
-    app.run(main, flags_parser=flags_parser())
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main, define_flags=define_flags)

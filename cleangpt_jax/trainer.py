@@ -50,6 +50,7 @@ from cleangpt_jax import sharding
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, model_config
+from cleangpt_jax.loading import check_vocab
 from cleangpt_jax.losses import causal_lm_loss_terms
 from cleangpt_jax.optim import make_optimizer
 
@@ -459,16 +460,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tokenizer = prepare_tokenizer(config, workdir)
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size} tokens: leave it None")
+    check_vocab(tokenizer.vocab_size, config.model.vocab_size, where="model.vocab_size",
+                fix="leave model.vocab_size None (the tokenizer's size)")
     mcfg = model_config(config.model)
     previous = None
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         previous = workdir_lib.load_config(workdir)
         diff = workdir_lib.config_differences(previous, config)
         if diff:
-            raise workdir_lib.WorkdirError(
+            raise ConfigError(
                 f"{workdir} holds a run with a different model/tokenizer ({'; '.join(diff[:4])})"
                 f": pass a new --workdir, or the original settings to resume it")
 

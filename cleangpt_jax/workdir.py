@@ -27,18 +27,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import sharding
-from cleangpt_jax.checkpoint import CheckpointError, Checkpointer
-from cleangpt_jax.config import ModelConfig, model_config
+from cleangpt_jax.checkpoint import Checkpointer
+from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
-
-
-class WorkdirError(ValueError):
-    """A workdir that is missing, incomplete, or belongs to a different run."""
 
 
 def is_writer() -> bool:
@@ -71,15 +67,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         if not os.path.isdir(workdir):
-            raise WorkdirError(f"workdir {workdir!r} does not exist: pass the --workdir of a "
-                               f"training run")
-        raise WorkdirError(f"{workdir!r} has no {CONFIG_FILE}: it is not a training run's "
-                           f"workdir (train into it first)")
+            raise ConfigError(f"workdir {workdir!r} does not exist: pass the --workdir of a "
+                              "training run")
+        raise ConfigError(f"{workdir!r} has no {CONFIG_FILE}: it is not a training run's workdir "
+                          "(train into it first)")
     try:
         with open(path, encoding="utf-8") as f:
             return ml_collections.ConfigDict(json.load(f))
     except json.JSONDecodeError as e:
-        raise WorkdirError(f"{path} is not valid JSON ({e})") from e
+        raise ConfigError(f"{path} is not valid JSON ({e})") from e
 
 
 def config_differences(old: Any, new: Any, sections=("model", "tokenizer")) -> list[str]:
@@ -136,12 +132,12 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
     config = load_config(workdir)
     tok_dir = os.path.join(workdir, TOKENIZER_DIR)
     if not os.path.isdir(tok_dir):
-        raise WorkdirError(f"{workdir!r} has no {TOKENIZER_DIR}/ directory: the run did not "
-                           f"finish setting up; rerun training into it")
+        raise ConfigError(f"{workdir!r} has no {TOKENIZER_DIR}/ directory: the run did not finish "
+                          "setting up; rerun training into it")
     ckdir = checkpoint_dir(workdir)
     if not os.path.isdir(ckdir):
-        raise WorkdirError(f"{workdir!r} has no checkpoint yet: train until a checkpoint is "
-                           f"written (train.checkpoint_every), or pick another workdir")
+        raise ConfigError(f"{workdir!r} has no checkpoint yet: train until a checkpoint is written "
+                          "(train.checkpoint_every), or pick another workdir")
     tokenizer = load_tokenizer(tok_dir)
     mcfg = model_config(config.model)
     model = get_model(config=mcfg)
@@ -155,8 +151,6 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
     ckpt = Checkpointer(ckdir, read_only=True)
     try:
         restored = ckpt.restore(step, params=target)
-    except CheckpointError as e:
-        raise WorkdirError(str(e)) from e
     finally:
         ckpt.close()
     return Run(config=config, model_config=mcfg, model=model, tokenizer=tokenizer,
@@ -181,8 +175,8 @@ def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
     ckpt = open_checkpointer(workdir, async_save=False)
     try:
         if step in ckpt.all_steps():
-            raise WorkdirError(f"{checkpoint_dir(workdir)} already has step {step}: write into "
-                               f"a new workdir")
+            raise ConfigError(f"{checkpoint_dir(workdir)} already has step {step}: write into a "
+                              "new workdir")
         ckpt.save(step, params=params, meta=dict(meta or {}, step=int(step)))
     finally:
         ckpt.close()

@@ -30,6 +30,7 @@ from cleangpt_jax import hf, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.distill import runner
 from cleangpt_jax.distill import config as distill_config
+from cleangpt_jax.loading import load_lm
 from helpers import one_line_error, persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +202,7 @@ def test_offline_teacher_recipe_gives_a_gpt2_directory(offline_teacher):
     assert (config.n_layer, config.n_embd, config.vocab_size) == (4, TEACHER_WIDTH,
                                                                    run.tokenizer.vocab_size)
     assert_trees_equal(params, run.params)
-    tok = runner.teacher_tokenizer(offline_teacher.hf_dir)  # its character tokenizer
+    tok = load_lm(offline_teacher.hf_dir).tokenizer  # its character tokenizer
     assert tok.tokenizer_type == "character" and tok.encode("ROMEO:") == \
         run.tokenizer.encode("ROMEO:")
 

@@ -22,6 +22,9 @@ import pytest
 from PIL import Image
 
 from cleangpt_jax import evaluation
+from cleangpt_jax.config import ConfigError
+from cleangpt_jax.evaluation import metrics, report
+from cleangpt_jax.loading import LM
 from cleangpt_jax.distill import init_stitching
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
@@ -54,7 +57,7 @@ def forward(model, params, ids):
     return out.logits, out.hidden_states
 
 
-def make_lm(name, *, vocab=VOCAB, n_layer=2, n_embd=32, seed=0, tokenizer=None):
+def make_lm(*, vocab=VOCAB, n_layer=2, n_embd=32, seed=0, tokenizer=None):
     """A random Vanilla model: N(0, 0.02) weights, unit LayerNorm scales.
 
     The parameters are drawn in numpy on the model's parameter shapes (`jax.eval_shape`), which
@@ -72,10 +75,10 @@ def make_lm(name, *, vocab=VOCAB, n_layer=2, n_embd=32, seed=0, tokenizer=None):
         return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(draw, shapes["params"])
-    return evaluation.LM(name, model, params, tokenizer, f"random-{seed}")
+    return LM(model, params, tokenizer, f"random-{seed}")
 
 
-def copy_lm(name, **kw):
+def copy_lm(**kw):
     """A model that predicts its current input token with near certainty.
 
     wte ~ N(0, 1) (50x the usual scale) and wpe = 0: the residual stream is wte[x] plus block
@@ -83,11 +86,11 @@ def copy_lm(name, **kw):
     n_embd for v = x against a spread of sqrt(n_embd) for the others. Which target a position is
     scored against therefore changes its loss by tens of nats.
     """
-    lm = make_lm(name, **kw)
+    lm = make_lm(**kw)
     params = dict(lm.params)
     params["wte"] = {"embedding": lm.params["wte"]["embedding"] * 50.0}
     params["wpe"] = {"embedding": jnp.zeros_like(lm.params["wpe"]["embedding"])}
-    return evaluation.LM(name, lm.model, params, None, lm.source)
+    return LM(lm.model, params, None, lm.source)
 
 
 def pair_batches(seed=0):
@@ -136,8 +139,9 @@ def setup(tmp_path_factory, gpt2_tokenizer_dir):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from cleangpt_jax import hf, sharding
+    from cleangpt_jax import sharding
     from cleangpt_jax import workdir as workdir_lib
+    from cleangpt_jax.loading import import_to_workdir, load_lm
 
     root = tmp_path_factory.mktemp("eval")
     rnd = random.Random(0)
@@ -156,17 +160,17 @@ def setup(tmp_path_factory, gpt2_tokenizer_dir):
         shutil.copy(os.path.join(gpt2_tokenizer_dir, name), teacher_dir / name)
 
     # The student: the teacher imported as a workdir, its data section pointed at the corpus.
-    workdir = hf.import_to_workdir(str(teacher_dir), str(root / "student"))
+    workdir = import_to_workdir(str(teacher_dir), str(root / "student"))
     cfg = workdir_lib.load_config(workdir)
     cfg.data.source, cfg.data.files = "text", str(corpus)
     cfg.data.val_fraction = 0.25
     cfg.data.cache_dir = str(root / "cache")
     workdir_lib.save_config(workdir, cfg)
     # Parameters laid out as evaluate_workdir lays them out, so compiled programs are shared.
-    run = workdir_lib.load_run(workdir, mesh=sharding.create_mesh())
-    student = evaluation.LM("student", run.model, run.params, run.tokenizer, workdir)
+    student = load_lm(workdir, mesh=sharding.create_mesh())
+    assert student.step == 0 and student.run_config.data.files == str(corpus)
     return {"root": root, "corpus": str(corpus), "teacher_dir": str(teacher_dir),
-            "workdir": workdir, "student": student, "tokenizer": run.tokenizer}
+            "workdir": workdir, "student": student, "tokenizer": student.tokenizer}
 
 
 # Generation settings shared by the in-process tests, so that they reuse one compiled program.
@@ -177,10 +181,10 @@ GEN = dict(max_new_tokens=6, temperature=1.0, top_k=5, top_p=None, seed=3)
 
 def test_perplexity_equals_hand_computed_value():
     # Zero embeddings make every logit exactly 0: each target costs log V, perplexity is V.
-    lm = make_lm("student")
+    lm = make_lm()
     zero = dict(lm.params, wte={"embedding": jnp.zeros_like(lm.params["wte"]["embedding"])})
     batches = pair_batches()
-    result = evaluation.perplexity(lm.model, zero, batches)
+    result = metrics.perplexity(lm.model, zero, batches)
     # Token-weighted over both batches: 3 full rows of 15 targets + 2 real targets in the last.
     assert result["tokens"] == 3 * (BLOCK - 1) + 2
     np.testing.assert_allclose(result["loss"], np.log(VOCAB), rtol=1e-6)
@@ -189,9 +193,9 @@ def test_perplexity_equals_hand_computed_value():
     # A model whose per-token losses differ by tens of nats: the mean is over real targets
     # only, each counted once whatever its batch (a mean of batch means is far off). A constant
     # row is all easy targets, so the second batch's mean is far below the first's.
-    copy = copy_lm("student")
+    copy = copy_lm()
     batches[1]["input_ids"][0] = 7
-    result = evaluation.perplexity(copy.model, copy.params, batches)
+    result = metrics.perplexity(copy.model, copy.params, batches)
     ids, mask = stacked(batches)
     logits = np.asarray(forward(copy.model, copy.params, jnp.asarray(ids))[0])
     want = masked_nll(logits, ids, mask)
@@ -204,9 +208,9 @@ def test_perplexity_equals_hand_computed_value():
 
 
 def test_teacher_against_itself_gives_ratio_one_mse_zero_cosine_one():
-    lm = make_lm("student", seed=7)
-    teacher = evaluation.LM("teacher", lm.model, lm.params, None, "same")
-    result = evaluation.compare(lm, teacher, pair_batches(), layer_map=[1, 2])
+    lm = make_lm(seed=7)
+    teacher = LM(lm.model, lm.params, None, "same")
+    result = metrics.compare(lm, teacher, pair_batches(), layer_map=[1, 2])
     assert result["perplexity"]["ratio"] == pytest.approx(1.0, abs=1e-12)
     assert result["loss"]["student"] == result["loss"]["teacher"]
     layers = result["layers"]
@@ -217,22 +221,22 @@ def test_teacher_against_itself_gives_ratio_one_mse_zero_cosine_one():
 
 
 def test_student_and_teacher_are_scored_on_identical_targets():
-    student = copy_lm("student", seed=0)
-    teacher = copy_lm("teacher", n_layer=4, n_embd=48, seed=1)
+    student = copy_lm(seed=0)
+    teacher = copy_lm(n_layer=4, n_embd=48, seed=1)
     batches = pair_batches(seed=3)
     # (With the stitching test's layers, so that both tests share one compiled step.)
-    result = evaluation.compare(student, teacher, batches, layer_map=[2, 4],
+    result = metrics.compare(student, teacher, batches, layer_map=[2, 4],
                                 stitching=init_stitching(jax.random.key(2), 2, 32, 48, True))
     ids, mask = stacked(batches)
-    for lm in (student, teacher):
+    for name, lm in (("student", student), ("teacher", teacher)):
         logits = np.asarray(forward(lm.model, lm.params, jnp.asarray(ids))[0])
-        loss = result["loss"][lm.name]
+        loss = result["loss"][name]
         # logits[t] scored against token t + 1 of the same batch, nothing else ...
         np.testing.assert_allclose(loss, masked_nll(logits, ids, mask), rtol=1e-5)
         # ... and a shift too many (the original's teacher) or too few is off by nats.
         assert masked_nll(logits, ids, mask, shift=2) - loss > 5.0
         assert loss - masked_nll(logits, ids, mask, shift=0) > 5.0
-    alone = evaluation.perplexity(student.model, student.params, batches)
+    alone = metrics.perplexity(student.model, student.params, batches)
     assert result["loss"]["student"] == pytest.approx(alone["loss"], rel=1e-6)
     assert result["tokens"] == alone["tokens"]
 
@@ -240,12 +244,12 @@ def test_student_and_teacher_are_scored_on_identical_targets():
 # ------------------------------------------------------------------------------ hidden states
 
 def test_hidden_states_through_stitching_match_numpy():
-    student = make_lm("student", n_layer=2, n_embd=32, seed=0)
-    teacher = make_lm("teacher", n_layer=4, n_embd=48, seed=1)
+    student = make_lm(n_layer=2, n_embd=32, seed=0)
+    teacher = make_lm(n_layer=4, n_embd=48, seed=1)
     stitching = init_stitching(jax.random.key(2), 2, 32, 48, True)
     stitching = jax.tree.map(lambda x: x + 0.05, stitching)  # non-zero biases
     batches = pair_batches(seed=4)
-    result = evaluation.compare(student, teacher, batches, layer_map=[2, 4], stitching=stitching)
+    result = metrics.compare(student, teacher, batches, layer_map=[2, 4], stitching=stitching)
     layers = result["layers"]
     assert layers["teacher_layer"] == [0, 2, 4] and layers["stitched"]
 
@@ -269,20 +273,20 @@ def test_hidden_states_through_stitching_match_numpy():
 
 
 def test_layer_plan_uses_the_runs_map_and_stitching_only_across_widths():
-    student = make_lm("student", n_layer=2, n_embd=32)
-    wide = make_lm("teacher", n_layer=4, n_embd=48, seed=1)
-    same = make_lm("teacher", n_layer=4, n_embd=32, seed=1)
+    student = make_lm(n_layer=2, n_embd=32)
+    wide = make_lm(n_layer=4, n_embd=48, seed=1)
+    same = make_lm(n_layer=4, n_embd=32, seed=1)
     stitching = init_stitching(jax.random.key(2), 2, 32, 48, True)
     distilled = ml_collections.ConfigDict({"model": {"n_layer": 2}, "distill": {
         "layer_map": [1, 3], "teacher_n_layer": 4}})
-    assert evaluation.layer_plan(student, wide, distilled, stitching)[:2] == ([1, 3], stitching)
+    assert metrics.layer_plan(student, wide, distilled, stitching)[:2] == ([1, 3], stitching)
     # A run that was not distilled: the uniform map; equal widths compare raw states.
-    assert evaluation.layer_plan(student, same, None, stitching) == ([2, 4], None, None)
-    mapping, stitch, note = evaluation.layer_plan(student, wide, None, None)
+    assert metrics.layer_plan(student, same, None, stitching) == ([2, 4], None, None)
+    mapping, stitch, note = metrics.layer_plan(student, wide, None, None)
     assert mapping is None and stitch is None and "widths differ" in note
     # Stitching layers of another teacher width are not applied.
     narrow = init_stitching(jax.random.key(2), 2, 32, 40, True)
-    mapping, stitch, note = evaluation.layer_plan(student, wide, distilled, narrow)
+    mapping, stitch, note = metrics.layer_plan(student, wide, distilled, narrow)
     assert mapping is None and "stitch_1" in note
 
 
@@ -294,25 +298,26 @@ def test_generation_comparison_uses_the_same_prompts_settings_and_seed(setup):
     student, tok = setup["student"], setup["tokenizer"]
     # Another model of the student's architecture (so the compiled generation is shared).
     params = dict(student.params, wte={"embedding": student.params["wte"]["embedding"] * 4.0})
-    other = evaluation.LM("teacher", student.model, params, tok, "other")
-    twin = evaluation.LM("teacher", student.model, student.params, tok, "twin")
+    other = LM(student.model, params, tok, "other")
+    twin = LM(student.model, student.params, tok, "twin")
     prompts = ["the king", "who walk in"]
-    gen = evaluation.compare_generations([student, other], prompts, **GEN)
+    gen = metrics.compare_generations({"student": student, "teacher": other}, prompts,
+                                      **GEN)
     settings = gen["settings"]
     assert settings["greedy"] == {"temperature": 0.0, "top_k": None, "top_p": None}
     assert settings["sampled"] == {"temperature": 1.0, "top_k": 5, "top_p": None}
     assert settings["seed"] == 3 and settings["max_new_tokens"] == 6
     assert [s["prompt"] for s in gen["samples"]] == prompts
     # Each model's column is exactly what run_generation gives it with the shared settings.
-    for lm in (student, other):
+    for name, lm in (("student", student), ("teacher", other)):
         for mode, kw in (("greedy", settings["greedy"]), ("sampled", settings["sampled"])):
             ids, _ = run_generation(lm.model, lm.params, tok, prompts, max_new_tokens=6, seed=3,
                                     **kw)
             for sample, row, p in zip(gen["samples"], ids, prompts):
-                assert sample[mode][lm.name] == tok.decode(row[len(tok.encode(p)):])
+                assert sample[mode][name] == tok.decode(row[len(tok.encode(p)):])
     # A teacher with the student's weights continues identically, sampled included: the same
     # seed and settings (the original sampled from the student but decoded the teacher greedily).
-    same = evaluation.compare_generations([student, twin], prompts, **GEN)
+    same = metrics.compare_generations({"student": student, "teacher": twin}, prompts, **GEN)
     for sample in same["samples"]:
         assert sample["greedy"]["student"] == sample["greedy"]["teacher"]
         assert sample["sampled"]["student"] == sample["sampled"]["teacher"]
@@ -327,7 +332,7 @@ def test_student_alone_reports_perplexity_and_samples(setup, tmp_path):
     e.update(dict(batch_size=4, num_prompts=2, prompt_tokens=4, max_new_tokens=6, top_k=5,
                   temperature=1.0, seed=3))
     summary = evaluation.evaluate_workdir(setup["workdir"], eval_config=e, output_dir=str(out))
-    assert tuple(summary) == evaluation.SUMMARY_KEYS
+    assert tuple(summary) == report.SUMMARY_KEYS
     assert summary["teacher"] is None and summary["layers"] is None
     assert summary["perplexity"]["teacher"] is None and summary["perplexity"]["ratio"] is None
     assert summary["perplexity"]["student"] == pytest.approx(np.exp(summary["loss"]["student"]))
@@ -338,8 +343,8 @@ def test_student_alone_reports_perplexity_and_samples(setup, tmp_path):
     assert len(samples) == 2 and all(set(s["sampled"]) == {"student"} for s in samples)
     assert sorted(os.listdir(out)) == ["perplexity.png", "report.md", "summary.json"]
     assert json.loads((out / "summary.json").read_text()) == summary
-    report = (out / "report.md").read_text()
-    assert "## Generations" in report and "## Hidden states" not in report
+    report_md = (out / "report.md").read_text()
+    assert "## Generations" in report_md and "## Hidden states" not in report_md
 
 
 def test_cli_writes_report_json_and_plots(setup):
@@ -356,7 +361,7 @@ def test_cli_writes_report_json_and_plots(setup):
     assert "ratio 1.0000" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())
-    assert tuple(summary) == evaluation.SUMMARY_KEYS
+    assert tuple(summary) == report.SUMMARY_KEYS
     assert summary["data"]["source"] == f"text:{other}" and summary["data"]["split"] == "val"
     assert summary["data"]["tokens"] > 0 and summary["data"]["block_size"] == BLOCK
     assert summary["teacher"]["source"] == setup["teacher_dir"]
@@ -379,11 +384,11 @@ def test_cli_writes_report_json_and_plots(setup):
             img.verify()
         with Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
-    report = (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
     for part in ("Perplexity ratio student / teacher: **1.0000**", "## Hidden states",
                  "## Generations", "(layers.png)", "(perplexity.png)", "| greedy |",
                  "| sampled |"):
-        assert part in report
+        assert part in report_md
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -406,11 +411,11 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     from cleangpt_jax.hf import export_gpt2
 
     chars = create_tokenizer("character", text="the king and queen")
-    other = make_lm("teacher", vocab=chars.vocab_size, seed=5)
+    other = make_lm(vocab=chars.vocab_size, seed=5)
     teacher_dir = export_gpt2(other.model.config, other.params, str(tmp_path / "chars"),
                               tokenizer=chars)
     out = tmp_path / "unused"
-    with pytest.raises(evaluation.EvaluationError,
+    with pytest.raises(ConfigError,
                        match=rf"vocab_size {chars.vocab_size} but the student has 300") as e:
         evaluation.evaluate_workdir(setup["workdir"], teacher=teacher_dir, output_dir=str(out))
     assert "\n" not in str(e.value) and not out.exists()
@@ -419,9 +424,8 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     a, b = (create_tokenizer("character", text=t) for t in ("the king", "the kinG"))
     model = get_model("vanilla", config=dict(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK,
                                              vocab_size=a.vocab_size))
-    with pytest.raises(evaluation.EvaluationError, match="tokenizes text differently"):
-        evaluation.check_teacher(evaluation.LM("student", model, None, a, "a"),
-                                 evaluation.LM("teacher", model, None, b, "b"), "the king")
+    with pytest.raises(ConfigError, match="tokenizes text differently"):
+        metrics.check_teacher(LM(model, None, a, "a"), LM(model, None, b, "b"), "the king")
 
 
 def test_empty_dataset_is_a_clear_error(setup, tmp_path):

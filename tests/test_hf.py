@@ -24,8 +24,8 @@ import pytest
 import torch
 import transformers
 
-from cleangpt_jax.config import ModelConfig
-from cleangpt_jax.hf import HFError, export_gpt2, load_gpt2
+from cleangpt_jax.config import ConfigError, ModelConfig
+from cleangpt_jax.hf import export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
 
@@ -298,7 +298,7 @@ def test_hub_failure_is_one_line(monkeypatch):
             "Cannot find the requested files in the disk cache.\nSecond line of detail.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(HFError, match=r"could not fetch 'gpt2' from the Hugging Face hub") as e:
+    with pytest.raises(ConfigError, match=r"could not fetch 'gpt2' from the Hugging Face hub") as e:
         load_gpt2("gpt2")
     assert "\n" not in str(e.value)
 
@@ -351,7 +351,7 @@ def checkpoint_with_config(gpt2_dirs, tmp_path, **changes):
 
 
 def one_line_error(fn, *args, match, **kwargs):
-    with pytest.raises(HFError, match=match) as e:
+    with pytest.raises(ConfigError, match=match) as e:
         fn(*args, **kwargs)
     assert "\n" not in str(e.value)
     return str(e.value)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cleangpt_jax import token_analysis as ta
-from cleangpt_jax.config import get_config
+from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.data import DataError
 from cleangpt_jax.tokenizers import PrunedTokenizer, create_tokenizer, load_tokenizer
 
@@ -84,9 +84,9 @@ def test_coverage_curve_and_thresholds():
     np.testing.assert_allclose(ta.coverage_curve(counts), [0.5, 0.8, 1.0, 1.0, 1.0])
     assert [ta.vocab_size_for_coverage(counts, q) for q in (0.5, 0.8, 0.81, 0.999, 1.0)] == \
         [1, 2, 3, 3, 3]
-    with pytest.raises(ta.TokenAnalysisError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         ta.coverage_curve(np.zeros(3, np.int64))
-    with pytest.raises(ta.TokenAnalysisError, match="another tokenizer"):
+    with pytest.raises(ConfigError, match="another tokenizer"):
         ta.count_tokens([np.array([0, 1, 7])], vocab_size=5)
 
 
@@ -162,7 +162,7 @@ def test_pruned_character_tokenizer_keeps_its_own_unk():
     assert pruned.decode(pruned.encode("aab\nb")) == "aab\nb"
     assert ta.prune_tokenizer(tok, counts, 1.0).coverage == 1.0
     for bad in (0.0, 1.5, "x"):
-        with pytest.raises(ta.TokenAnalysisError, match="--prune must be a coverage"):
+        with pytest.raises(ConfigError, match="--prune must be a coverage"):
             ta.prune_tokenizer(tok, counts, bad)
 
 

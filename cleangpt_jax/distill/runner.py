@@ -58,11 +58,10 @@ from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
 from cleangpt_jax.distill.losses import distillation_loss, get_loss
 from cleangpt_jax.distill.stitching import apply_stitch, init_stitching, stitch_name
+from cleangpt_jax.loading import load_lm
 from cleangpt_jax.losses import causal_lm_loss
 from cleangpt_jax.models import get_model
 from cleangpt_jax.optim import make_optimizer
-from cleangpt_jax.tokenizers import create_tokenizer, load_tokenizer
-from cleangpt_jax.tokenizers.base import read_marker
 
 STAGES_DIR = "stages"
 MANIFEST = "manifest.json"
@@ -83,14 +82,6 @@ class DistillError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ setup
-
-def teacher_tokenizer(teacher: str):
-    """The teacher's tokenizer: ours when the directory has our marker (e.g. an exported
-    character-level teacher), else the GPT-2 tokenizer of the directory or hub repo."""
-    if os.path.isdir(teacher) and read_marker(teacher) is not None:
-        return load_tokenizer(teacher)
-    return create_tokenizer("gpt2", name_or_path=teacher)
-
 
 @dataclasses.dataclass
 class Setup:
@@ -150,12 +141,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
     d = cfg.distill
     mesh = sharding.create_mesh(int(cfg.train.get("fsdp", 1)))
     sharding.check_batch_size(cfg.train.batch_size, mesh)
-    t_cfg, t_params = hf.load_gpt2(d.teacher, dtype=d.get("teacher_dtype") or cfg.model.dtype,
-                                   mesh=mesh)
-    tokenizer = teacher_tokenizer(d.teacher)
-    if tokenizer.vocab_size > t_cfg.vocab_size:
-        raise DistillError(f"the teacher's tokenizer has {tokenizer.vocab_size} tokens but the "
-                           f"teacher model only {t_cfg.vocab_size}: they do not belong together")
+    teacher = load_lm(d.teacher, dtype=d.get("teacher_dtype") or cfg.model.dtype, mesh=mesh)
+    t_cfg, t_params, tokenizer = teacher.config, teacher.params, teacher.tokenizer
     s_cfg = student_config(cfg, t_cfg)
     if d.block_stages and not d.stitching and s_cfg.n_embd != t_cfg.n_embd:
         raise DistillError(f"distill.stitching=False needs equal widths, but the student has "
