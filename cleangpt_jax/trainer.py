@@ -384,11 +384,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     break
 
             fetch(lag.flush())
-            if not run.interrupted:
-                if run.eval_batches and evaluated_at != run.step:
-                    evaluate_now()
-                if t.sample_max_new_tokens > 0 and t.sample_prompts:
-                    run.samples = write_samples(run)
+            if not run.interrupted and run.eval_batches and evaluated_at != run.step:
+                evaluate_now()
+            if not run.interrupted and t.sample_max_new_tokens > 0 and t.sample_prompts:
+                run.samples = write_samples(run)
             save_now()
             if run.interrupted and workdir_lib.is_writer():
                 print(f"stopped at step {run.step}: checkpoint saved in "
