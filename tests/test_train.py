@@ -360,26 +360,32 @@ def write_text(path, text) -> str:
 
 
 def test_num_epochs_and_a_mixture_from_the_train_config(env, straight, tmp_path):
-    """train.num_epochs sets the step count from the packed tokens; data.mixture mixes two
-    sources row by row (here 'ab...' text and 'xyz...' text, told apart by their letters).
-    Sized to N steps with the straight run's vocab_size, so its compiled step is reused."""
-    a = write_text(tmp_path / "a" / "a.txt", "ab" * 400)  # 800 tokens: 50 windows of 16
-    b = write_text(tmp_path / "b" / "b.txt", "xyz" * 246)  # 738 tokens: 46 windows
+    """train.num_epochs sets the step count from the packed tokens, and the epoch callbacks
+    fire at its boundaries; data.mixture mixes two sources row by row (here 'ab...' text and
+    'xyz...' text, told apart by their letters). Sized to N steps with the straight run's
+    vocab_size, so its compiled step is reused."""
+    a = write_text(tmp_path / "a" / "a.txt", "ab" * 200)  # 400 tokens: 25 windows of 16
+    b = write_text(tmp_path / "b" / "b.txt", "xyz" * 123)  # 369 tokens: 23 windows
     vocab = workdir_lib.load_config(str(straight.workdir)).model.vocab_size
-    cfg = make_config(env, **{"train.num_epochs": 1.0, "train.eval_every": 0,
+    cfg = make_config(env, **{"train.num_epochs": 2.0, "train.eval_every": 0,
                               "train.checkpoint_every": 0, "data.val_fraction": 0.0,
                               "model.vocab_size": vocab})
     cfg.data.mixture = {"sources": [{"source": "text", "files": a},
                                     {"source": "text", "files": b}],
                         "schedule": {"type": "constant", "weights": [1.0, 1.0]}}
-    first = {}
+    first, epochs = {}, []
 
-    def first_batch(event, run):
+    def first_batch_and_epochs(event, run):
         if event == "train_begin":
             first["rows"] = [run.tokenizer.decode(r) for r in run.batch_for_step(0)["input_ids"]]
+        if event.startswith("epoch_"):
+            epochs.append((event, run.step))
 
-    summary = run(cfg, tmp_path / "run", [first_batch])
-    assert summary.num_steps == summary.step == math.ceil((50 + 46) / 8) == N
+    summary = run(cfg, tmp_path / "run", [first_batch_and_epochs])
+    per_epoch = math.ceil((25 + 23) / 8)
+    assert summary.num_steps == summary.step == 2 * per_epoch == N
+    assert epochs == [("epoch_begin", 0), ("epoch_end", per_epoch),
+                      ("epoch_begin", per_epoch), ("epoch_end", N)]
     kinds = [set(r) for r in first["rows"]]
     assert all(k <= {"a", "b"} or k <= {"x", "y", "z"} for k in kinds), first["rows"]
     assert any(k <= {"a", "b"} for k in kinds) and any(k <= {"x", "y", "z"} for k in kinds)
