@@ -52,9 +52,10 @@ def _first_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    """Save and restore train state in `directory` (created on first save)."""
+    """Save and restore train state in `directory` (created on first save). `max_to_keep`:
+    the newest steps kept (None: all; training passes train.max_checkpoints_to_keep)."""
 
-    def __init__(self, directory: str, *, max_to_keep: int | None = 3,
+    def __init__(self, directory: str, *, max_to_keep: int | None = None,
                  async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         self.read_only = read_only

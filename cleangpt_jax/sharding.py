@@ -48,28 +48,26 @@ def _environment_is_multiprocess() -> bool:
     return False
 
 
-def initialize_distributed(train_cfg: Any = None) -> bool:
+def initialize_distributed(train_cfg: Any) -> bool:
     """Start `jax.distributed` when asked; returns whether it is running.
 
-    `train.distributed`: 'auto' (default: only when the environment says this is one process
-    of several), True (always; on TPU VMs/SLURM JAX finds the coordinator itself) or False.
+    `train.distributed`: 'auto' (only when the environment says this is one process of
+    several), True (always; on TPU VMs/SLURM JAX finds the coordinator itself) or False.
     `train.coordinator_address`, `train.num_processes`, `train.process_id` are passed through
     when set (e.g. 'localhost:1234', 2, 0 to run two CPU processes on one machine).
     Must run before anything else touches a JAX device.
     """
-    get = (lambda k, d=None: train_cfg.get(k, d)) if train_cfg is not None else (
-        lambda k, d=None: d)
-    mode = str(get("distributed", "auto")).lower()
+    mode = str(train_cfg.distributed).lower()
     if mode not in ("auto", "true", "false"):
         raise ShardingError(f"train.distributed must be 'auto', 'true' or 'false', got {mode!r}")
     if jax.distributed.is_initialized():
         return True
-    explicit = get("coordinator_address") is not None
+    explicit = train_cfg.coordinator_address is not None
     if mode == "false" or (mode == "auto" and not explicit
                            and not _environment_is_multiprocess()):
         return False
-    kwargs = {k: get(k) for k in ("coordinator_address", "num_processes", "process_id")
-              if get(k) is not None}
+    kwargs = {k: train_cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
+              if train_cfg[k] is not None}
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -1,14 +1,15 @@
-"""Training library: step/loss strategies, the sharded train step, evaluation and the loop.
+"""Training: the loss strategies, the sharded train and eval steps, and the loop.
 
-    train_and_evaluate(config, workdir)     what `python -m cleangpt_jax.train` runs
+    summary = train_and_evaluate(config, workdir)      what `python -m cleangpt_jax.train` runs
+    train_and_evaluate(config, workdir, callbacks=[fn])   fn(event, run) at each event below
 
-Pieces other tools reuse (distillation registers its own strategy and calls the same step):
-
-    register_strategy("name")     factory(model, config) -> loss_terms
-    create_train_state            params + optimizer state + step, laid out on a mesh
-    make_train_step               the jit-compiled, sharded update with donated state
-    make_eval_step, evaluate      token-weighted validation loss
-    Trainer + hooks.Hook          the loop and its openings (train start/end, step end, eval end)
+The pieces, top to bottom: `STRATEGIES` (loss functions by name, `train.strategy`),
+`create_train_state`, `make_train_step` / `make_eval_step` (jit-compiled, sharded), `evaluate`,
+then `prepare_run` (tokenizer, data, model, restored or fresh state) and `train_and_evaluate`,
+the loop written out. `cleangpt_jax.loop` holds what the loop shares with distillation (lagged
+metric fetch, the non-finite stop, stop agreement, signals, progress bar, metric writer);
+distillation builds its own per-stage step (distill/runner.py) from the same model_init_fn,
+dropout-key rule and eval step.
 
 The loss contract. A strategy's loss_terms(params, batch, *, rng, step, train) returns float32
 scalars (loss_sum, count, extra_sums): the sum of per-token losses, the number of scored tokens
@@ -26,12 +27,10 @@ function of (seed, s): a resumed run repeats the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -41,18 +40,17 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cleangpt_jax import hooks as hooks_lib
-from cleangpt_jax import sharding
+from cleangpt_jax import loop, sharding
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, model_config
 from cleangpt_jax.loading import check_vocab
 from cleangpt_jax.losses import causal_lm_loss_terms
 from cleangpt_jax.optim import make_optimizer
+from cleangpt_jax.registry import Registry
 
 PARAMS_SEED_SALT, DROPOUT_SEED_SALT = 0, 1
 
@@ -63,29 +61,14 @@ class TrainingError(ValueError):
 
 # ------------------------------------------------------------------------------ strategies
 LossTerms = Callable[..., tuple]
-_STRATEGIES: dict[str, Callable[[Any, Any], LossTerms]] = {}
-
-
-def register_strategy(name: str, factory: Callable | None = None):
-    """Register factory(model, config) -> loss_terms under `name`; usable as a decorator."""
-
-    def add(f):
-        _STRATEGIES[name.lower()] = f
-        return f
-
-    return add(factory) if factory is not None else add
-
-
-def registered_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
+# name -> factory(model, config) -> loss_terms; `train.strategy` picks one.
+STRATEGIES = Registry("train.strategy", "strategies")
+register_strategy = STRATEGIES.register
 
 
 def get_strategy(name: str, model, config) -> LossTerms:
-    key = str(name).lower()
-    if key not in _STRATEGIES:
-        raise ConfigError(f"unknown train.strategy {name!r}: registered strategies are "
-                          f"{registered_strategies()}")
-    return _STRATEGIES[key](model, config)
+    """The loss_terms of the strategy registered as `name`, built for `model` and `config`."""
+    return STRATEGIES[name](model, config)
 
 
 @register_strategy("lm")
@@ -229,7 +212,7 @@ def evaluate(eval_step, params, batches: Iterable[dict], mesh) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
 
 
-# ------------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class Summary:
     """What a finished (or interrupted) run returns."""
@@ -244,171 +227,244 @@ class Summary:
     workdir: str
 
 
-class Trainer:
-    """The training loop. Hooks read its attributes:
+# The events a callback receives, as fn(event, run), in loop order. epoch_* fire every
+# run.steps_per_epoch steps (one pass over the training windows) and at the last step.
+EVENTS = ("train_begin", "epoch_begin", "step_begin", "eval_begin", "eval_end", "step_end",
+          "epoch_end", "train_end")
+Callback = Callable[[str, "TrainRun"], None]
 
-    config, workdir, model, tokenizer, mesh, state, num_steps, step, schedule, writer,
-    checkpointer, best_val_loss, last_eval, samples, interrupted, tokens_per_step.
 
-    `batch_for_step(step)` returns this process's rows of the global batch of `step` (numpy);
-    `eval_batches()` yields this process's rows of each validation batch.
-    """
+@dataclasses.dataclass
+class TrainRun:
+    """Everything the loop works on; callbacks read it (and may replace `state`)."""
 
-    def __init__(self, *, config, workdir: str, model, tokenizer, mesh, state, state_shardings,
-                 train_step, eval_step, schedule, batch_for_step: Callable[[int], dict],
-                 eval_batches: Callable[[], Iterable[dict]] | None, num_steps: int,
-                 checkpointer: Checkpointer, writer: workdir_lib.MetricWriter,
-                 hooks: list | None = None, best_val_loss: float | None = None):
-        self.config, self.workdir, self.model, self.tokenizer = config, workdir, model, tokenizer
-        self.mesh, self.state, self.state_shardings = mesh, state, state_shardings
-        self.train_step, self.eval_step, self.schedule = train_step, eval_step, schedule
-        self.batch_for_step, self.eval_batches = batch_for_step, eval_batches
-        self.num_steps, self.checkpointer, self.writer = num_steps, checkpointer, writer
-        self.hooks = list(hooks or [])
-        self.step = int(jax.device_get(state.step))
-        self.start_step = self.step
-        self.best_val_loss = best_val_loss
-        self.last_eval: dict | None = None
-        self.samples: list[str] = []
-        self.interrupted = False
-        self.stop_requested = threading.Event()
-        self.tokens_per_step = config.train.batch_size * config.model.block_size
-        self.compile_seconds: float | None = None
-        self._unchecked: list[tuple] = []  # (step, loss, grad_norm) still on device
-        self._host_losses: list[tuple[int, float]] = []  # resolved since the last pop
-        self.last_train_loss: float | None = None
-        self.last_metrics: dict | None = None
-        self._last_saved_step: int | None = None
+    config: ml_collections.ConfigDict  # resolved: model.vocab_size is filled in
+    workdir: str
+    model: Any
+    tokenizer: Any
+    mesh: Any
+    state: TrainState
+    num_steps: int
+    steps_per_epoch: int
+    schedule: Callable                  # optimizer step s -> learning rate
+    train_step: Callable                # (state, global batch) -> (state, device metrics)
+    eval_step: Callable                 # (params, global batch) -> (loss_sum, count)
+    batch_for_step: Callable[[int], dict]   # this process's rows of step s's batch (numpy)
+    eval_batches: Callable[[], Iterable[dict]] | None  # None: evaluation is off
+    checkpointer: Checkpointer
+    resumed_from: int | None            # the restored checkpoint's step; None: a fresh run
+    step: int = 0                       # updates applied so far
+    best_val_loss: float | None = None
+    last_eval: dict | None = None       # {'val_loss', 'val_ppl', 'val_tokens', 'best_val_loss'}
+    train_loss: float | None = None     # the newest loss fetched from the device
+    samples: list[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
 
-    # ---- services for hooks
-    def dispatch(self, event: str, *args) -> None:
-        for h in self.hooks:
-            getattr(h, event)(self, *args)
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.model.block_size
 
     def learning_rate(self, step: int) -> float:
         """The rate used by the update that produced `step` (i.e. schedule(step - 1))."""
         return float(self.schedule(max(step - 1, 0)))
 
-    def check_finite(self, keep_last: int = 0) -> None:
-        """Fetch pending losses (all but the newest `keep_last`); stop on a NaN/inf loss or
-        gradient norm (an infinite gradient leaves finite-loss but poisoned parameters)."""
-        while len(self._unchecked) > keep_last:
-            step, loss, grad_norm = self._unchecked.pop(0)
-            value, grad_norm = (float(x) for x in jax.device_get((loss, grad_norm)))
-            if not (math.isfinite(value) and math.isfinite(grad_norm)):
-                what = (f"training loss is {value}" if not math.isfinite(value)
-                        else f"gradient norm is {grad_norm}")
-                last = self.checkpointer.latest_step()
-                kept = (f"the last good checkpoint (step {last}) is kept in "
-                        f"{self.checkpointer.directory}" if last is not None
-                        else "no checkpoint had been written yet")
-                raise TrainingError(
-                    f"{what} at step {step}: stopped; {kept}. Lower train.learning_rate, "
-                    f"raise train.warmup_steps or set train.grad_clip")
-            self._host_losses.append((step, value))
-            self.last_train_loss = value
-
-    def pop_losses(self) -> list[tuple[int, float]]:
-        self.check_finite()
-        out, self._host_losses = self._host_losses, []
-        return out
-
-    def evaluate(self) -> dict:
-        metrics = evaluate(self.eval_step, self.state.params, self.eval_batches(), self.mesh)
-        if self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss:
-            self.best_val_loss = metrics["val_loss"]
-        metrics["best_val_loss"] = self.best_val_loss
-        self.last_eval = metrics
-        return metrics
-
     def meta(self) -> dict:
+        """What a checkpoint records next to the state."""
         return {"step": self.step, "data_seed": int(self.config.train.seed),
                 "tokens_seen": self.step * self.tokens_per_step, "num_steps": self.num_steps,
                 "best_val_loss": self.best_val_loss}
 
-    def save_checkpoint(self) -> bool:
-        """Checkpoint the current state (once per step); losses are checked first so a
-        non-finite state is never saved."""
-        self.check_finite()
-        if self._last_saved_step == self.step:
-            return False
-        saved = self.checkpointer.save(self.step, params=self.state.params,
-                                       opt_state=self.state.opt_state, meta=self.meta())
-        self._last_saved_step = self.step
-        return saved
 
-    def _agree_to_stop(self) -> bool:
-        """All processes stop at the same step: single-process checks every step, multi-process
-        agrees every log_every steps."""
-        if jax.process_count() == 1:
-            return self.stop_requested.is_set()
-        if self.step % max(int(self.config.train.log_every), 1):
-            return False
-        from jax.experimental import multihost_utils
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       callbacks: Iterable[Callback] = ()) -> Summary:
+    """Train `config` in `workdir`, resuming from its latest checkpoint when there is one.
 
-        flags = multihost_utils.process_allgather(np.int32(self.stop_requested.is_set()))
-        return bool(np.max(flags))
+    Each step, in this order: the update; the previous step's metrics fetched and checked (a
+    NaN or infinite loss or gradient norm stops the run); the log record; evaluation; samples;
+    the checkpoint (so its meta holds the evaluation of its step); the stop check (SIGTERM,
+    Ctrl-C). After the last step: the final evaluation, samples and checkpoint; after an
+    interrupt, the checkpoint only. `callbacks` are called as fn(event, run) (see EVENTS).
+    """
+    run = prepare_run(config, workdir)
+    t = run.config.train
+    callbacks = list(callbacks)
 
-    # ---- the loop
-    def run(self) -> Summary:
-        self.dispatch("on_train_start")
-        while self.step < self.num_steps:
-            batch = sharding.global_batch(self.batch_for_step(self.step), self.mesh)
-            first = self.compile_seconds is None
-            t0 = time.perf_counter()
-            self.state, metrics = self.train_step(self.state, batch)
-            if first:
-                jax.block_until_ready(metrics)
-                self.compile_seconds = time.perf_counter() - t0
-            self.step += 1
-            self.last_metrics = metrics
-            self._unchecked.append((self.step, metrics["loss"], metrics["grad_norm"]))
-            self.check_finite(keep_last=1)  # lag one step: the device keeps working
-            self.dispatch("on_step_end", self.step)
-            if self._agree_to_stop():
-                self.interrupted = True
-                break
-        self.check_finite()
-        self.dispatch("on_train_end")
-        return Summary(step=self.step, num_steps=self.num_steps,
-                       train_loss=self.last_train_loss,
-                       val_loss=self.last_eval["val_loss"] if self.last_eval else None,
-                       best_val_loss=self.best_val_loss, interrupted=self.interrupted,
-                       samples=list(self.samples), workdir=self.workdir)
+    def notify(event: str) -> None:
+        for callback in callbacks:
+            callback(event, run)
 
+    if run.step >= run.num_steps:
+        if workdir_lib.is_writer():
+            print(f"{run.workdir} is already trained to step {run.step} (num_steps="
+                  f"{run.num_steps}): nothing to do; raise train.num_steps to train further",
+                  flush=True)
+        run.checkpointer.close()
+        return _summary(run)
 
-@contextlib.contextmanager
-def stop_on_signals(event: threading.Event):
-    """SIGTERM / SIGINT set `event` (the loop then saves and returns) instead of killing the
-    process; a second Ctrl-C raises KeyboardInterrupt as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from)
+    bar = loop.progress_bar(run.num_steps, run.step)
+    stop = threading.Event()
+    lag = loop.LaggedMetrics()
+    fetched: list[tuple[int, dict]] = []  # host metrics of the steps since the last log record
+    evaluated_at = saved_at = clock = None
+    steps_timed = 0  # steps since `clock` (the first step, which compiles, is not timed)
 
-    def handler(signum, frame):
-        if event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        event.set()
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping "
-              f"(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+    def fetch(new: list[tuple[int, dict]]) -> None:
+        fetched.extend(new)
+        if new:
+            run.train_loss = new[-1][1]["loss"]
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    def evaluate_now() -> None:
+        nonlocal evaluated_at
+        notify("eval_begin")
+        metrics = evaluate(run.eval_step, run.state.params, run.eval_batches(), run.mesh)
+        if run.best_val_loss is None or metrics["val_loss"] < run.best_val_loss:
+            run.best_val_loss = metrics["val_loss"]
+        run.last_eval = dict(metrics, best_val_loss=run.best_val_loss)
+        evaluated_at = run.step
+        writer.write(run.step, {k: run.last_eval[k]
+                                for k in ("val_loss", "val_ppl", "best_val_loss")})
+        loop.report(bar, f"step {run.step}: val_loss {metrics['val_loss']:.4f} (ppl "
+                         f"{metrics['val_ppl']:.2f}, best {run.best_val_loss:.4f})")
+        notify("eval_end")
+
+    def save_now() -> None:
+        nonlocal saved_at
+        fetch(lag.flush())  # every pending step checked first: never save a non-finite state
+        if saved_at != run.step:
+            run.checkpointer.save(run.step, params=run.state.params,
+                                  opt_state=run.state.opt_state, meta=run.meta())
+            saved_at = run.step
+
     try:
-        yield
+        with loop.stop_on_signals(stop):
+            notify("train_begin")
+            start = run.step
+            for step in range(start, run.num_steps):
+                if step == start or step % run.steps_per_epoch == 0:
+                    notify("epoch_begin")
+                notify("step_begin")
+                batch = sharding.global_batch(run.batch_for_step(step), run.mesh)
+                t0 = time.perf_counter()
+                run.state, metrics = run.train_step(run.state, batch)
+                run.step = step + 1
+                if clock is None:  # this process's first step compiled the programs
+                    jax.block_until_ready(metrics)
+                    loop.report(bar, f"compiled and ran the first step in "
+                                     f"{time.perf_counter() - t0:.1f}s")
+                    clock = time.perf_counter()
+                else:
+                    steps_timed += 1
+                fetch(lag.push(run.step, metrics))  # step - 1's numbers: the device keeps going
+                elapsed = time.perf_counter() - clock
+                tokens_per_sec = steps_timed * run.tokens_per_step / elapsed if elapsed else 0.0
+                bar.update(1)
+                if run.train_loss is not None:
+                    bar.set_postfix(loss=f"{run.train_loss:.4f}",
+                                    lr=f"{run.learning_rate(run.step):.2e}",
+                                    tok_s=f"{tokens_per_sec:.0f}", refresh=False)
+
+                if run.step % t.log_every == 0 or run.step == run.num_steps:
+                    fetch(lag.flush())
+                    writer.write(run.step, _train_record(run, fetched, tokens_per_sec))
+                    fetched.clear()
+                    clock, steps_timed = time.perf_counter(), 0
+                if t.eval_every and run.step % t.eval_every == 0 and run.eval_batches:
+                    evaluate_now()
+                if (t.sample_every and run.step % t.sample_every == 0
+                        and run.step < run.num_steps):
+                    write_samples(run)
+                if t.checkpoint_every and run.step % t.checkpoint_every == 0:
+                    save_now()
+                notify("step_end")
+                if run.step % run.steps_per_epoch == 0 or run.step == run.num_steps:
+                    notify("epoch_end")
+                # Several processes all-gather their flags at log steps only.
+                if loop.agree_to_stop(stop, sync=run.step % t.log_every == 0):
+                    run.interrupted = True
+                    break
+
+            fetch(lag.flush())
+            if not run.interrupted and run.eval_batches and evaluated_at != run.step:
+                evaluate_now()
+            if not run.interrupted and t.sample_max_new_tokens > 0 and t.sample_prompts:
+                run.samples = write_samples(run)
+            save_now()
+            if run.interrupted and workdir_lib.is_writer():
+                print(f"stopped at step {run.step}: checkpoint saved in "
+                      f"{run.checkpointer.directory}; rerun the same command to resume",
+                      file=sys.stderr, flush=True)
+            notify("train_end")
+    except loop.NonFiniteError as e:
+        last = run.checkpointer.latest_step()
+        kept = (f"the last good checkpoint (step {last}) is kept in "
+                f"{run.checkpointer.directory}" if last is not None
+                else "no checkpoint had been written yet")
+        raise TrainingError(f"training {e.what} at step {e.step}: stopped; {kept}. Lower "
+                            f"train.learning_rate, raise train.warmup_steps or set "
+                            f"train.grad_clip") from None
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        bar.close()
+        writer.close()
+        run.checkpointer.close()
+        logging.info("training finished at step %d", run.step)
+    return _summary(run)
 
 
-# --------------------------------------------------------------------------- entry point
-def resolve_num_steps(train_cfg, steps_per_epoch: Callable[[], int]) -> int:
+def _train_record(run: TrainRun, fetched: list[tuple[int, dict]], tokens_per_sec: float):
+    """The log record of run.step: the mean loss of the steps since the last record, the
+    newest step's learning rate and grad norm (and the strategy's extras), throughput."""
+    newest = fetched[-1][1]
+    record = {"train_loss": sum(m["loss"] for _, m in fetched) / len(fetched),
+              "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"],
+              "tokens_per_sec": tokens_per_sec}
+    record.update({k: v for k, v in newest.items() if k not in ("loss", "grad_norm")})
+    return record
+
+
+def _summary(run: TrainRun) -> Summary:
+    return Summary(step=run.step, num_steps=run.num_steps, train_loss=run.train_loss,
+                   val_loss=run.last_eval["val_loss"] if run.last_eval else None,
+                   best_val_loss=run.best_val_loss, interrupted=run.interrupted,
+                   samples=list(run.samples), workdir=run.workdir)
+
+
+def write_samples(run: TrainRun) -> list[str]:
+    """Generate from every train.sample_prompts with the current parameters into
+    WORKDIR/samples/step_<N>.txt (process 0); returns the texts (empty on other processes)."""
+    from cleangpt_jax.generation import run_generation
+
+    t = run.config.train
+    params = run.state.params
+    if jax.process_count() > 1:  # every process joins the gather; process 0 samples
+        params = sharding.to_host(params)
+        if not workdir_lib.is_writer():
+            return []
+    texts = []
+    for i, prompt in enumerate(t.sample_prompts):
+        _, text = run_generation(run.model, params, run.tokenizer, prompt,
+                                 max_new_tokens=int(t.sample_max_new_tokens),
+                                 temperature=float(t.sample_temperature),
+                                 top_k=int(t.sample_top_k) or None, top_p=None,
+                                 seed=int(t.seed) + i)
+        texts.append(text)
+    out_dir = os.path.join(run.workdir, workdir_lib.SAMPLES_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"step_{run.step}.txt"), "w", encoding="utf-8") as f:
+        for prompt, text in zip(t.sample_prompts, texts):
+            f.write(f"=== step {run.step} | prompt {prompt!r} ===\n{text}\n\n")
+    return texts
+
+
+# --------------------------------------------------------------------------------- setup
+def resolve_num_steps(train_cfg, steps_per_epoch: int) -> int:
     """train.num_epochs (when set) wins over train.num_steps; one epoch = one pass over the
     packed training tokens."""
-    if train_cfg.get("num_epochs") is not None:
+    if train_cfg.num_epochs is not None:
         epochs = float(train_cfg.num_epochs)
         if epochs <= 0:
             raise ConfigError(f"train.num_epochs must be positive, got {epochs}")
-        return max(1, math.ceil(epochs * steps_per_epoch()))
+        return max(1, math.ceil(epochs * steps_per_epoch))
     n = train_cfg.num_steps
     if not isinstance(n, int) or n <= 0:
         raise ConfigError(f"train.num_steps must be a positive integer, got {n!r}")
@@ -422,7 +478,7 @@ def check_train_config(config) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {v!r}")
     for key in ("eval_every", "eval_steps", "checkpoint_every", "sample_every"):
-        v = t.get(key, 0)
+        v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"train.{key} must be an integer >= 0 (0 = off), got {v!r}")
     if config.model.param_dtype != "float32":
@@ -442,9 +498,10 @@ def prepare_tokenizer(config, workdir: str):
     return build_tokenizer(config)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       extra_hooks: list | None = None) -> Summary:
-    """Train `config` in `workdir`, resuming from its latest checkpoint when there is one."""
+def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
+    """Everything the loop needs: the tokenizer, data, model, compiled steps and the state,
+    restored from the workdir's latest checkpoint or freshly initialised. Checks the config
+    and the workdir before it writes anything (config.json, tokenizer/)."""
     from cleangpt_jax import data as data_lib
     from cleangpt_jax.models import get_model
 
@@ -453,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_train_config(config)
     workdir = os.path.abspath(workdir)
     t = config.train
-    mesh = sharding.create_mesh(int(t.get("fsdp", 1)))
+    mesh = sharding.create_mesh(int(t.fsdp))
     sharding.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
     micro_batch = t.batch_size // t.grad_accum_steps
 
@@ -462,38 +519,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         config.model.vocab_size = tokenizer.vocab_size
     check_vocab(tokenizer.vocab_size, config.model.vocab_size, where="model.vocab_size",
                 fix="leave model.vocab_size None (the tokenizer's size)")
-    mcfg = model_config(config.model)
-    previous = None
+    model = get_model(config=model_config(config.model))
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-        previous = workdir_lib.load_config(workdir)
-        diff = workdir_lib.config_differences(previous, config)
+        diff = workdir_lib.config_differences(workdir_lib.load_config(workdir), config)
         if diff:
             raise ConfigError(
                 f"{workdir} holds a run with a different model/tokenizer ({'; '.join(diff[:4])})"
                 f": pass a new --workdir, or the original settings to resume it")
 
     data = data_lib.load_dataset(config, tokenizer)
-    block, batch_size = mcfg.block_size, t.batch_size
-    num_steps = resolve_num_steps(
-        t, lambda: data_lib.steps_per_epoch(data.train, batch_size, block))
-
-    model = get_model(config=mcfg)
+    block, batch_size = model.config.block_size, t.batch_size
+    steps_per_epoch = data_lib.steps_per_epoch(data.train, batch_size, block)
+    num_steps = resolve_num_steps(t, steps_per_epoch)
     optimizer, schedule = make_optimizer(t, num_steps)
-    loss_terms = get_strategy(t.get("strategy", "lm"), model, config)
+    loss_terms = get_strategy(t.strategy, model, config)
     init_fn = model_init_fn(model, t.seed)
     abstract, shardings = abstract_train_state(init_fn, optimizer, mesh)
 
-    checkpointer = workdir_lib.open_checkpointer(
-        workdir, max_to_keep=t.get("max_checkpoints_to_keep", 3))
+    checkpointer = workdir_lib.open_checkpointer(workdir, max_to_keep=t.max_checkpoints_to_keep)
     restored = checkpointer.restore_latest(params=abstract.params,
                                            opt_state=abstract.opt_state)
     if restored is None:
         state, _ = create_train_state(init_fn, optimizer, mesh)
-        best = None
     else:
         step = jax.device_put(jnp.asarray(restored.step, jnp.int32), shardings.step)
         state = TrainState(step=step, params=restored.params, opt_state=restored.opt_state)
-        best = restored.meta.get("best_val_loss")
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 
@@ -514,35 +564,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                      block_size=block, num_batches=t.eval_steps,
                                      process_index=pi, process_count=pc)
 
-    train_step = make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings,
-                                 grad_accum_steps=t.grad_accum_steps, seed=t.seed)
-    eval_step = make_eval_step(loss_terms, mesh=mesh, params_shardings=shardings.params)
-    writer = workdir_lib.MetricWriter(
-        workdir, resume_step=None if restored is None else restored.step)
-    trainer = Trainer(config=config, workdir=workdir, model=model, tokenizer=tokenizer,
-                      mesh=mesh, state=state, state_shardings=shardings, train_step=train_step,
-                      eval_step=eval_step, schedule=schedule, batch_for_step=batch_for_step,
-                      eval_batches=(eval_batches if t.eval_every and t.eval_steps
-                                    and data.val is not None else None),
-                      num_steps=num_steps, checkpointer=checkpointer, writer=writer,
-                      hooks=hooks_lib.default_hooks(config) + list(extra_hooks or []),
-                      best_val_loss=best)
-    if trainer.step >= num_steps:
-        if workdir_lib.is_writer():
-            print(f"{workdir} is already trained to step {trainer.step} (num_steps="
-                  f"{num_steps}): nothing to do; raise train.num_steps to train further",
-                  flush=True)
-        checkpointer.close()
-        writer.close()
-        return Summary(step=trainer.step, num_steps=num_steps, train_loss=None, val_loss=None,
-                       best_val_loss=best, interrupted=False, samples=[], workdir=workdir)
-    try:
-        with stop_on_signals(trainer.stop_requested):
-            return trainer.run()
-    finally:
-        checkpointer.close()
-        writer.close()
-        for h in trainer.hooks:
-            if hasattr(h, "close"):
-                h.close()
-        logging.info("training finished at step %d", trainer.step)
+    return TrainRun(
+        config=config, workdir=workdir, model=model, tokenizer=tokenizer, mesh=mesh,
+        state=state, num_steps=num_steps, steps_per_epoch=steps_per_epoch, schedule=schedule,
+        train_step=make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings,
+                                   grad_accum_steps=t.grad_accum_steps, seed=t.seed),
+        eval_step=make_eval_step(loss_terms, mesh=mesh, params_shardings=shardings.params),
+        batch_for_step=batch_for_step,
+        eval_batches=(eval_batches if t.eval_every and t.eval_steps and data.val is not None
+                      else None),
+        checkpointer=checkpointer,
+        resumed_from=None if restored is None else restored.step,
+        step=0 if restored is None else restored.step,
+        best_val_loss=None if restored is None else restored.meta.get("best_val_loss"))

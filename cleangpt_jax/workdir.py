@@ -3,7 +3,7 @@
     WORKDIR/config.json      the resolved ConfigDict (model.vocab_size filled in)
     WORKDIR/tokenizer/       tokenizer.save_pretrained
     WORKDIR/checkpoints/     Orbax steps with items params / opt_state / meta (checkpoint.py)
-    WORKDIR/metrics.jsonl    one JSON object per log or eval event
+    WORKDIR/metrics.jsonl    one JSON object per log or eval event (loop.MetricWriter)
     WORKDIR/events.out.*     TensorBoard scalars (same numbers as metrics.jsonl)
     WORKDIR/samples/         step_<N>.txt sample generations
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import sys
 from typing import Any
 
 import jax
@@ -184,71 +182,6 @@ def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
 
 
 # --------------------------------------------------------------------------------- metrics
-class MetricWriter:
-    """metrics.jsonl + TensorBoard scalars; a no-op on every process but 0.
-
-    `resume_step` drops records past that step (left by a run that died after its last
-    checkpoint), so a resumed run's log reads as one uninterrupted run.
-    """
-
-    def __init__(self, workdir: str, *, resume_step: int | None = None,
-                 tensorboard: bool = True):
-        self.active = is_writer()
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self._tb = None
-        if not self.active:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0)
-                        <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:  # on resume TensorBoard drops the old files' events past resume_step
-            self._tb = _summary_writer(
-                workdir, purge_step=None if resume_step is None else resume_step + 1)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.active:
-            return
-        record = {"step": int(step)}
-        for k, v in metrics.items():
-            v = v.item() if hasattr(v, "item") else v
-            record[k] = v
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self.active:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
-
-
-def _summary_writer(logdir: str, purge_step: int | None = None):
-    """tensorboardX.SummaryWriter without importing torch: tensorboardX imports torch whenever it
-    is installed (for torch.Tensor inputs, which scalars never are), a few seconds per run. Torch
-    is hidden during that import unless something already loaded it."""
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if hide:
-            del sys.modules["torch"]
-    return SummaryWriter(logdir=logdir, purge_step=purge_step)
-
-
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, METRICS_FILE)
     with open(path, encoding="utf-8") as f:

@@ -13,7 +13,7 @@ import pytest
 
 from cleangpt_jax import hf, trainer
 from cleangpt_jax import workdir as workdir_lib
-from cleangpt_jax.config import get_config, model_config
+from cleangpt_jax.config import ModelConfig, get_config, model_config
 from helpers import persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +105,13 @@ def test_config_semantics():
     assert (mcfg.bias, mcfg.activation, mcfg.tie_embeddings, mcfg.n_embd // mcfg.n_head) == (
         True, "gelu_tanh", True, 64)
     assert hf.hf_config(mcfg)["activation_function"] == "gelu_new"
+
+
+def test_a_model_built_without_a_config_is_the_default_configs_model():
+    """One default per setting: ModelConfig's defaults (what code building a model without a
+    config gets) are exactly the default config's model section."""
+    assert model_config(get_config().model) == ModelConfig()
+    assert model_config(get_config()).to_dict() == ModelConfig().to_dict()
 
 
 @pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in NEEDS_HUB])

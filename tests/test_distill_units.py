@@ -1,12 +1,15 @@
 """Distillation pieces without a run: losses, layer maps, stages, what each stage trains,
-stitching init."""
+stitching init, the stage step and its optimizer."""
+
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
+from cleangpt_jax import optim
 from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.distill import losses as L
 from cleangpt_jax.distill import plan, runner
@@ -61,7 +64,7 @@ def test_registered_custom_loss_is_usable_by_name():
 
     s, t = np.ones((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32) + 0.5
     assert float(L.distillation_loss("MSE_Cosine", s, t)) == pytest.approx(0.25, rel=1e-6)
-    with pytest.raises(L.LossError, match="registered losses"):
+    with pytest.raises(ConfigError, match="registered losses"):
         L.get_loss("huber")
 
 
@@ -132,17 +135,6 @@ def test_stitching_starts_as_identity_at_equal_width_and_xavier_otherwise():
     assert np.abs(p["kernel"]).max() <= limit and np.std(p["kernel"]) > limit / 4
 
 
-def test_config_is_a_config_dict_with_the_documented_keys():
-    cfg = get_config()
-    assert isinstance(cfg, ml_collections.ConfigDict)
-    for key in ("teacher", "layer_map", "stitching", "hidden_loss", "freeze_previous_blocks",
-                "steps_per_block", "learning_rate", "weight_decay", "grad_clip"):
-        assert key in cfg.distill
-    for key in ("enabled", "steps", "learning_rate", "init_from_teacher", "logit_loss",
-                "temperature", "logit_weight", "lm_weight"):
-        assert key in cfg.distill.head
-
-
 def test_epochs_logit_only_plans_and_bad_plans():
     d = get_config().distill
     d.epochs_per_block = [1.0, 0.5]
@@ -161,17 +153,30 @@ def test_epochs_logit_only_plans_and_bad_plans():
         plan.build_stages(d, 2, 4)
 
 
+TEACHER = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=True,
+                      activation="gelu_tanh")
+STUDENT = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11,
+                      tie_embeddings=False)
+BLOCK_1 = plan.Stage("block_1", "block", 3, 1e-3, 0.0, 1.0, block=1, teacher_layer=1)
+TRAINABLE = frozenset({("student", "h_0"), ("stitch", "stitch_1")})
+
+
 def _tiny_spec(**changes):
-    teacher = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11,
-                          bias=True, activation="gelu_tanh")
-    student = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11,
-                          tie_embeddings=False)
-    stage = plan.Stage("block_1", "block", 3, 1e-3, 0.0, 1.0, block=1, teacher_layer=1)
-    spec = dict(teacher=teacher, student=student, stage=stage,
-                trainable=frozenset({("student", "h_0"), ("stitch", "stitch_1")}),
-                loss=L.get_loss("mse"), temperature=1.0)
+    t = get_config().train
+    spec = dict(teacher=TEACHER, student=STUDENT, stage=BLOCK_1, trainable=TRAINABLE,
+                loss=L.get_loss("mse"), temperature=1.0,
+                adam=(t.adam_b1, t.adam_b2, t.adam_eps))
     spec.update(changes)
     return runner.StepSpec(**spec)
+
+
+def _tiny_models(key, ids):
+    """(teacher params, {'student', 'stitch'} tree) of the tiny spec's models."""
+    k0, k1, k2 = jax.random.split(key, 3)
+    t_params = get_model(config=TEACHER).init(k0, ids)["params"]
+    tree = {"student": get_model(config=STUDENT).init(k1, ids)["params"],
+            "stitch": runner.init_stitching(k2, 2, 8, 16, True)}
+    return t_params, tree
 
 
 def test_truncated_forward_gives_the_full_forward_loss():
@@ -185,10 +190,8 @@ def test_truncated_forward_gives_the_full_forward_loss():
 
     @jax.jit
     def both(key):
-        k0, k1, k2, k3 = jax.random.split(key, 4)
-        t_params = get_model(config=spec.teacher).init(k0, ids)["params"]
-        tree = {"student": get_model(config=spec.student).init(k1, ids)["params"],
-                "stitch": runner.init_stitching(k2, 2, 8, 16, True)}
+        t_params, tree = _tiny_models(key, ids)
+        k3 = jax.random.fold_in(key, 3)
         trainable, frozen = runner.split(tree, spec.trainable)
         return (truncated(trainable, frozen, t_params, batch, k3),
                 full(trainable, frozen, t_params, batch, k3))
@@ -198,8 +201,52 @@ def test_truncated_forward_gives_the_full_forward_loss():
     assert aux == {} and set(full_aux) == {"teacher_logits_mean", "student_logits_mean"}
 
 
-def test_compiled_steps_are_shared_by_equal_specs():
-    assert runner.compiled_step(_tiny_spec()) is runner.compiled_step(_tiny_spec())
-    other = _tiny_spec(stage=plan.Stage("block_1", "block", 3, 2e-3, 0.0, 1.0, block=1,
-                                        teacher_layer=1))
-    assert runner.compiled_step(other) is not runner.compiled_step(_tiny_spec())
+def test_a_stage_step_uses_the_configs_adam_settings():
+    """Two updates of a block stage, built from the config as a run builds them: they follow
+    train.adam_b1 / adam_b2 / adam_eps (the original silently used b2 = 0.95), and equal optax's
+    AdamW with those values and the stage's rate, weight decay, clipping and cosine schedule."""
+    stage = plan.Stage("block_1", "block", 10, 1e-2, 0.1, 1.0, block=1, teacher_layer=1)
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 11, size=(2, 8)).astype(np.int32),
+                "attention_mask": np.ones((2, 8), np.int32)} for _ in range(2)]
+    t_params, tree = _tiny_models(jax.random.key(0), batches[0]["input_ids"])
+
+    def two_updates(**train):
+        cfg = get_config()
+        cfg.train.update(train)
+        cfg.distill.warmup_steps = 0
+        setup = types.SimpleNamespace(config=cfg, teacher=types.SimpleNamespace(config=TEACHER),
+                                      student=types.SimpleNamespace(config=STUDENT))
+        paths = runner.trainable_paths(tree, stage, cfg, tie_embeddings=False)
+        spec = runner.step_spec(setup, stage, paths)
+        compiled = runner.compiled_step(spec)
+        trainable, frozen = runner.split(tree, paths)
+        trainable = jax.tree.map(jnp.copy, trainable)  # donated by the step
+        opt_state = compiled.init(trainable)
+        for i, batch in enumerate(batches):
+            trainable, opt_state, _ = compiled.step(trainable, opt_state, frozen, t_params,
+                                                    batch, jax.random.key(i))
+
+        # The reference: optax from the raw numbers, gradients of the same stage loss.
+        t = cfg.train
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+            optax.cosine_decay_schedule(1e-2, 10, alpha=0.1), b1=t.adam_b1, b2=t.adam_b2,
+            eps=t.adam_eps, weight_decay=0.1, mask=optim.weight_decay_mask))
+        grad = jax.jit(jax.grad(lambda p, b, r: runner.stage_loss_fn(spec)(
+            p, frozen, t_params, b, r)[0]))
+        ref, _ = runner.split(tree, paths)
+        ref_state = tx.init(ref)
+        for i, batch in enumerate(batches):
+            updates, ref_state = tx.update(grad(ref, batch, jax.random.key(i)), ref_state, ref)
+            ref = optax.apply_updates(ref, updates)
+        for k in ref:
+            np.testing.assert_allclose(trainable[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        return trainable
+
+    default = two_updates()
+    assert get_config().train.adam_b2 == 0.99
+    changed = two_updates(adam_b2=0.5)
+    assert {k[:2] for k in default} == {("student", "wte"), ("student", "wpe"),
+                                        ("student", "h_0"), ("stitch", "stitch_1")}
+    assert any(not np.allclose(default[k], changed[k], rtol=0, atol=1e-6) for k in default)
+    two_updates(adam_b1=0.5, adam_eps=1e-3)

@@ -1,6 +1,6 @@
 """Training: the real CLI, exact resume (also through SIGTERM), determinism, 8 host devices, two
-processes, the optimizer and its schedule, gradient accumulation, epochs, mixtures, hooks,
-strategies, and bad input that leaves the disk as it was.
+processes, the optimizer and its schedule, gradient accumulation, epochs, mixtures,
+callbacks, strategies, and bad input that leaves the disk as it was.
 
 Cost control (compiling is what tiny runs spend their time on): one tiny model (2 layers x 32,
 block 16) on 4 of the embedded Shakespeare plays; a persistent compilation cache shared by this
@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cleangpt_jax import hooks as hooks_lib
 from cleangpt_jax import optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
@@ -74,8 +73,8 @@ def cli_flags(env, **changes) -> list[str]:
     return [f"--config.{k}={v}" for k, v in overrides(env, **changes).items()]
 
 
-def run(cfg, workdir, hooks=()) -> trainer.Summary:
-    return trainer.train_and_evaluate(cfg, str(workdir), extra_hooks=list(hooks))
+def run(cfg, workdir, callbacks=()) -> trainer.Summary:
+    return trainer.train_and_evaluate(cfg, str(workdir), callbacks=list(callbacks))
 
 
 def params_of(workdir, step=None) -> dict[str, np.ndarray]:
@@ -143,32 +142,30 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(x) for x in os.listdir(d) if x.isdigit())
 
 
-class Recorder(hooks_lib.Hook):
+class Recorder:
+    """A callback that records (event, run.step) and what the event is about."""
+
     def __init__(self):
         self.events = []
+        self.steps_per_epoch = None
 
-    def on_train_start(self, t):
-        self.events.append(("train_start", t.step))
-
-    def on_step_end(self, t, step):
-        self.events.append(("step_end", step))
-
-    def on_eval_end(self, t, step, metrics):
-        self.events.append(("eval_end", step, metrics["val_loss"]))
-
-    def on_train_end(self, t):
-        self.events.append(("train_end", t.step, t.interrupted))
+    def __call__(self, event, run):
+        if event == "train_begin":
+            self.steps_per_epoch = run.steps_per_epoch
+        extra = {"eval_end": lambda: (run.last_eval["val_loss"],),
+                 "train_end": lambda: (run.interrupted,)}.get(event, tuple)()
+        self.events.append((event, run.step, *extra))
 
 
-class SigtermAt(hooks_lib.Hook):
-    """Sends this process SIGTERM at the end of `step` (what a preempted TPU VM receives)."""
+def sigterm_at(step):
+    """A callback that sends this process SIGTERM at the end of `step` (what a preempted TPU
+    VM receives)."""
 
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, t, step):
-        if step == self.step:
+    def callback(event, run):
+        if event == "step_end" and run.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    return callback
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -187,11 +184,12 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(env):
-    """N steps in one go (with a recording hook and periodic samples)."""
+    """N steps in one go (with a recording callback and periodic samples)."""
     rec = Recorder()
     workdir = env.root / "straight"
     summary = run(make_config(env, **SAMPLES), workdir, [rec])
     return types.SimpleNamespace(workdir=workdir, summary=summary, events=rec.events,
+                                 steps_per_epoch=rec.steps_per_epoch,
                                  params=params_of(workdir), losses=losses(workdir))
 
 
@@ -203,7 +201,7 @@ def resumed(env, straight):
     cfg = make_config(env, **SAMPLES)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        first = run(cfg, workdir, [SigtermAt(HALF)])
+        first = run(cfg, workdir, [sigterm_at(HALF)])
     snapshot = env.root / "half_snapshot"
     shutil.copytree(workdir, snapshot)
     with contextlib.redirect_stdout(out):
@@ -323,15 +321,20 @@ def test_cli_unknown_config_file_and_key(env, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-# ----------------------------------------------------------------- hooks, samples, epochs
-def test_hooks_receive_events_in_loop_order_and_samples_are_written(straight):
-    events, workdir = straight.events, straight.workdir
+# ------------------------------------------------------------- callbacks, samples, epochs
+def test_callbacks_receive_events_in_loop_order_and_samples_are_written(straight):
+    events, workdir, per_epoch = straight.events, straight.workdir, straight.steps_per_epoch
     val = {r[0]: r[1][1] for r in straight.losses if r[1][0] == "val_loss"}
-    expected = [("train_start", 0)]
-    for s in range(1, N + 1):
-        if s % 4 == 0:  # the built-in EvalHook runs first and dispatches on_eval_end
-            expected.append(("eval_end", s, val[s]))
-        expected.append(("step_end", s))
+    expected = [("train_begin", 0)]
+    for s in range(N):  # s updates done; the step makes it s + 1
+        if s % per_epoch == 0:
+            expected.append(("epoch_begin", s))
+        expected.append(("step_begin", s))
+        if (s + 1) % 4 == 0:  # evaluation inside the step, before step_end
+            expected += [("eval_begin", s + 1), ("eval_end", s + 1, val[s + 1])]
+        expected.append(("step_end", s + 1))
+        if (s + 1) % per_epoch == 0 or s + 1 == N:
+            expected.append(("epoch_end", s + 1))
     expected.append(("train_end", N, False))
     assert events == expected
     assert sorted(os.listdir(workdir / "samples")) == ["step_12.txt", "step_4.txt", "step_8.txt"]
@@ -357,33 +360,39 @@ def write_text(path, text) -> str:
 
 
 def test_num_epochs_and_a_mixture_from_the_train_config(env, straight, tmp_path):
-    """train.num_epochs sets the step count from the packed tokens; data.mixture mixes two
-    sources row by row (here 'ab...' text and 'xyz...' text, told apart by their letters).
-    Sized to N steps with the straight run's vocab_size, so its compiled step is reused."""
-    a = write_text(tmp_path / "a" / "a.txt", "ab" * 400)  # 800 tokens: 50 windows of 16
-    b = write_text(tmp_path / "b" / "b.txt", "xyz" * 246)  # 738 tokens: 46 windows
+    """train.num_epochs sets the step count from the packed tokens, and the epoch callbacks
+    fire at its boundaries; data.mixture mixes two sources row by row (here 'ab...' text and
+    'xyz...' text, told apart by their letters). Sized to N steps with the straight run's
+    vocab_size, so its compiled step is reused."""
+    a = write_text(tmp_path / "a" / "a.txt", "ab" * 200)  # 400 tokens: 25 windows of 16
+    b = write_text(tmp_path / "b" / "b.txt", "xyz" * 123)  # 369 tokens: 23 windows
     vocab = workdir_lib.load_config(str(straight.workdir)).model.vocab_size
-    cfg = make_config(env, **{"train.num_epochs": 1.0, "train.eval_every": 0,
+    cfg = make_config(env, **{"train.num_epochs": 2.0, "train.eval_every": 0,
                               "train.checkpoint_every": 0, "data.val_fraction": 0.0,
                               "model.vocab_size": vocab})
     cfg.data.mixture = {"sources": [{"source": "text", "files": a},
                                     {"source": "text", "files": b}],
                         "schedule": {"type": "constant", "weights": [1.0, 1.0]}}
-    first = {}
+    first, epochs = {}, []
 
-    class FirstBatch(hooks_lib.Hook):
-        def on_train_start(self, t):
-            first["rows"] = [t.tokenizer.decode(r) for r in t.batch_for_step(0)["input_ids"]]
+    def first_batch_and_epochs(event, run):
+        if event == "train_begin":
+            first["rows"] = [run.tokenizer.decode(r) for r in run.batch_for_step(0)["input_ids"]]
+        if event.startswith("epoch_"):
+            epochs.append((event, run.step))
 
-    summary = run(cfg, tmp_path / "run", [FirstBatch()])
-    assert summary.num_steps == summary.step == math.ceil((50 + 46) / 8) == N
+    summary = run(cfg, tmp_path / "run", [first_batch_and_epochs])
+    per_epoch = math.ceil((25 + 23) / 8)
+    assert summary.num_steps == summary.step == 2 * per_epoch == N
+    assert epochs == [("epoch_begin", 0), ("epoch_end", per_epoch),
+                      ("epoch_begin", per_epoch), ("epoch_end", N)]
     kinds = [set(r) for r in first["rows"]]
     assert all(k <= {"a", "b"} or k <= {"x", "y", "z"} for k in kinds), first["rows"]
     assert any(k <= {"a", "b"} for k in kinds) and any(k <= {"x", "y", "z"} for k in kinds)
     assert trainer.resolve_num_steps(ml_collections.ConfigDict(
-        {"num_epochs": 2.5, "num_steps": 7}), lambda: 10) == 25
+        {"num_epochs": 2.5, "num_steps": 7}), 10) == 25
     with pytest.raises(ConfigError, match="train.num_epochs must be positive"):
-        trainer.resolve_num_steps(ml_collections.ConfigDict({"num_epochs": 0.0}), lambda: 10)
+        trainer.resolve_num_steps(ml_collections.ConfigDict({"num_epochs": 0.0}), 10)
 
 
 # ------------------------------------------------------------------ strategies and NaN
@@ -398,7 +407,7 @@ def plain_lm_strategy(model, config):
 
 
 def test_a_registered_strategy_is_picked_by_train_strategy(env, straight, tmp_path):
-    assert {"lm", "test_plain_lm"} <= set(trainer.registered_strategies())
+    assert {"lm", "test_plain_lm"} <= set(trainer.STRATEGIES.names())
     summary = run(make_config(env, **{"train.strategy": "test_plain_lm"}), tmp_path / "run")
     assert STRATEGY_CALLS == [(32, "test_plain_lm")]
     assert summary.train_loss == straight.summary.train_loss
@@ -406,22 +415,22 @@ def test_a_registered_strategy_is_picked_by_train_strategy(env, straight, tmp_pa
         trainer.get_strategy("nope", None, None)
 
 
-class PoisonAt(hooks_lib.Hook):
-    """Turns the parameters into NaN after `step` (a diverged update)."""
+def poison_at(step):
+    """A callback that turns the parameters into NaN after `step` (a diverged update)."""
 
-    def __init__(self, step):
-        self.step = step
+    def callback(event, run):
+        if event == "step_end" and run.step == step:
+            run.state = run.state.replace(
+                params=jax.tree.map(lambda x: x * jnp.nan, run.state.params))
 
-    def on_step_end(self, t, step):
-        if step == self.step:
-            t.state = t.state.replace(params=jax.tree.map(lambda x: x * jnp.nan, t.state.params))
+    return callback
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     cfg = make_config(env, **{"train.checkpoint_every": 2})
     workdir = tmp_path / "nan"
     with pytest.raises(trainer.TrainingError) as e:
-        run(cfg, workdir, [PoisonAt(5)])
+        run(cfg, workdir, [poison_at(5)])
     msg = one_line_error(e)
     assert "training loss is nan at step 6" in msg and "checkpoint (step 4) is kept" in msg
     assert checkpoint_steps(workdir) == [2, 4]
@@ -557,9 +566,9 @@ def test_weight_decay_only_on_matrices():
         "h_0/mlp/c_fc/kernel", "h_0/mlp/c_proj/kernel"}
 
     # Numerically: with zero gradients AdamW's step is -lr * wd * w on matrices, 0 elsewhere.
-    t = ml_collections.ConfigDict({"learning_rate": 0.1, "min_lr": 0.1, "warmup_steps": 0,
-                                   "lr_schedule": "constant", "weight_decay": 0.5,
-                                   "grad_clip": 0.0})
+    t = get_config().train
+    t.update(learning_rate=0.1, min_lr=0.1, warmup_steps=0, lr_schedule="constant",
+             weight_decay=0.5, grad_clip=0.0)
     opt, _ = optim.make_optimizer(t, 10)
     params = {"w": jnp.full((2, 3), 2.0), "b": jnp.full((3,), 2.0), "alpha": jnp.array(2.0)}
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
@@ -595,12 +604,12 @@ def test_bfloat16_compute_keeps_float32_weights_and_optimizer_state(env, tmp_pat
                               "train.num_steps": 2, "train.eval_every": 0})
     seen = {}
 
-    class Dtypes(hooks_lib.Hook):
-        def on_train_end(self, t):
+    def dtypes(event, run):
+        if event == "train_end":
             seen["state"] = {str(x.dtype) for x in jax.tree.leaves(
-                (t.state.params, t.state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)}
+                (run.state.params, run.state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)}
 
-    summary = run(cfg, tmp_path / "bf16", [Dtypes()])
+    summary = run(cfg, tmp_path / "bf16", [dtypes])
     assert summary.step == 2 and math.isfinite(summary.train_loss)
     assert seen["state"] == {"float32"}
     assert {str(v.dtype) for v in params_of(tmp_path / "bf16").values()} == {"float32"}
@@ -614,7 +623,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_optimizer_state(env, tmp_pat
 SHARDING_SCRIPT = r"""
 import json, os, shutil, sys
 import jax, jax.numpy as jnp, ml_collections, numpy as np
-from cleangpt_jax import data as data_lib, hooks, sharding, trainer, workdir as wdl
+from cleangpt_jax import data as data_lib, sharding, trainer, workdir as wdl
 from cleangpt_jax.checkpoint import Checkpointer, path_str
 from cleangpt_jax.config import model_config
 from cleangpt_jax.models import get_model
@@ -672,14 +681,14 @@ cfg8 = ml_collections.ConfigDict(args["config"])
 cfg8.train.fsdp = 2
 
 
-class Layout(hooks.Hook):
-    def on_train_start(self, t):
-        big = [x for x in jax.tree.leaves((t.state.params, t.state.opt_state)) if x.ndim >= 2]
+def layout(event, run):
+    if event == "train_begin":
+        big = [x for x in jax.tree.leaves((run.state.params, run.state.opt_state)) if x.ndim >= 2]
         res["resumed_specs"] = sorted({str(x.sharding.spec) for x in big})
-        res["resumed_start"] = t.step
+        res["resumed_start"] = run.step
 
 
-summary = trainer.train_and_evaluate(cfg8, args["resume_dir"], extra_hooks=[Layout()])
+summary = trainer.train_and_evaluate(cfg8, args["resume_dir"], callbacks=[layout])
 res["resumed_step"] = summary.step
 res["resumed_train_loss"] = summary.train_loss
 

@@ -1,4 +1,4 @@
-"""Block-by-block distillation of a GPT-2 teacher into any student (DESIGN.md section 3).
+"""Block-by-block distillation of a GPT-2 teacher into any student (docs/distillation.md).
 
     python -m cleangpt_jax.distill --config=configs/distill_shakespeare_offline.py --workdir=DIR
 

@@ -5,9 +5,10 @@ Run: python -m cleangpt_jax.distill --workdir=runs/distill_factored
 needs no network). Files in configs/distill_*.py start from this config.
 
 The `model` section is the student's (its vocabulary and tokenizer come from the teacher); the
-`data` section is the training one; of `train`, batch_size, seed, fsdp and the multi-host keys
-are used. Stages (DESIGN.md section 3): block_1..block_L (hidden-state distillation through
-the stitching layers), then `head`, then the optional end-to-end `final`.
+`data` section is the training one; of `train`, batch_size, seed, fsdp, the multi-host keys and
+the AdamW moments adam_b1, adam_b2, adam_eps are used (every stage's optimizer). Stages
+(docs/distillation.md, "The stages"): block_1..block_L (hidden-state distillation through the
+stitching layers), then `head`, then the optional end-to-end `final`.
 """
 
 import ml_collections

@@ -25,30 +25,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cleangpt_jax.registry import Registry
+
 LossFn = Callable[[jax.Array, jax.Array, float], jax.Array]
-LOSSES: dict[str, LossFn] = {}
-
-
-class LossError(ValueError):
-    """Unknown loss name."""
-
-
-def register_loss(name: str, fn: LossFn | None = None):
-    """Register a per-token loss `fn(student, teacher, temperature) -> (B, T)`; a decorator too."""
-
-    def add(fn):
-        LOSSES[name.lower()] = fn
-        return fn
-
-    return add(fn) if fn is not None else add
+LOSSES = Registry("distillation loss", "losses")
+register_loss = LOSSES.register  # register_loss(name)(fn(student, teacher, temperature) -> (B, T))
 
 
 def get_loss(name: str) -> LossFn:
-    try:
-        return LOSSES[name.lower()]
-    except KeyError:
-        raise LossError(f"unknown distillation loss {name!r}: registered losses are "
-                        f"{sorted(LOSSES)} (add one with register_loss)") from None
+    """The registered loss `name` (case-insensitive); ConfigError names the registered ones."""
+    return LOSSES[name]
 
 
 def distillation_loss(loss: str | LossFn, student, teacher, mask=None,

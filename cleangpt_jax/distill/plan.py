@@ -1,6 +1,6 @@
 """What each distillation stage trains, for how long, against which teacher layer.
 
-Stages, in order (DESIGN.md section 3):
+Stages, in order (docs/distillation.md, "The stages"):
     block_k, k = 1..L_s   student block k + stitch_k (+ wte/wpe at k = 1; + all earlier blocks
                           and the embeddings when freeze_previous_blocks is False), against
                           teacher hidden state map(k); skipped with distill.block_stages False
@@ -81,9 +81,9 @@ def build_stages(distill_cfg, n_student: int, n_teacher: int,
     """The stages of a run, in order; every list-valued setting is checked against L_s."""
     d = distill_cfg
     stages = []
-    if d.get("block_stages", True):
+    if d.block_stages:
         mapping = layer_map(d.layer_map, n_student, n_teacher)
-        epochs = per_block(d.get("epochs_per_block"), n_student, "epochs_per_block")
+        epochs = per_block(d.epochs_per_block, n_student, "epochs_per_block")
         steps = per_block(d.steps_per_block, n_student, "steps_per_block")
         lrs = per_block(d.learning_rate, n_student, "learning_rate")
         wds = per_block(d.weight_decay, n_student, "weight_decay")
@@ -96,7 +96,7 @@ def build_stages(distill_cfg, n_student: int, n_teacher: int,
     for name in ("head", "final"):
         s = d[name]
         if s.enabled:
-            steps = _steps(s.steps, s.get("epochs"), steps_per_epoch, f"{name}.epochs")
+            steps = _steps(s.steps, s.epochs, steps_per_epoch, f"{name}.epochs")
             stages.append(Stage(name, name, steps, float(s.learning_rate),
                                 float(s.weight_decay), s.grad_clip))
     if not stages:

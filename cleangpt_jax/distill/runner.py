@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import threading
 from typing import Any, Callable
@@ -52,7 +51,7 @@ from flax import traverse_util
 
 from cleangpt_jax import checkpoint as ckpt_lib
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import hf, sharding, trainer
+from cleangpt_jax import hf, loop, sharding, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -139,9 +138,9 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
     """Load the teacher, its tokenizer and the data, and check the plan; writes nothing."""
     check_config(cfg)
     d = cfg.distill
-    mesh = sharding.create_mesh(int(cfg.train.get("fsdp", 1)))
+    mesh = sharding.create_mesh(int(cfg.train.fsdp))
     sharding.check_batch_size(cfg.train.batch_size, mesh)
-    teacher = load_lm(d.teacher, dtype=d.get("teacher_dtype") or cfg.model.dtype, mesh=mesh)
+    teacher = load_lm(d.teacher, dtype=d.teacher_dtype or cfg.model.dtype, mesh=mesh)
     t_cfg, t_params, tokenizer = teacher.config, teacher.params, teacher.tokenizer
     s_cfg = student_config(cfg, t_cfg)
     if d.block_stages and not d.stitching and s_cfg.n_embd != t_cfg.n_embd:
@@ -209,6 +208,7 @@ class StepSpec:
     trainable: frozenset
     loss: Callable              # per-token loss from the registry
     temperature: float
+    adam: tuple[float, float, float]  # AdamW (b1, b2, eps): train.adam_b1/adam_b2/adam_eps
     logit_weight: float = 1.0
     lm_weight: float = 0.0
     stitching: bool = True
@@ -219,9 +219,11 @@ class StepSpec:
 
 
 def step_spec(s: Setup, stage, paths: frozenset, *, truncate: bool = True) -> StepSpec:
-    d = s.config.distill
+    d, t = s.config.distill, s.config.train
     common = dict(teacher=s.teacher.config, student=s.student.config, stage=stage,
-                  trainable=paths, stitching=bool(d.stitching),
+                  trainable=paths,
+                  adam=(float(t.adam_b1), float(t.adam_b2), float(t.adam_eps)),
+                  stitching=bool(d.stitching),
                   stitching_bias=bool(d.stitching_bias), warmup_steps=int(d.warmup_steps),
                   truncate=truncate)
     if stage.kind == "block":
@@ -232,13 +234,16 @@ def step_spec(s: Setup, stage, paths: frozenset, *, truncate: bool = True) -> St
                     logit_weight=float(c.logit_weight), lm_weight=float(c.lm_weight), **common)
 
 
-def stage_optimizer(stage, warmup_steps: int):
-    """The training optimizer (AdamW, decay on >= 2-D weights only, global-norm clipping) for
-    one stage: linear warmup, then cosine decay to 10% of the stage's learning rate."""
+def stage_optimizer(stage, warmup_steps: int, adam: tuple[float, float, float]):
+    """The training optimizer (AdamW with the run's (b1, b2, eps), decay on >= 2-D weights
+    only, global-norm clipping) for one stage: the stage's learning rate, weight decay and
+    clipping, linear warmup, then cosine decay to 10% of the stage's learning rate."""
+    b1, b2, eps = adam
     return make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=stage.learning_rate, min_lr=0.1 * stage.learning_rate,
         warmup_steps=min(warmup_steps, stage.steps // 10), lr_schedule="cosine",
-        grad_clip=stage.grad_clip or 0.0, weight_decay=stage.weight_decay)), stage.steps)
+        grad_clip=stage.grad_clip or 0.0, weight_decay=stage.weight_decay,
+        adam_b1=b1, adam_b2=b2, adam_eps=eps)), stage.steps)
 
 
 def stage_loss_fn(spec: StepSpec):
@@ -299,7 +304,7 @@ class CompiledStep:
 def compiled_step(spec: StepSpec) -> CompiledStep:
     """The jit-compiled update of one stage (cached: equal specs share the executable)."""
     loss_fn = stage_loss_fn(spec)
-    tx, schedule = stage_optimizer(spec.stage, spec.warmup_steps)
+    tx, schedule = stage_optimizer(spec.stage, spec.warmup_steps, spec.adam)
 
     def step(trainable, opt_state, frozen, teacher_params, batch, rng):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -351,7 +356,8 @@ def _plan_record(s: Setup) -> dict:
     cfg = s.config.to_dict()
     drop = {"data": _RESUMABLE_KEYS["data"], "distill": _RESUMABLE_KEYS["distill"] + _STAGE_KEYS}
     record = {"student": s.student.config.to_dict(), "teacher": s.teacher.config.to_dict(),
-              "train": {k: cfg["train"][k] for k in ("seed", "batch_size")},
+              "train": {k: cfg["train"][k] for k in ("seed", "batch_size", "adam_b1",
+                                                     "adam_b2", "adam_eps")},
               "stages": [dataclasses.asdict(st) for st in s.stages]}
     for sec in ("data", "distill"):
         record[sec] = {k: v for k, v in dict(cfg[sec]).items() if k not in drop[sec]}
@@ -495,34 +501,22 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
 
         dropout_key = jax.random.fold_in(jax.random.key(seed), trainer.DROPOUT_SEED_SALT)
-        bar = _progress(stage, start, progress)
+        bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
+                                leave=False)
+        lag = loop.LaggedMetrics()
 
-        def resolve(step, metrics):
-            """Fetch one step's metrics (a step behind the device), stop on NaN, log."""
+        def log(fetched):
             nonlocal first_loss, last_loss
-            metrics = jax.device_get(metrics)
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                # An infinite gradient leaves a finite loss but poisoned parameters.
-                what = (f"loss is {loss}" if not math.isfinite(loss)
-                        else f"gradient norm is {grad_norm}")
-                kept = ckpt.latest_step()
-                where = (f"the stage's checkpoint at step {kept} and the completed stages are "
-                         f"kept" if kept is not None else "the completed stages are kept")
-                raise DistillError(f"stage {stage.name} step {step}: {what}; stopped, {where}: "
-                                   f"lower distill.learning_rate or set distill.grad_clip, "
-                                   f"then rerun")
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step % d.log_every == 0 or step == stage.steps:
-                writer.write(step_offset + step, {
-                    "stage": stage.name, "stage_step": step, "distill_loss": loss,
-                    "grad_norm": grad_norm,
-                    "lr": float(compiled.schedule(step - 1))})
+            for step, m in fetched:
+                first_loss = m["loss"] if first_loss is None else first_loss
+                last_loss = m["loss"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if step % d.log_every == 0 or step == stage.steps:
+                    writer.write(step_offset + step, {
+                        "stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
+                        "grad_norm": m["grad_norm"], "lr": float(compiled.schedule(step - 1))})
 
-        pending = None
         for step in range(start, stage.steps):
             g = step_offset + step
             batch = data_lib.batch_for_step(
@@ -532,44 +526,30 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
             trainable, opt_state, metrics = compiled.step(
                 trainable, opt_state, frozen, s.teacher_params,
                 sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
-            if pending is not None:
-                resolve(*pending)
-            pending = (step + 1, metrics)
             done = step + 1
-            stopping = _agree(stop) and done < stage.steps
+            log(lag.push(done, metrics))  # the previous step's: the device keeps working
+            stopping = loop.agree_to_stop(stop) and done < stage.steps
             if stopping or (d.checkpoint_every and done % d.checkpoint_every == 0
                             and done < stage.steps):
-                resolve(*pending)
-                pending = None
+                log(lag.flush())  # never save a non-finite state
                 save(done)
             if stopping:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped in stage {stage.name} at step {done} (saved); "
                                         f"rerun the same command to resume")
-        if pending is not None:
-            resolve(*pending)
+        log(lag.flush())
         bar.close()
         save(stage.steps)
+    except loop.NonFiniteError as e:
+        kept = ckpt.latest_step()
+        where = (f"the stage's checkpoint at step {kept} and the completed stages are kept"
+                 if kept is not None else "the completed stages are kept")
+        raise DistillError(f"stage {stage.name} step {e.step}: {e.what}; stopped, {where}: "
+                           f"lower distill.learning_rate or set distill.grad_clip, then "
+                           f"rerun") from None
     finally:
         ckpt.close()
     return join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
-
-
-def _agree(stop: threading.Event) -> bool:
-    """Whether to stop now; every process answers the same."""
-    if jax.process_count() == 1:
-        return stop.is_set()
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(stop.is_set()))))
-
-
-def _progress(stage, start, enabled):
-    from tqdm.auto import tqdm
-
-    # disable=None: a bar on a terminal, none in logs (nohup, CI).
-    return tqdm(total=stage.steps, initial=start, desc=stage.name, leave=False,
-                disable=None if enabled and jax.process_index() == 0 else True)
 
 
 def completed_tree(s: Setup, workdir, name):
@@ -585,7 +565,7 @@ def completed_tree(s: Setup, workdir, name):
 def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
     """Token-weighted LM validation loss of `model` on the first distill.eval_steps batches
     of `tokens` ({'val_loss', 'val_ppl', 'val_tokens'}); None without data or eval_steps."""
-    n = cfg.distill.get("eval_steps", 0)
+    n = cfg.distill.eval_steps
     if tokens is None or not n:
         return None
     step = trainer.make_eval_step(trainer.lm_strategy(model), mesh=mesh,
@@ -619,12 +599,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     if done and jax.process_index() == 0:
         print(f"Completed stages {[m['name'] for m in done]}; continuing with "
               f"{remaining[0].name if remaining else 'the final student'}", flush=True)
-    writer = workdir_lib.MetricWriter(workdir, resume_step=offset + mid)
+    writer = loop.MetricWriter(workdir, resume_step=offset + mid)
     stop = threading.Event()
     try:
-        with trainer.stop_on_signals(stop):
+        with loop.stop_on_signals(stop):
             for stage in remaining:
-                if _agree(stop):
+                if loop.agree_to_stop(stop):
                     raise KeyboardInterrupt(f"stopped before stage {stage.name}; rerun the "
                                             f"same command to resume")
                 if jax.process_index() == 0:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from cleangpt_jax.config import ModelConfig, model_config
+from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.models.base import CausalLM, InputError, ModelOutput
 from cleangpt_jax.models.factored import Factored
 from cleangpt_jax.models.sasp import SASP
@@ -47,8 +47,8 @@ def get_model(model_type: str | None = None, *, config: Any) -> nn.Module:
     overrides = {} if model_type is None else {"model_type": model_type.lower()}
     cfg = model_config(config, **overrides)
     if cfg.model_type not in _REGISTRY:
-        raise ValueError(f"unknown model_type {cfg.model_type!r}: registered models are "
-                         f"{registered_models()}")
+        raise ConfigError(f"unknown model.model_type {cfg.model_type!r}: registered models are "
+                          f"{registered_models()}")
     return _REGISTRY[cfg.model_type](cfg)
 
 

@@ -1,0 +1,192 @@
+"""What every training loop here shares: training (`trainer.train_and_evaluate`) and each
+distillation stage (`distill.runner.run_stage`).
+
+    stop = threading.Event()
+    with stop_on_signals(stop):                    # SIGTERM / Ctrl-C set `stop`
+        lag = LaggedMetrics()
+        for step in range(start, num_steps):
+            state, metrics = train_step(state, batch)           # metrics stay on the device
+            for done, host in lag.push(step + 1, metrics):      # the previous step's numbers
+                writer.write(done, host)                        # raise NonFiniteError on NaN
+            if agree_to_stop(stop):                             # every process answers alike
+                break
+
+Lagged fetch: reading step s's loss waits for step s to finish, so the loop fetches step s - 1's
+metrics after dispatching step s and the device never idles. `flush()` fetches the rest (before
+every save, so a non-finite state is never written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+
+import jax
+import numpy as np
+
+from cleangpt_jax.workdir import METRICS_FILE, is_writer
+
+
+# ---------------------------------------------------------------------------- metrics
+class NonFiniteError(ValueError):
+    """A step's loss or gradient norm is NaN or infinite (`step`, and `what`: 'loss is nan')."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what = step, what
+
+
+def fetch_finite(step: int, metrics: dict) -> dict[str, float]:
+    """The step's metrics as Python floats; NonFiniteError when `loss` or `grad_norm` is not
+    finite (an infinite gradient leaves a finite loss but poisoned parameters)."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+        if not math.isfinite(host[key]):
+            raise NonFiniteError(step, f"{name} is {host[key]}")
+    return host
+
+
+class LaggedMetrics:
+    """On-device metrics of the newest steps, fetched (and checked) one step late."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, dict]] = []
+
+    def push(self, step: int, metrics: dict) -> list[tuple[int, dict[str, float]]]:
+        """Hold `step`'s metrics; return [(step, host metrics)] of the older ones."""
+        self._pending.append((step, metrics))
+        return self._fetch(keep=1)
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """Fetch everything held, newest step included."""
+        return self._fetch(keep=0)
+
+    def _fetch(self, keep: int):
+        out = []
+        while len(self._pending) > keep:
+            step, metrics = self._pending.pop(0)
+            out.append((step, fetch_finite(step, metrics)))
+        return out
+
+
+# ------------------------------------------------------------------------ stopping
+@contextlib.contextmanager
+def stop_on_signals(event: threading.Event):
+    """SIGTERM / SIGINT set `event` (the loop then saves and returns) instead of killing the
+    process; a second Ctrl-C raises KeyboardInterrupt as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        event.set()
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping "
+              f"(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def agree_to_stop(event: threading.Event, *, sync: bool = True) -> bool:
+    """Whether to stop now, the same answer on every process. With several processes the
+    flags are all-gathered (a collective: every process must call it at the same step), and
+    only when `sync`; a single process just reads `event`."""
+    if jax.process_count() == 1:
+        return event.is_set()
+    if not sync:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(event.is_set()))))
+
+
+# ------------------------------------------------------------------------ reporting
+def progress_bar(total: int, initial: int, *, desc: str | None = None, enabled: bool = True,
+                 leave: bool = True):
+    """A tqdm bar on process 0 when stderr is a terminal (none in logs: nohup, CI)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=leave,
+                dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                disable=None if enabled and is_writer() else True)
+
+
+def report(bar, text: str) -> None:
+    """One line on stderr (process 0), printed above the progress bar."""
+    if is_writer():
+        bar.write(text, file=sys.stderr)
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard scalars; a no-op on every process but 0.
+
+    `resume_step` drops records past that step (left by a run that died after its last
+    checkpoint), so a resumed run's log reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self.active = is_writer()
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:  # on resume TensorBoard drops the old files' events past resume_step
+            self._tb = _summary_writer(
+                workdir, purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        record = {"step": int(step)}
+        for k, v in metrics.items():
+            v = v.item() if hasattr(v, "item") else v
+            record[k] = v
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _summary_writer(logdir: str, purge_step: int | None = None):
+    """tensorboardX.SummaryWriter without importing torch: tensorboardX imports torch whenever it
+    is installed (for torch.Tensor inputs, which scalars never are), a few seconds per run. Torch
+    is hidden during that import unless something already loaded it."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
