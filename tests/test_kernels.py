@@ -85,7 +85,6 @@ def loss_and_grads(attention, dropout=0.0):
 def test_the_model_trains_the_same_under_auto_and_xla_attention():
     """'auto' (blockwise on CPU) and 'xla' (jax.nn.dot_product_attention; with dropout the
     materialised softmax, which drops the same entries) give the same loss and gradients."""
-    assert jax.default_backend() == "cpu"
     losses = []
     for dropout in (0.0, 0.3):
         auto, generic = loss_and_grads("auto", dropout), loss_and_grads("xla", dropout)
@@ -104,11 +103,9 @@ def test_xla_setting_is_jax_dot_product_attention_and_equals_the_reference():
     scores = jnp.where(jnp.tril(jnp.ones((12, 12), bool)), scores, -jnp.inf)
     reference = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, -1), v)
     np.testing.assert_allclose(ours, reference, **TOL)
-    # 'auto' on CPU is the blockwise path, bit for bit.
-    assert jax.default_backend() == "cpu"
-    np.testing.assert_array_equal(
-        kernels.causal_attention(q, k, v, bias=bias),
-        cpu.blockwise_causal_attention(q, k, v, bias=bias))
+    if jax.default_backend() == "cpu":  # 'auto' on CPU is the blockwise path, bit for bit
+        np.testing.assert_array_equal(kernels.causal_attention(q, k, v, bias=bias),
+                                      cpu.blockwise_causal_attention(q, k, v, bias=bias))
     for name in ("auto", "cpu_blockwise", "xla_softmax"):
         np.testing.assert_allclose(
             kernels.causal_attention(q, k, v, implementation=name, bias=bias), reference, **TOL)
