@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_collections
 
+from cleangpt_jax import kernels
+
 ACTIVATIONS = ("gelu", "gelu_tanh")
 POSITION_ENCODINGS = ("learned", "alibi")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,13 +72,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if not isinstance(self.model_type, str):
             raise ConfigError(f"model.model_type must be a string, got {self.model_type!r}")
         set_("model_type", self.model_type.lower())
-        for key in ("activation", "position_encoding", "dtype", "param_dtype"):
+        for key in ("activation", "position_encoding", "dtype", "param_dtype", "attention"):
             if isinstance(getattr(self, key), str):
                 set_(key, getattr(self, key).lower())
         if self.max_position_embeddings is None:
@@ -130,6 +133,8 @@ def _validate(c: ModelConfig) -> None:
     need(c.dtype in DTYPES, f"unknown model.dtype {c.dtype!r}: choose one of {tuple(DTYPES)}")
     need(c.param_dtype in DTYPES,
          f"unknown model.param_dtype {c.param_dtype!r}: choose one of {tuple(DTYPES)}")
+    need(c.attention in kernels.ATTENTION_SETTINGS,
+         f"unknown model.attention {c.attention!r}: choose one of {kernels.ATTENTION_SETTINGS}")
     need(c.layer_norm_epsilon > 0, "model.layer_norm_epsilon must be positive")
     need(isinstance(c.max_position_embeddings, int) and c.max_position_embeddings > 0,
          f"model.max_position_embeddings must be a positive integer, "

@@ -33,16 +33,15 @@ the static settings (greedy or not, top_k, whether top_p is set, return_logits);
 top_p's value, the seed, eos/pad ids and the prompts themselves are traced. `program()` is the
 jitted function (`program()._cache_size()` counts its compiled variants).
 Speed: a decode step is bound by reading the weights (batch 1) and the cache; the cache layout
-and `layers.cached_attention` let it read both in place (see models/layers.py). On CPU at
-batch 1 the program first makes transposed copies of the non-square Dense kernels
-(`layers.decode_layout`, once per call): XLA:CPU reads those faster in a matrix-vector product
-(1.19x tokens/s at the char shape over 256 new tokens, scripts/bench_generate.py). Making them
-costs about 30 decode steps, so calls with fewer than DECODE_LAYOUT_MIN_STEPS (bucketed) new
-tokens go without.
+and `layers.cached_attention` let it read both in place (see models/layers.py). The backend
+decides two things (`cleangpt_jax.kernels`): the program's compiler options, and whether a
+call first makes transposed copies of the Dense kernels (`kernels.decode_layout`, batch 1 on
+CPU, for calls long enough to win back the copying).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
@@ -51,17 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cleangpt_jax import sampling
-from cleangpt_jax.loading import check_vocab
-from cleangpt_jax.models import layers
-
-
-# Batch-1 CPU calls make `layers.decode_layout` copies when they decode at least this many
-# (bucketed) tokens: making them costs about 30 decode steps. Tokens/s with copies / without,
-# same run (scripts/bench_generate.py --new_tokens N): N=16: 0.78x (char shape), 0.85x (GPT-2
-# 124M); N=64: 1.09x, 1.09x, then 0.91x and 1.07x at the char shape (break-even, in the noise);
-# N=256: 1.19x (char).
-DECODE_LAYOUT_MIN_STEPS = 64
+from cleangpt_jax import kernels, sampling
+from cleangpt_jax.tokenizers import check_vocab
 
 
 class GenerationError(ValueError):
@@ -85,11 +75,22 @@ def bucket(n: int, minimum: int = 8) -> int:
 
 
 def check_generation_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None) -> None:
-    """One-line errors (GenerationError / sampling.SamplingError) for unusable settings."""
+    """The one check of the generation settings: a one-line GenerationError for a value that
+    cannot work (the samplers in `cleangpt_jax.sampling` assume these ranges)."""
     if (not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool)
             or max_new_tokens <= 0):
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    sampling.check_sampling_args(temperature, top_k, top_p)
+    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise GenerationError(f"temperature must be a number >= 0 (0 = greedy), "
+                              f"got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                              or top_k < 0):
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+                              or not 0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p!r}: "
+                              f"e.g. top_p=0.9 keeps the tokens holding 90% of the probability")
 
 
 def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
@@ -99,9 +100,10 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
              return_logits: bool = False) -> GenerationOutput:
     """Generate `max_new_tokens` tokens after each prompt row.
 
-    input_ids: (B, T) or (T,) token ids. A row's prompt is all of it, or its first
-      prompt_lengths[b] tokens (right padding), or the positions where attention_mask is 1 (any
-      padding side). An empty row starts from bos_token_id (else eos_token_id).
+    input_ids: (B, T) or (T,) token ids, or a list of B rows of any lengths (unpadded). A row's
+      prompt is all of it, or (with an array) its first prompt_lengths[b] tokens (right
+      padding), or the positions where attention_mask is 1 (any padding side). An empty row
+      starts from bos_token_id (else eos_token_id). The prompts are left-padded once, here.
     temperature / top_k / top_p: see `cleangpt_jax.sampling` (temperature 0 = greedy).
     rng: a jax PRNG key or an int seed (default 0); the same key gives the same tokens.
     eos_token_id: a row stops after drawing it; its later tokens are pad_token_id (default:
@@ -167,9 +169,7 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
         jnp.int32(-1 if eos_token_id is None else eos_token_id), jnp.int32(pad_token_id),
         model=model, cache_len=cache_len, steps=steps, windowed=windowed,
         top_k=int(top_k) if top_k else None, greedy_only=greedy_only,
-        return_logits=return_logits,
-        decode_layout=(jax.default_backend() == "cpu" and len(rows) == 1
-                       and steps >= DECODE_LAYOUT_MIN_STEPS))
+        return_logits=return_logits, decode_layout=kernels.use_decode_layout(len(rows), steps))
     tokens = tokens[:, :n_new]
     if eos_token_id is None:
         counts = jnp.full((tokens.shape[0],), n_new, jnp.int32)
@@ -182,6 +182,15 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
 
 def _prompt_rows(input_ids, prompt_lengths, attention_mask) -> list[np.ndarray]:
     """Each row's prompt tokens as a 1-D int array (host side)."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(
+            np.ndim(row) == 1 for row in input_ids):
+        if prompt_lengths is not None or attention_mask is not None:
+            raise GenerationError("prompt_lengths and attention_mask describe a padded (batch, "
+                                  "time) array: pass unpadded rows without them")
+        rows = [np.asarray(row) for row in input_ids]
+        if any(row.size and not np.issubdtype(row.dtype, np.integer) for row in rows):
+            raise GenerationError("input_ids rows must hold integer token ids")
+        return [row.astype(np.int64) for row in rows]
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -214,13 +223,13 @@ def _generate_program(params, prompt, start, n_new, temperature, top_p, rng, eos
 
     prompt (B, P) left-padded, start (B,) = P - prompt length. Returns the (B, steps) new tokens
     (only the first n_new are drawn) and, with return_logits, their (B, steps, V) logits.
-    decode_layout: decode with `layers.decode_layout` copies of the weights (batch 1, CPU).
+    decode_layout: decode with `kernels.decode_layout` copies of the weights.
     """
     c = model.config
     batch, width = prompt.shape
     variables = {"params": params}
     if decode_layout:
-        variables[layers.DECODE_LAYOUT] = layers.decode_layout(params)
+        variables[kernels.DECODE_LAYOUT] = kernels.decode_layout(params)
 
     def forward(ids, cache):
         out = model.apply(variables, ids, cache=cache, last_logits_only=True)
@@ -287,18 +296,18 @@ def _generate_program(params, prompt, start, n_new, temperature, top_p, rng, eos
 
 _STATIC = ("model", "cache_len", "steps", "windowed", "top_k", "greedy_only", "return_logits",
            "decode_layout")
-# XLA:CPU's default copy insertion copies every cache buffer at each decode step, because the
-# step reads the cache before updating it in place; its region analysis proves the in-place
-# update safe (3x faster at batch 8). Other backends get the default options.
-_CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-_compiled = jax.jit(_generate_program, static_argnames=_STATIC)
-_compiled_cpu = jax.jit(_generate_program, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
+_programs: dict[tuple, object] = {}
 
 
 def program():
-    """The jitted generation program for the default backend (`._cache_size()` counts the
-    compiled shapes/settings)."""
-    return _compiled_cpu if jax.default_backend() == "cpu" else _compiled
+    """The jitted generation program with the default backend's compiler options
+    (`kernels.decode_compiler_options`); `._cache_size()` counts its compiled variants."""
+    options = kernels.decode_compiler_options()
+    key = tuple(sorted(options.items()))
+    if key not in _programs:
+        _programs[key] = jax.jit(_generate_program, static_argnames=_STATIC,
+                                 compiler_options=options or None)
+    return _programs[key]
 
 
 def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, temperature=0.8,
@@ -326,13 +335,9 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
                 raise GenerationError("the prompt is empty and the tokenizer has no BOS or EOS "
                                       "token to start from: give a prompt")
             p.append(start_id)
-    width = max(map(len, prompts))
-    ids = np.zeros((len(prompts), width), np.int32)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-    out = generate(model, params, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, rng=jax.random.key(seed), prompt_lengths=[len(p) for p in prompts],
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = generate(model, params, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, rng=jax.random.key(seed), eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
     token_ids = [p + tokens[b, :counts[b]].tolist() for b, p in enumerate(prompts)]
     decoded = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]

@@ -33,7 +33,7 @@ from cleangpt_jax import hf
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.models import get_model
-from cleangpt_jax.tokenizers import load_tokenizer, read_marker
+from cleangpt_jax.tokenizers import check_vocab, load_tokenizer, read_marker
 from cleangpt_jax.tokenizers.gpt2 import has_hf_tokenizer_files
 
 KINDS = ("workdir", "hf")
@@ -64,21 +64,6 @@ class LM:
         return {"source": self.source, "step": self.step, "model_type": c.model_type,
                 "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
                 "num_params": int(sum(np.size(x) for x in jax.tree.leaves(self.params)))}
-
-
-def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, *, fix: str,
-                where: str = "", error: type[ValueError] = ConfigError) -> None:
-    """Refuse a tokenizer whose ids do not all index the model's embedding table.
-
-    Token ids are 0 .. V_tok - 1 and the embedding has V_model rows, so the pair works only if
-    V_tok <= V_model (a larger model vocabulary is padding). `where` names the pair in the
-    message, `fix` says what to do; the one-line message reads
-    "tokenizer vocab_size V_tok > model vocab_size V_model (where): fix".
-    """
-    if tokenizer_vocab_size > model_vocab_size:
-        where = f" ({where})" if where else ""
-        raise error(f"tokenizer vocab_size {tokenizer_vocab_size} > model vocab_size "
-                    f"{model_vocab_size}{where}: {fix}")
 
 
 def is_workdir(path) -> bool:

@@ -5,45 +5,17 @@ Logits at position t predict token t + 1, so position t is scored against labels
     loss = sum_t m[t+1] * -log softmax(logits[t])[labels[t+1]]  /  sum_t m[t+1]
 
 where m masks padding (attention_mask == 0) and ignored targets (label == IGNORE_INDEX).
-The mean is token-weighted: every real target token counts once, whatever its row.
+The mean is token-weighted: every real target token counts once, whatever its row. The
+per-token -log softmax is `kernels.cross_entropy` (its backward written out).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from cleangpt_jax.kernels import cross_entropy
+
 IGNORE_INDEX = -100
-
-
-@jax.custom_vjp
-def cross_entropy(logits, targets):
-    """-log softmax(logits)[target] = logsumexp(logits) - logits[target], per position.
-
-    logits (..., V) float, targets (...) int in [0, V). The gradient is written out,
-
-        d logits = g * (softmax(logits) - onehot(target)),
-
-    so the backward is one pass over the (..., V) logits (autodiff's version adds a
-    scatter into a zero (..., V) array and a second pass).
-    """
-    return _cross_entropy_fwd(logits, targets)[0]
-
-
-def _cross_entropy_fwd(logits, targets):
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    lse = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)) + peak
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-    return (lse - picked)[..., 0], (logits, targets, lse)
-
-
-def _cross_entropy_bwd(residuals, g):
-    logits, targets, lse = residuals
-    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    return g[..., None] * (jnp.exp(logits - lse) - onehot), None
-
-
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def causal_lm_loss_terms(logits, labels, mask=None):
@@ -59,7 +31,8 @@ def causal_lm_loss_terms(logits, labels, mask=None):
     targets = jnp.concatenate([labels[:, 1:], no_target], axis=1)  # targets[t] = labels[t+1]
     weights = targets != IGNORE_INDEX
     if mask is not None:
-        weights = weights & (jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) > 0)
+        next_real = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) > 0
+        weights = weights & next_real
     nll = cross_entropy(logits, jnp.where(weights, targets, 0))
     return jnp.sum(jnp.where(weights, nll, 0.0)), jnp.sum(weights.astype(jnp.float32))
 

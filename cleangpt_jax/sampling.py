@@ -15,34 +15,16 @@ than k tokens). With top-k on, top-p works on the k sorted survivors (no sort ov
 vocabulary); top-p alone sorts each row once.
 
 `temperature` and `top_p` may be traced scalars (changing them does not recompile a jitted
-caller); `top_k` sets a shape and must be a Python int (0 or None = off).
+caller); `top_k` sets a shape and must be a Python int (0 or None = off). The ranges (temperature
+>= 0, top_k >= 0, top_p in (0, 1]) are checked once, by `generation.check_generation_args`.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import jax
 import jax.numpy as jnp
-
-
-class SamplingError(ValueError):
-    """A sampling setting outside its valid range; the message says what is allowed."""
-
-
-def check_sampling_args(temperature=1.0, top_k=None, top_p=None) -> None:
-    """One-line `SamplingError`s for settings no sampler accepts."""
-    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
-            or not math.isfinite(temperature) or temperature < 0):
-        raise SamplingError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
-                              or top_k < 0):
-        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
-                              or not 0.0 < top_p <= 1.0):
-        raise SamplingError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p!r}: "
-                            f"e.g. top_p=0.9 keeps the tokens holding 90% of the probability")
 
 
 def greedy(logits):

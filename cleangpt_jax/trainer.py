@@ -47,7 +47,7 @@ from cleangpt_jax import loop, sharding
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, model_config
-from cleangpt_jax.loading import check_vocab
+from cleangpt_jax.tokenizers import check_vocab
 from cleangpt_jax.losses import causal_lm_loss_terms
 from cleangpt_jax.optim import make_optimizer
 from cleangpt_jax.registry import Registry

@@ -24,9 +24,9 @@ on this machine (a jitted sum over 512 MiB) and prints the roofline: bandwidth /
 bytes = the most tokens/s any float32 implementation can reach at batch 1 (the KV cache adds
 to the bytes, so the real ceiling is a little lower).
 
-At batch 1 on CPU, "ours, W as stored" is the same program without `layers.decode_layout`'s
+At batch 1 on CPU, "ours, W as stored" is the same program without `kernels.decode_layout`'s
 transposed weight copies: the ratio between the two is what that layout buys here (below
-generation.DECODE_LAYOUT_MIN_STEPS new tokens neither makes them, and the ratio is ~1).
+kernels.cpu.DECODE_LAYOUT_MIN_STEPS new tokens neither makes them and the two are the same).
 
 The machine is shared, so the contenders run interleaved (ours, theirs, ours, ...) --repeats
 times and the medians are compared; tokens/s = batch * new_tokens / seconds of one whole call
@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cleangpt_jax import generation  # noqa: E402
+from cleangpt_jax import kernels  # noqa: E402
 from cleangpt_jax.config import model_config  # noqa: E402
 from cleangpt_jax.generation import generate  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
@@ -79,14 +79,14 @@ def timed(fn):
 class Ours:
     """Our generate(). decode_layout=False is the ablation: the same program without the
     batch-1 decode layout (every product reads W as stored), to measure what
-    `layers.decode_layout` buys on this machine."""
+    `kernels.decode_layout` buys on this machine."""
 
     def __init__(self, model, params, prompt, new_tokens, decode_layout=True):
         self.name = "ours (KV cache, one jit)" if decode_layout else "ours, W as stored"
-        min_steps = generation.DECODE_LAYOUT_MIN_STEPS if decode_layout else float("inf")
+        min_steps = kernels.cpu.DECODE_LAYOUT_MIN_STEPS if decode_layout else float("inf")
 
         def run():
-            with mock.patch.object(generation, "DECODE_LAYOUT_MIN_STEPS", min_steps):
+            with mock.patch.object(kernels.cpu, "DECODE_LAYOUT_MIN_STEPS", min_steps):
                 return np.asarray(generate(model, params, prompt, new_tokens,
                                            temperature=0).tokens)
 
@@ -215,7 +215,7 @@ def main():
                       f"min {min(times):7.3f} s; compile/warm-up {max(first - med, 0):6.2f} s)",
                       flush=True)
             if ablation:
-                print(f"  decode layout (layers.decode_layout): "
+                print(f"  decode layout (kernels.decode_layout): "
                       f"{tps[ours.name] / tps[ablation[0].name]:.2f}x the W-as-stored program",
                       flush=True)
             best = max((o.name for o in others), key=tps.get)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleangpt_jax import generation
+from cleangpt_jax import generation, kernels
 from cleangpt_jax.config import model_config
 from cleangpt_jax.generation import GenerationError, generate, run_generation
 from cleangpt_jax.models import get_model
@@ -92,9 +92,9 @@ def variant(request):
     ids, lengths = padded(PROMPTS)
     out = generate(model, params, ids, n_new, temperature=0, prompt_lengths=lengths,
                    return_logits=True)
-    # Batch 1 decodes with the decode-layout weight copies on CPU (layers.decode_layout), here
+    # Batch 1 decodes with the decode-layout weight copies on CPU (kernels.decode_layout), here
     # even for these few tokens.
-    with mock.patch.object(generation, "DECODE_LAYOUT_MIN_STEPS", 0):
+    with mock.patch.object(kernels.cpu, "DECODE_LAYOUT_MIN_STEPS", 0):
         alone = generate(model, params, np.asarray([PROMPTS[1]]), n_new, temperature=0,
                          return_logits=True)
     return dict(name=request.param, model=model, params=params, n_new=n_new, out=out,
@@ -119,37 +119,6 @@ def test_batch_one_decoding_equals_the_uncached_forward(variant):
     np.testing.assert_allclose(logits, variant["reference"].prefix_logits(PROMPTS[1:2], tokens),
                                **TOL)
     np.testing.assert_array_equal(tokens[0], np.asarray(variant["out"].tokens)[1])
-
-
-def test_dense_is_flax_dense_and_its_decode_layout_gives_the_same_product():
-    """layers.Dense has nn.Dense's parameters (names, shapes, init values: checkpoints are
-    unchanged); for one row, the transposed copies from decode_layout give the same product
-    for d_in > d_out, d_in < d_out; square kernels get no copy."""
-    from flax import linen as nn
-
-    from cleangpt_jax.models import layers
-
-    x = jax.random.normal(jax.random.key(2), (1, 1, 48))
-    for d_out in (16, 48, 80):
-        ours = layers.Dense(d_out, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
-                            kernel_init=layers.normal_init())
-        flax_dense = nn.Dense(d_out, kernel_init=layers.normal_init())
-        params = ours.init(jax.random.key(3), x)["params"]
-        jax.tree.map(np.testing.assert_array_equal, params,
-                     flax_dense.init(jax.random.key(3), x)["params"])
-        params = {"kernel": params["kernel"], "bias": params["bias"] + 0.5}
-        plain = ours.apply({"params": params}, x)
-        np.testing.assert_allclose(plain, flax_dense.apply({"params": params}, x), rtol=1e-6)
-        copies = layers.decode_layout(params)
-        assert ("kernel_t" in copies) == (d_out != 48)
-        if copies:
-            np.testing.assert_array_equal(copies["kernel_t"], params["kernel"].T)
-        fast = jax.jit(lambda p, c, x: ours.apply({"params": p, layers.DECODE_LAYOUT: c}, x))
-        np.testing.assert_allclose(fast(params, copies, x), plain, rtol=1e-5, atol=1e-6)
-        # More than one row: the copies are not used (batched products keep W's layout).
-        rows = jnp.concatenate([x, x + 1.0], axis=1)
-        np.testing.assert_allclose(fast(params, copies, rows),
-                                   ours.apply({"params": params}, rows), rtol=1e-6)
 
 
 def test_greedy_equals_the_uncached_argmax_loop(variant):
@@ -205,6 +174,9 @@ def test_rows_get_what_they_get_alone_and_prompt_buckets_share_a_program(vanilla
     again = generate(model, params, ids, n, temperature=0, attention_mask=ids > 0,
                      return_logits=True)
     np.testing.assert_array_equal(again.tokens, vanilla["greedy"])
+    # Unpadded rows of any lengths (run_generation's form) describe them too.
+    rows = generate(model, params, PROMPTS, n, temperature=0, return_logits=True)
+    np.testing.assert_array_equal(rows.tokens, vanilla["greedy"])
     assert compiled() == size  # same shapes as the PROMPTS batch: its program
 
 
@@ -282,6 +254,7 @@ def test_generate_rejects_bad_input_with_one_line_errors(vanilla):
         (dict(input_ids=np.asarray([[1, V]])), r"prompt token ids must lie in \[0, vocab_size"),
         (dict(input_ids=np.zeros((1, 0), np.int32)), "prompt row 0 is empty"),
         (dict(prompt_lengths=[5]), "prompt_lengths must hold one length"),
+        (dict(input_ids=[[1, 2], [3]], prompt_lengths=[1, 1]), "pass unpadded rows without"),
         (dict(eos_token_id=V), r"eos_token_id=48 is outside \[0, vocab_size=48\)"),
     ]
     for overrides, message in cases:
@@ -290,6 +263,21 @@ def test_generate_rejects_bad_input_with_one_line_errors(vanilla):
         with pytest.raises(ValueError, match=message) as e:
             generate(model, params, **kw)
         assert "\n" not in str(e.value), overrides
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature must be a number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_k=2.5), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=-0.2), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_settings_get_one_line_errors(kwargs, message):
+    with pytest.raises(GenerationError, match=message) as e:
+        generation.check_generation_args(4, **kwargs)
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- API and CLI
@@ -403,7 +391,8 @@ def test_cli_hf_loads_an_exported_gpt2_directory(trained_run, loaded, greedy_tex
     chunks = out.split("----- prompt ")[1:]
     assert [c.split("\n", 1)[1][:-2] for c in chunks] == greedy_texts[1]  # each text + "\n\n"
     code, _, err = cli_main([f"--hf={tmp_path / 'hf'}", "--step=3"], capsys)
-    assert code != 0 and err.strip() == "error: --step applies to --workdir checkpoints, not to --hf"
+    assert code != 0
+    assert err.strip() == "error: --step applies to --workdir checkpoints, not to --hf"
 
 
 @pytest.mark.parametrize("args, message", [

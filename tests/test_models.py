@@ -50,7 +50,8 @@ def expected_param_count(c):
     """Closed form, written independently of the model code."""
     d, b = c.n_embd, int(c.bias)
     ln = d + b * d
-    n = c.vocab_size * d * (1 if c.tie_embeddings else 2) + (c.block_size * d if c.position_encoding == "learned" else 0) + ln
+    n = (c.vocab_size * d * (1 if c.tie_embeddings else 2)
+         + (c.block_size * d if c.position_encoding == "learned" else 0) + ln)
     if c.llama_mlp:
         hidden = math.ceil(int(2.1 / 3 * 4 * d) / 8) * 8
         mlp = 2 * (d * hidden + b * hidden) + hidden * d + b * d
@@ -152,7 +153,7 @@ def test_sasp_key_value_kernels_start_at_zero(use_v):
 def test_sasp_attention_is_alpha_identity_at_init():
     _, attn, params, h = sasp_attention()
     params = dict(params, alpha=jnp.float32(1.7))  # any alpha: A = alpha * I when beta = gamma
-    y = attn.apply({"params": params}, h, attn_bias=None, deterministic=True)
+    y, _ = attn.apply({"params": params}, h, attn_bias=None, deterministic=True)
     np.testing.assert_allclose(y, 1.7 * h, rtol=1e-5, atol=1e-6)
 
 
@@ -161,7 +162,7 @@ def test_sasp_efficient_form_equals_explicit_matrices(use_v):
     cfg, attn, params, h = sasp_attention(use_v=use_v)
     params = jax.tree_util.tree_map(  # leave the zero-init point so softmax is not uniform
         lambda p: p + 0.3 * jax.random.normal(jax.random.key(5), p.shape), params)
-    y = attn.apply({"params": params}, h, attn_bias=None, deterministic=True)
+    y, _ = attn.apply({"params": params}, h, attn_bias=None, deterministic=True)
 
     qkv = h @ params["c_attn"]["kernel"]
     q, k = qkv[..., :D], qkv[..., D:2 * D]
@@ -189,12 +190,12 @@ def test_factored_streams_change_only_through_their_sublayer():
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             if isinstance(context.module, FactoredAttention):
-                seen["attn"].append(out)
+                seen["attn"].append(out[0])  # (y, cache): no cache here
             elif isinstance(context.module, layers.MLP):
                 seen["mlp"].append(out)
             elif type(context.module).__name__ == "FactoredBlock":
                 seen["state_in"].append(args[0])
-                seen["state_out"].append(out)
+                seen["state_out"].append(out[0])
         return out
 
     with nn.intercept_methods(probe):

@@ -19,8 +19,9 @@ generation loop is one pure jitted function and the cache is an ordinary loop ca
 Row b's real tokens live in slots [start[b], index); their positions are slot - start[b], so a
 left-padded batch computes exactly what each row computes alone. Learned positions cap a row at
 block_size real tokens (cache.index - start <= block_size); ALiBi biases depend only on slot
-differences. Each block class provides `init_cache(config, B, S) -> dict` and accepts
-`cache=`/`step=` (a `layers.DecodeStep`), returning (state, updated dict) when given a cache.
+differences. Each block class provides `init_cache(config, B, S) -> dict`, accepts
+`cache=`/`step=` (a `layers.DecodeStep`) and returns (state, its updated cache dict), the cache
+being None when it was called without one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleangpt_jax import kernels
 from cleangpt_jax.config import ModelConfig
 from cleangpt_jax.models import layers
 
@@ -131,7 +133,7 @@ class CausalLM(nn.Module):
         t = input_ids.shape[1]
         step = None
         if cache is not None:
-            step, attn_bias = self._decode_step(cache, t, positions)
+            step = self._decode_step(cache, t, positions)
             positions = step.positions
         elif positions is None:
             positions = jnp.arange(t)
@@ -140,19 +142,17 @@ class CausalLM(nn.Module):
         if c.position_encoding == "learned":
             x = x + self.wpe(positions)
         state = self.init_state(self.drop(x, deterministic=deterministic))
-        if cache is None:
-            attn_bias = (layers.alibi_bias(c.n_head, positions, positions)
-                         if c.position_encoding == "alibi" else None)
+        attn_bias = None  # with a cache, the step carries the ALiBi biases
+        if cache is None and c.position_encoding == "alibi":
+            attn_bias = layers.alibi_bias(c.n_head, positions, positions)
 
         hidden_states = [self.hidden(state)] if output_hidden_states else None
         new_layers = []
         for i, block in enumerate(self.h[:k]):
-            if cache is None:
-                state = block(state, attn_bias=attn_bias, deterministic=deterministic)
-            else:
-                state, layer_cache = block(state, attn_bias=attn_bias, deterministic=deterministic,
-                                           cache=cache.layers[i], step=step)
-                new_layers.append(layer_cache)
+            state, layer_cache = block(state, attn_bias=attn_bias, deterministic=deterministic,
+                                       cache=None if cache is None else cache.layers[i],
+                                       step=step)
+            new_layers.append(layer_cache)
             if output_hidden_states:
                 hidden_states.append(self.hidden(state))
 
@@ -167,8 +167,7 @@ class CausalLM(nn.Module):
                            cache=cache)
 
     def _decode_step(self, cache: Cache, t: int, positions):
-        """The shared `DecodeStep` for T new tokens written at cache.index (and no separate
-        ALiBi bias: the step carries it)."""
+        """The shared `DecodeStep` for T new tokens written at cache.index."""
         c = self.config
         slots = cache.index + jnp.arange(t, dtype=jnp.int32)              # (T,)
         key_slots = jnp.arange(cache.length, dtype=jnp.int32)             # (S,)
@@ -189,18 +188,15 @@ class CausalLM(nn.Module):
                 cache_bias = layers.alibi_bias(c.n_head, slots, key_slots)
         return layers.DecodeStep(index=cache.index, cache_mask=cache_mask, new_mask=new_mask,
                                  real=real, positions=positions, cache_bias=cache_bias,
-                                 new_bias=new_bias), None
+                                 new_bias=new_bias)
 
     def logits(self, hidden):
         """Head on a pre-LN_f hidden state: LN_f(h) . W^T, float32 (B, T, V); W = wte when tied."""
         c = self.config
         h = self.ln_f(hidden)
         w = self.wte.embedding if c.tie_embeddings else self.lm_head
-        # One 2-D matmul over the (B*T, d) rows (see layers.rows_matmul).
-        logits = jax.lax.dot_general(h.reshape(-1, h.shape[-1]), w.astype(c.compute_dtype),
-                                     (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        return logits.reshape(*h.shape[:-1], w.shape[0])
+        return kernels.rows_matmul(h, w.astype(c.compute_dtype), w_transposed=True,
+                                   preferred_element_type=jnp.float32)
 
 
 def check_input_ids(input_ids, config: ModelConfig) -> None:

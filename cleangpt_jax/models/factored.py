@@ -35,7 +35,8 @@ class FactoredAttention(nn.Module):
 
     @nn.compact
     def __call__(self, h, xt, *, attn_bias, deterministic: bool, cache=None, step=None):
-        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
+        """Attention with V = head-split xt (mixed with use_v, output mixed with use_proj);
+        returns (y, cache) (see layers.attention)."""
         c = self.config
         qk = layers.dense(c, 2 * c.n_embd, "c_attn")(h)
         q, k = (layers.split_heads(t, c.n_head) for t in jnp.split(qk, 2, axis=-1))
@@ -43,18 +44,14 @@ class FactoredAttention(nn.Module):
         if c.use_v:
             v = mix_heads(self.param("v_mix", layers.normal_init(), (c.n_head, c.n_head),
                                      c.params_dtype), v)
-        if cache is not None:
-            y, cache = layers.cached_attention(q, k, v, cache, step)
-        else:
-            y = layers.causal_attention(
-                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
-                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
+        y, cache = layers.attention(
+            c, q, k, v, bias=attn_bias, cache=cache, step=step,
+            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
         if c.use_proj:
             y = mix_heads(self.param("proj_mix", layers.residual_init(c), (c.n_head, c.n_head),
                                      c.params_dtype), y)
             y = nn.Dropout(c.dropout)(y, deterministic=deterministic)
-        y = layers.merge_heads(y)
-        return y if cache is None else (y, cache)
+        return layers.merge_heads(y), cache
 
 
 class FactoredBlock(nn.Module):
@@ -63,17 +60,17 @@ class FactoredBlock(nn.Module):
 
     @nn.compact
     def __call__(self, state, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns ((xt, xe), cache): the updated cache, or None without one."""
         c = self.config
         xt, xe = state
         h = layers.LayerNorm(c, name="ln_1")(xt + xe)
-        y = FactoredAttention(c, name="attn")(h, xt, attn_bias=attn_bias,
-                                              deterministic=deterministic, cache=cache, step=step)
-        if cache is not None:
-            y, cache = y
+        y, cache = FactoredAttention(c, name="attn")(h, xt, attn_bias=attn_bias,
+                                                     deterministic=deterministic, cache=cache,
+                                                     step=step)
         xt = xt + y
         xe = xe + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(xt + xe),
                                      deterministic=deterministic)
-        return (xt, xe) if cache is None else ((xt, xe), cache)
+        return (xt, xe), cache
 
 
 class Factored(CausalLM):

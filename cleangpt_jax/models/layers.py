@@ -3,18 +3,20 @@ ALiBi, and the KV-cache helpers used for decoding.
 
 Shapes: B batch, T query length, S key length, H heads, D head dim, d = H * D model width.
 Precision: parameters are stored in `config.param_dtype`; matmuls run in `config.dtype`;
-LayerNorm, softmax and the logits are computed in float32.
+LayerNorm, softmax and the logits are computed in float32. The products, the LayerNorm's
+standardisation and the attention without a cache run through `cleangpt_jax.kernels`, which
+holds the backend-specific forms and chooses between them.
 
 KV cache: an explicit pytree (no flax 'cache' collection), passed into the model and returned
 updated. Each block owns a dict of arrays ('k' (B, H, D, S) and 'v' (B, H, S, D) in the compute
 dtype, plus whatever else its attention needs); `DecodeStep` carries what every block shares for
 one call: the slot the T new tokens are written to, their masks, real positions and padding
-flags; `cached_attention` is the decoding counterpart of `causal_attention`.
+flags. `attention` returns (y, cache) with or without one (cache None without), and so does
+every attention module and block built on it.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleangpt_jax import kernels
 from cleangpt_jax.config import ModelConfig
 
 INIT_STD = 0.02
@@ -37,27 +40,12 @@ def residual_init(config: ModelConfig):
     return normal_init(INIT_STD / math.sqrt(2 * config.n_layer))
 
 
-def rows_matmul(x, kernel):
-    """x (..., d) @ kernel (d, f) as one 2-D matmul over the flattened rows (B*T, d).
-
-    The product of every Dense layer. The numbers are those of the plain product; the 2-D form
-    lets XLA:CPU take the kernel gradient x^T g straight from g instead of first transposing the
-    (B, T, f) output gradient into a copy.
-    """
-    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-# Variable collection of decode-time weight copies (see `decode_layout`).
-DECODE_LAYOUT = "decode_layout"
-
-
 class Dense(nn.Module):
     """y = x W + b over the last axis: W 'kernel' (d_in, features), b 'bias' (features,).
 
-    Parameters in `param_dtype`, the product in `dtype`. For a single row x (batch-1 decoding)
-    the product reads this layer's 'kernel_t' = W^T from the `DECODE_LAYOUT` collection when
-    it is there (see `decode_layout` and `row_times_kernel_t`): the same numbers, faster.
+    Parameters in `param_dtype`, the product in `dtype` (`kernels.dense_product`). A
+    generation call may provide W^T as 'kernel_t' in the `kernels.DECODE_LAYOUT` collection;
+    the product then reads it for single rows (the same numbers).
     """
 
     features: int
@@ -70,12 +58,8 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                             self.param_dtype)
-        x = x.astype(self.dtype)
-        if x.size == x.shape[-1] and self.has_variable(DECODE_LAYOUT, "kernel_t"):
-            kernel_t = self.get_variable(DECODE_LAYOUT, "kernel_t").astype(self.dtype)
-            y = row_times_kernel_t(x.reshape(1, -1), kernel_t).reshape(*x.shape[:-1], -1)
-        else:
-            y = rows_matmul(x, kernel.astype(self.dtype))
+        kernel_t = self.get_variable(kernels.DECODE_LAYOUT, "kernel_t")
+        y = kernels.dense_product(x.astype(self.dtype), kernel.astype(self.dtype), kernel_t)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -91,80 +75,6 @@ def dense(config: ModelConfig, features: int, name: str, *, residual: bool = Fal
                  param_dtype=config.params_dtype, kernel_init=kernel_init, name=name)
 
 
-def row_times_kernel_t(x, kernel_t):
-    """x W for one row x (1, d_in), given kernel_t = W^T (d_out, d_in): (1, d_out).
-
-    A batch-1 decode step is a chain of matrix-vector products bound by reading the weights.
-    XLA:CPU runs x W (W row-major, (d_in, d_out)) on one core for the shapes of small models;
-    reading W^T instead puts both cores on it. Per product at the 384-wide char shape: MLP
-    c_proj 1536 -> 384 about 100 -> 57 us, c_attn 384 -> 1152 about 80 -> 50 us; the "W as
-    stored" row of scripts/bench_generate.py measures the whole effect (1.19x tokens/s).
-    d_in > d_out: one product over W^T's contiguous rows. d_in < d_out: x (W^T)^T, which XLA
-    emits as its own loop over W^T, split across threads. The optimization barriers keep XLA
-    from fusing the bias add and other neighbouring elementwise work into the product: it
-    does so when they are absent, and the fused products ran 1.5-2x slower in the trace.
-    """
-    d_out, d_in = kernel_t.shape
-    x = jax.lax.optimization_barrier(x)
-    if d_in > d_out:
-        y = jax.lax.dot_general(x, kernel_t, (((1,), (1,)), ((), ())))
-    else:
-        y = jax.lax.dot_general(x, kernel_t.T, (((1,), (0,)), ((), ())))
-    return jax.lax.optimization_barrier(y)
-
-
-def decode_layout(params) -> dict:
-    """The `DECODE_LAYOUT` collection for batch-1 decoding on XLA:CPU: {'kernel_t': W^T} for
-    every non-square Dense kernel W in `params` (same nesting), used by `Dense` for single
-    rows. Made once per generation call, before the decode loop; the optimization barrier
-    keeps the copy a real transposed array (XLA would otherwise fold the transpose away).
-    Costs a second copy of those kernels while the call runs. Square kernels get none: their
-    products measured no faster either way.
-    """
-    def walk(tree):
-        out = {}
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                sub = walk(value)
-                if sub:
-                    out[name] = sub
-            elif name == "kernel" and value.ndim == 2 and value.shape[0] != value.shape[1]:
-                out["kernel_t"] = jax.lax.optimization_barrier(value.T)
-        return out
-
-    return walk(flax.core.unfreeze(params))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def standardize(x, eps: float):
-    """x_hat = (x - mean) / sqrt(var + eps) over the last axis."""
-    return _standardize_fwd(x, eps)[0]
-
-
-def _standardize_fwd(x, eps):
-    mean = x.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
-    x_hat = (x - mean) * rstd
-    return x_hat, (x_hat, rstd)
-
-
-def _standardize_bwd(eps, residuals, g):
-    """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-
-    Written out, the backward is one expression XLA fuses into a single pass. Autodiff's
-    version is a sum of broadcast terms; the residual-stream gradient built from those was
-    recomputed by XLA:CPU inside every earlier layer's backward (quadratic in depth).
-    """
-    del eps
-    x_hat, rstd = residuals
-    mean_g = g.mean(-1, keepdims=True)
-    mean_gx = (g * x_hat).mean(-1, keepdims=True)
-    return (rstd * (g - mean_g - x_hat * mean_gx),)
-
-
-standardize.defvjp(_standardize_fwd, _standardize_bwd)
-
-
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * scale (+ bias), in float32 (eps 1e-5 as GPT-2);
     the output is cast to the compute dtype."""
@@ -175,7 +85,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         c = self.config
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), c.params_dtype)
-        y = standardize(x.astype(jnp.float32), c.layer_norm_epsilon) * scale.astype(jnp.float32)
+        y = kernels.standardize(x.astype(jnp.float32), c.layer_norm_epsilon)
+        y = y * scale.astype(jnp.float32)
         if c.bias:
             y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],),
                                c.params_dtype).astype(jnp.float32)
@@ -251,79 +162,27 @@ def alibi_bias(n_head: int, q_positions, k_positions):
     return jnp.asarray(alibi_slopes(n_head))[None, :, None, None] * rel
 
 
-def causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0,
-                     deterministic: bool = True, dropout_rng=None):
-    """softmax(q k^T / sqrt(D) + bias, causal) v per head.
+def attention(config: ModelConfig, q, k, v, *, bias=None, dropout_rng=None, cache=None,
+              step=None):
+    """Causal self-attention softmax(q k^T / sqrt(D) + bias) v per head; returns (y, cache).
 
-    q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv).
-    With `mask` None the mask is the plain causal one for T == S (training); a boolean `mask`
-    broadcastable to (B, H, T, S) replaces it (decoding uses `cached_attention`).
-    On CPU the training case runs `blockwise_causal_attention`. Elsewhere the deterministic
-    path is `jax.nn.dot_product_attention` (fused kernels on GPU/TPU); with attention dropout
-    the softmax is materialised so its probabilities can be dropped out. Softmax runs in
-    float32 either way.
+    q, k (B, T, H, D), v (B, T, H, Dv) -> y (B, T, H, Dv). Without a cache the T tokens attend
+    to each other (`kernels.causal_attention`, implementation `config.attention`), bias
+    (B or 1, H, T, T) or None, dropout on the probabilities when `dropout_rng` is given, and
+    the returned cache is None. With a cache they also attend to the cached tokens
+    (`cached_attention`, the bias comes from `step`) and the cache comes back updated.
     """
-    if mask is None and q.shape[1] == k.shape[1] and jax.default_backend() == "cpu":
-        return blockwise_causal_attention(
-            q, k, v, bias=bias, dropout_rate=0.0 if deterministic else dropout_rate,
-            dropout_rng=dropout_rng)
-    if deterministic or dropout_rate == 0.0:
-        if q.shape[-1] == v.shape[-1]:
-            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                                is_causal=mask is None)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        scores = scores + bias
-    if mask is None:
-        t, s = q.shape[1], k.shape[1]
-        mask = jnp.tril(jnp.ones((t, s), bool), k=s - t)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    if cache is not None:
+        return cached_attention(q, k, v, cache, step)
+    y = kernels.causal_attention(q, k, v, implementation=config.attention, bias=bias,
+                                 dropout_rate=0.0 if dropout_rng is None else config.dropout,
+                                 dropout_rng=dropout_rng)
+    return y, None
 
 
-def blockwise_causal_attention(q, k, v, *, bias=None, dropout_rate: float = 0.0,
-                               dropout_rng=None, block_size: int | None = None):
-    """Causal attention (T == S) one block of queries at a time; the CPU training path.
-
-    q, k (B, T, H, D), v (B, T, H, Dv), bias (B or 1, H, T, T) or None -> (B, T, H, Dv).
-    Queries [i, j) see keys [0, j) only, so the masked upper blocks are never computed, and
-    each block is normalised after its value product:
-
-        s = q_blk k_{<j}^T / sqrt(D) + bias,   p = exp(s - max s)   (0 above the diagonal)
-        y_blk = (dropout(p) v_{<j}) / sum p
-
-    which skips a pass over every (T, S) score block. Same numbers as the plain softmax up to
-    rounding; on CPU it is about twice as fast as jax.nn.dot_product_attention (forward and
-    backward). Blocks: 64 queries, or T / 8 when that is larger.
-    """
-    t = q.shape[1]
-    block_size = block_size or max(64, -(-t // 8))
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, H, T, D): heads as batch axis
-    if dropout_rate > 0.0:  # the materialised path's mask: the same key drops the same entries
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
-                                    (q.shape[0], q.shape[1], t, t))
-    out = []
-    for start in range(0, t, block_size):
-        end = min(start + block_size, t)
-        s = jnp.einsum("bhtd,bhsd->bhts", q[:, :, start:end], k[:, :, :end],
-                       preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-            s = s + bias[:, :, start:end, :end]
-        s = jnp.where(jnp.arange(end) <= jnp.arange(start, end)[:, None], s, -jnp.inf)
-        p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-        p_v = p
-        if dropout_rate > 0.0:
-            p_v = jnp.where(keep[:, :, start:end, :end], p / (1.0 - dropout_rate), 0.0)
-        y = jnp.einsum("bhts,bhsd->bhtd", p_v.astype(v.dtype), v[:, :, :end],
-                       preferred_element_type=jnp.float32)
-        out.append(y / p.sum(-1, keepdims=True))
-    return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2).astype(v.dtype)
+def attention_dropout_rng(module: nn.Module, config: ModelConfig, deterministic: bool):
+    """`module`'s 'dropout' key for attention dropout, or None when there is none."""
+    return None if deterministic or config.dropout == 0 else module.make_rng("dropout")
 
 
 def split_heads(x, n_head: int):

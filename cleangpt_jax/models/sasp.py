@@ -70,7 +70,8 @@ class ShapedAttention(nn.Module):
 
     @nn.compact
     def __call__(self, h, *, attn_bias, deterministic: bool, cache=None, step=None):
-        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
+        """beta softmax-attention + alpha V - gamma cummean(V) (then c_proj with use_proj);
+        returns (y, cache) (see layers.attention)."""
         c = self.config
         n_out = (3 if c.use_v else 2) * c.n_embd
         qkv = layers.dense(c, n_out, "c_attn", kernel_init=zero_key_value_init(c.n_embd))(h)
@@ -84,19 +85,19 @@ class ShapedAttention(nn.Module):
 
         if cache is None:
             mean = cummean(v)
-            attn = layers.causal_attention(
-                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
-                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
         else:
             mean, v_sum = cached_cummean(v, cache["v_sum"], step)
-            attn, cache = layers.cached_attention(q, k, v, cache, step)
+        attn, cache = layers.attention(
+            c, q, k, v, bias=attn_bias, cache=cache, step=step,
+            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
+        if cache is not None:
             cache["v_sum"] = v_sum
         dt = c.compute_dtype
         y = beta.astype(dt) * attn + alpha.astype(dt) * v - gamma.astype(dt) * mean
         y = layers.merge_heads(y)
         if c.use_proj:
             y = layers.dense(c, c.n_embd, "c_proj", residual=True)(y)
-        return y if cache is None else (y, cache)
+        return y, cache
 
 
 class SASPBlock(nn.Module):
@@ -105,17 +106,17 @@ class SASPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns (x, cache): the updated cache, or None without one."""
         c = self.config
         h = layers.LayerNorm(c, name="ln_1")(x)
         beta_sa = self.param("beta_sa", nn.initializers.constant(1.0), (), jnp.float32)
         beta_ff = self.param("beta_ff", nn.initializers.constant(0.2), (), jnp.float32)
-        sa = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias, deterministic=deterministic,
-                                             cache=cache, step=step)
-        if cache is not None:
-            sa, cache = sa
+        sa, cache = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias,
+                                                    deterministic=deterministic, cache=cache,
+                                                    step=step)
         ff = layers.make_mlp(c)(h, deterministic=deterministic)
         x = x + beta_sa * sa.astype(jnp.float32) + beta_ff * ff.astype(jnp.float32)
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 class SASP(CausalLM):

@@ -24,19 +24,15 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
-        """Returns y, or (y, updated cache) when decoding with `cache` (see layers.DecodeStep)."""
+        """c_proj(Attn(x)), then dropout; returns (y, cache) (see layers.attention)."""
         c = self.config
         qkv = layers.dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
-        if cache is not None:
-            y, cache = layers.cached_attention(q, k, v, cache, step)
-        else:
-            y = layers.causal_attention(
-                q, k, v, bias=attn_bias, dropout_rate=c.dropout, deterministic=deterministic,
-                dropout_rng=None if deterministic or c.dropout == 0 else self.make_rng("dropout"))
+        y, cache = layers.attention(
+            c, q, k, v, bias=attn_bias, cache=cache, step=step,
+            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
         y = layers.dense(c, c.n_embd, "c_proj", residual=True)(layers.merge_heads(y))
-        y = nn.Dropout(c.dropout)(y, deterministic=deterministic)
-        return y if cache is None else (y, cache)
+        return nn.Dropout(c.dropout)(y, deterministic=deterministic), cache
 
 
 class VanillaBlock(nn.Module):
@@ -46,16 +42,15 @@ class VanillaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+        """Returns (x, cache): the updated cache, or None without one."""
         c = self.config
-        y = SelfAttention(c, name="attn")(layers.LayerNorm(c, name="ln_1")(x),
-                                          attn_bias=attn_bias, deterministic=deterministic,
-                                          cache=cache, step=step)
-        if cache is not None:
-            y, cache = y
+        y, cache = SelfAttention(c, name="attn")(layers.LayerNorm(c, name="ln_1")(x),
+                                                 attn_bias=attn_bias, deterministic=deterministic,
+                                                 cache=cache, step=step)
         x = x + y
         x = x + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(x),
                                    deterministic=deterministic)
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 class Vanilla(CausalLM):

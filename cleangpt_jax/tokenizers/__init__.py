@@ -6,7 +6,8 @@
     tok.save_pretrained(d); tok = load_tokenizer(d)
 
     base.py       the `Tokenizer` interface: encode/decode, batching, the separator between
-                  packed documents and the fingerprint that keys the token cache
+                  packed documents and the fingerprint that keys the token cache;
+                  `check_vocab`, the one tokenizer-versus-model vocabulary check
     character.py  one id per character;  gpt2.py  GPT-2's byte-level BPE (Hugging Face files)
     pruned.py     a tokenizer restricted to part of another's vocabulary, built by
                   `python -m cleangpt_jax.token_analysis --prune=COVERAGE`; loads like the others
@@ -15,7 +16,7 @@
     testing.py    a tiny local GPT-2-format tokenizer for tests (no network)
 """
 
-from .base import MARKER_FILE, Tokenizer, read_marker
+from .base import MARKER_FILE, Tokenizer, check_vocab, read_marker
 from .build import build_tokenizer
 from .character import CharacterTokenizer
 from .gpt2 import GPT2Tokenizer
@@ -29,4 +30,4 @@ register_tokenizer("pruned", PrunedTokenizer)
 
 __all__ = ["Tokenizer", "CharacterTokenizer", "GPT2Tokenizer", "PrunedTokenizer",
            "register_tokenizer", "registered_tokenizers", "get_tokenizer_class",
-           "create_tokenizer", "load_tokenizer", "build_tokenizer"]
+           "create_tokenizer", "load_tokenizer", "build_tokenizer", "check_vocab"]

@@ -16,6 +16,8 @@ import tempfile
 
 import numpy as np
 
+from cleangpt_jax.config import ConfigError
+
 MARKER_FILE = "cleangpt_tokenizer.json"
 
 
@@ -161,3 +163,18 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, *, fix: str,
+                where: str = "", error: type[ValueError] = ConfigError) -> None:
+    """Refuse a tokenizer whose ids do not all index the model's embedding table.
+
+    Token ids are 0 .. V_tok - 1 and the embedding has V_model rows, so the pair works only if
+    V_tok <= V_model (a larger model vocabulary is padding). `where` names the pair in the
+    message, `fix` says what to do; the one-line message reads
+    "tokenizer vocab_size V_tok > model vocab_size V_model (where): fix".
+    """
+    if tokenizer_vocab_size > model_vocab_size:
+        where = f" ({where})" if where else ""
+        raise error(f"tokenizer vocab_size {tokenizer_vocab_size} > model vocab_size "
+                    f"{model_vocab_size}{where}: {fix}")

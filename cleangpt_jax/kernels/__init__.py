@@ -1,0 +1,125 @@
+"""Backend-specific implementations, and the one place that chooses between them.
+
+Every implementation computes the numbers of the plain formulation it stands for
+(tests/test_kernels.py checks each); they differ only in speed, which depends on the backend.
+Each lives in the file of the backend it was written for:
+
+    cpu.py   forms written for XLA:CPU: dense products, the LayerNorm and cross-entropy
+             backwards, blockwise causal attention, the decode layout, the decode loop's options
+    xla.py   the generic attention paths (jax.nn.dot_product_attention, materialised softmax)
+
+What is chosen here, and only here (nothing else in the package reads jax.default_backend()):
+
+    causal_attention         model.attention ('auto' or a name in ATTENTION_KERNELS), the
+                             backend and what the call needs pick the implementation
+                             (`choose_attention`)
+    use_decode_layout        whether a generation call reads transposed weight copies
+    decode_compiler_options  the XLA options of the generation program
+
+Used on every backend (one implementation each): `rows_matmul`, `dense_product`, `standardize`,
+`cross_entropy`, and the decode layout's `DECODE_LAYOUT` / `decode_layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from cleangpt_jax.kernels import cpu, xla
+from cleangpt_jax.kernels.cpu import (DECODE_LAYOUT, cross_entropy, decode_layout, dense_product,
+                                      rows_matmul, standardize)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What one attention call needs from an implementation (all static, from shapes)."""
+
+    square: bool          # T == S
+    mask: bool            # an explicit boolean mask (else the plain causal mask)
+    bias: bool            # an additive bias, e.g. ALiBi
+    dropout: bool         # attention dropout is on
+    same_head_dim: bool   # Dv == D
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+    """An implementation of causal attention.
+
+    fn(q, k, v, *, bias, mask, dropout_rate, dropout_rng) -> y: q (B, T, H, D), k (B, S, H, D),
+    v (B, S, H, Dv) -> (B, T, H, Dv). supports(call): whether it can serve the call.
+    auto_on: the backends on which 'auto' prefers it to the generic paths.
+    """
+
+    fn: Callable
+    supports: Callable[[AttentionCall], bool]
+    auto_on: tuple[str, ...] = ()
+
+
+# The implementations model.attention can name. A new kernel is one more entry.
+ATTENTION_KERNELS = {
+    "cpu_blockwise": AttentionKernel(cpu.blockwise_causal_attention,
+                                     lambda call: call.square and not call.mask, auto_on=("cpu",)),
+    "xla": AttentionKernel(xla.dot_product_attention,
+                           lambda call: not call.dropout and call.same_head_dim),
+    "xla_softmax": AttentionKernel(xla.softmax_attention, lambda call: True),
+}
+# What a call falls back to, in order, when the chosen implementation cannot serve it.
+GENERIC_ATTENTION = ("xla", "xla_softmax")
+ATTENTION_SETTINGS = ("auto", *ATTENTION_KERNELS)
+
+
+def choose_attention(setting: str, backend: str, call: AttentionCall) -> str:
+    """The name of the implementation that runs `call`.
+
+    'auto': the implementations preferred on `backend` (their auto_on), else the generic ones:
+    on CPU the training forward is blockwise; elsewhere jax.nn.dot_product_attention; with
+    attention dropout the materialised softmax. A named setting is tried first; a call it
+    cannot serve (e.g. a mask for 'cpu_blockwise', dropout for 'xla') takes the generic path.
+    """
+    if setting == "auto":
+        preferred = [name for name, k in ATTENTION_KERNELS.items() if backend in k.auto_on]
+    elif setting in ATTENTION_KERNELS:
+        preferred = [setting]
+    else:
+        raise ValueError(f"unknown attention implementation {setting!r}: choose one of "
+                         f"{ATTENTION_SETTINGS}")
+    return next(name for name in (*preferred, *GENERIC_ATTENTION)
+                if ATTENTION_KERNELS[name].supports(call))
+
+
+def causal_attention(q, k, v, *, implementation: str = "auto", bias=None, mask=None,
+                     dropout_rate: float = 0.0, dropout_rng=None):
+    """softmax(q k^T / sqrt(D) + bias, causal or `mask`) v per head, softmax in float32, by
+    the implementation `choose_attention` picks for the default backend.
+
+    q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). bias broadcastable to
+    (B, H, T, S) or None. mask: None for the plain causal mask (T == S), or a boolean
+    broadcastable to (B, H, T, S). dropout_rate > 0 drops attention probabilities with the
+    key `dropout_rng`.
+    """
+    call = AttentionCall(square=q.shape[1] == k.shape[1], mask=mask is not None,
+                         bias=bias is not None, dropout=dropout_rate > 0.0,
+                         same_head_dim=q.shape[-1] == v.shape[-1])
+    name = choose_attention(implementation, jax.default_backend(), call)
+    return ATTENTION_KERNELS[name].fn(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
+                                      dropout_rng=dropout_rng)
+
+
+def use_decode_layout(batch_size: int, steps: int) -> bool:
+    """Whether a generation call of `batch_size` rows and `steps` (bucketed) new tokens reads
+    `decode_layout` copies: batch 1 on CPU, long enough to win back making them."""
+    return (jax.default_backend() == "cpu" and batch_size == 1
+            and steps >= cpu.DECODE_LAYOUT_MIN_STEPS)
+
+
+def decode_compiler_options() -> dict:
+    """XLA compiler options for the generation program on the default backend."""
+    return dict(cpu.DECODE_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_SETTINGS", "AttentionCall", "AttentionKernel",
+           "DECODE_LAYOUT", "causal_attention", "choose_attention", "cross_entropy",
+           "decode_compiler_options", "decode_layout", "dense_product", "rows_matmul",
+           "standardize", "use_decode_layout"]
