@@ -30,7 +30,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class ConfigError(ValueError):
-    """A configuration value or combination that cannot work; the message says how to fix it."""
+    """A setting, flag, data set or model input that cannot work; the one-line message names it
+    and says how to fix it. The project's one error class for bad input (the tools print it as
+    one line); only checkpoint.CheckpointError and loop.NonFiniteError are caught apart."""
 
 
 # The original's default dataset (needs the Hugging Face hub): roneneldan/TinyStories, streamed,

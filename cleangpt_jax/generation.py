@@ -51,11 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cleangpt_jax import kernels, sampling
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.tokenizers import check_vocab
 
-
-class GenerationError(ValueError):
-    """Generation input that cannot work; the message says how to fix it."""
 
 
 @flax.struct.dataclass
@@ -75,22 +73,22 @@ def bucket(n: int, minimum: int = 8) -> int:
 
 
 def check_generation_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None) -> None:
-    """The one check of the generation settings: a one-line GenerationError for a value that
+    """The one check of the generation settings: a one-line ConfigError for a value that
     cannot work (the samplers in `cleangpt_jax.sampling` assume these ranges)."""
     if (not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool)
             or max_new_tokens <= 0):
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
             or not math.isfinite(temperature) or temperature < 0):
-        raise GenerationError(f"temperature must be a number >= 0 (0 = greedy), "
-                              f"got {temperature!r}")
+        raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), "
+                          f"got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
-                              or top_k < 0):
-        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+                          or top_k < 0):
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
-                              or not 0.0 < top_p <= 1.0):
-        raise GenerationError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p!r}: "
-                              f"e.g. top_p=0.9 keeps the tokens holding 90% of the probability")
+                          or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p!r}: "
+                          f"e.g. top_p=0.9 keeps the tokens holding 90% of the probability")
 
 
 def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
@@ -119,17 +117,17 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
     for b, row in enumerate(rows):
         if row.size == 0:
             if seed_id is None:
-                raise GenerationError(f"prompt row {b} is empty and there is no bos_token_id or "
-                                      f"eos_token_id to start it from: pass one, or a prompt")
+                raise ConfigError(f"prompt row {b} is empty and there is no bos_token_id or "
+                                  f"eos_token_id to start it from: pass one, or a prompt")
             rows[b] = np.asarray([seed_id], np.int64)
     for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if tid is not None and not 0 <= tid < c.vocab_size:
-            raise GenerationError(f"{name}={tid} is outside [0, vocab_size={c.vocab_size})")
+            raise ConfigError(f"{name}={tid} is outside [0, vocab_size={c.vocab_size})")
     lo = min(int(r.min()) for r in rows)
     hi = max(int(r.max()) for r in rows)
     if lo < 0 or hi >= c.vocab_size:
-        raise GenerationError(f"prompt token ids must lie in [0, vocab_size={c.vocab_size}), got "
-                              f"min {lo}, max {hi}: the tokenizer and the model disagree")
+        raise ConfigError(f"prompt token ids must lie in [0, vocab_size={c.vocab_size}), got "
+                          f"min {lo}, max {hi}: the tokenizer and the model disagree")
 
     if c.position_encoding == "learned":
         rows = [r[-c.block_size:] for r in rows]
@@ -137,7 +135,7 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
     else:
         longest = max(len(r) for r in rows)
         if longest + n_new > c.max_position_embeddings:
-            raise GenerationError(
+            raise ConfigError(
                 f"a prompt of {longest} tokens plus max_new_tokens={n_new} needs "
                 f"{longest + n_new} positions, more than model.max_position_embeddings="
                 f"{c.max_position_embeddings}: lower max_new_tokens, shorten the prompt, or use "
@@ -185,34 +183,34 @@ def _prompt_rows(input_ids, prompt_lengths, attention_mask) -> list[np.ndarray]:
     if isinstance(input_ids, (list, tuple)) and input_ids and all(
             np.ndim(row) == 1 for row in input_ids):
         if prompt_lengths is not None or attention_mask is not None:
-            raise GenerationError("prompt_lengths and attention_mask describe a padded (batch, "
-                                  "time) array: pass unpadded rows without them")
+            raise ConfigError("prompt_lengths and attention_mask describe a padded (batch, "
+                              "time) array: pass unpadded rows without them")
         rows = [np.asarray(row) for row in input_ids]
         if any(row.size and not np.issubdtype(row.dtype, np.integer) for row in rows):
-            raise GenerationError("input_ids rows must hold integer token ids")
+            raise ConfigError("input_ids rows must hold integer token ids")
         return [row.astype(np.int64) for row in rows]
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] == 0:
-        raise GenerationError(f"input_ids must have shape (batch, time) or (time,), got "
-                              f"{ids.shape}")
+        raise ConfigError(f"input_ids must have shape (batch, time) or (time,), got "
+                          f"{ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise GenerationError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        raise ConfigError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
     if prompt_lengths is not None and attention_mask is not None:
-        raise GenerationError("pass prompt_lengths or attention_mask, not both")
+        raise ConfigError("pass prompt_lengths or attention_mask, not both")
     if attention_mask is not None:
         mask = np.asarray(attention_mask)
         if mask.shape != ids.shape:
-            raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}:"
-                                  f" they must match")
+            raise ConfigError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}:"
+                              f" they must match")
         return [row[m > 0].astype(np.int64) for row, m in zip(ids, mask)]
     if prompt_lengths is None:
         return [row.astype(np.int64) for row in ids]
     lengths = np.asarray(prompt_lengths).reshape(-1)
     if lengths.shape[0] != ids.shape[0] or (lengths < 0).any() or (lengths > ids.shape[1]).any():
-        raise GenerationError(f"prompt_lengths must hold one length in [0, {ids.shape[1]}] per "
-                              f"row of input_ids ({ids.shape[0]} rows), got {lengths.tolist()}")
+        raise ConfigError(f"prompt_lengths must hold one length in [0, {ids.shape[1]}] per "
+                          f"row of input_ids ({ids.shape[0]} rows), got {lengths.tolist()}")
     return [row[:n].astype(np.int64) for row, n in zip(ids, lengths)]
 
 
@@ -322,9 +320,9 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
     single = isinstance(prompt_text, str)
     texts: Sequence[str] = [prompt_text] if single else list(prompt_text)
     if not texts or not all(isinstance(t, str) for t in texts):
-        raise GenerationError(f"prompt_text must be a string or a non-empty list of strings, "
-                              f"got {prompt_text!r}")
-    check_vocab(tokenizer.vocab_size, model.config.vocab_size, error=GenerationError,
+        raise ConfigError(f"prompt_text must be a string or a non-empty list of strings, "
+                          f"got {prompt_text!r}")
+    check_vocab(tokenizer.vocab_size, model.config.vocab_size,
                 fix="use the tokenizer the model was trained with")
     start_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                 else tokenizer.eos_token_id)
@@ -332,8 +330,8 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
     for p in prompts:
         if not p:
             if start_id is None:
-                raise GenerationError("the prompt is empty and the tokenizer has no BOS or EOS "
-                                      "token to start from: give a prompt")
+                raise ConfigError("the prompt is empty and the tokenizer has no BOS or EOS "
+                                  "token to start from: give a prompt")
             p.append(start_id)
     out = generate(model, params, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, rng=jax.random.key(seed), eos_token_id=tokenizer.eos_token_id,

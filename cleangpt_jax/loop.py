@@ -34,10 +34,13 @@ from cleangpt_jax.workdir import METRICS_FILE, is_writer
 
 # ---------------------------------------------------------------------------- metrics
 class NonFiniteError(ValueError):
-    """A step's loss or gradient norm is NaN or infinite (`step`, and `what`: 'loss is nan')."""
+    """A step's loss or gradient norm is NaN or infinite (`step`, and `what`: 'loss is nan').
 
-    def __init__(self, step: int, what: str):
-        super().__init__(f"step {step}: {what}")
+    The loop raises it with a bare message; training and distillation re-raise it with one
+    that says what was kept and what to change."""
+
+    def __init__(self, step: int, what: str, message: str | None = None):
+        super().__init__(message or f"step {step}: {what}")
         self.step, self.what = step, what
 
 

@@ -26,12 +26,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from cleangpt_jax.config import ConfigError
+
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 
-
-class ShardingError(ValueError):
-    """A mesh or batch layout that cannot work on the available devices."""
 
 
 # Environment variables that mean "this process is one of several": a coordinator set by hand,
@@ -59,7 +58,7 @@ def initialize_distributed(train_cfg: Any) -> bool:
     """
     mode = str(train_cfg.distributed).lower()
     if mode not in ("auto", "true", "false"):
-        raise ShardingError(f"train.distributed must be 'auto', 'true' or 'false', got {mode!r}")
+        raise ConfigError(f"train.distributed must be 'auto', 'true' or 'false', got {mode!r}")
     if jax.distributed.is_initialized():
         return True
     explicit = train_cfg.coordinator_address is not None
@@ -80,8 +79,8 @@ def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
-        raise ShardingError(f"train.fsdp={fsdp!r} must be a positive divisor of the device "
-                            f"count {n}")
+        raise ConfigError(f"train.fsdp={fsdp!r} must be a positive divisor of the device "
+                          f"count {n}")
     return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, devices=devices,
                          axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -100,10 +99,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
     processes."""
     n = mesh.devices.size
     if global_batch_size % (n * grad_accum_steps):
-        raise ShardingError(
+        unit = n * grad_accum_steps
+        raise ConfigError(
             f"train.batch_size={global_batch_size} is not divisible by device count {n} x "
-            f"train.grad_accum_steps={grad_accum_steps}: use a multiple of "
-            f"{n * grad_accum_steps} (e.g. {n * grad_accum_steps * max(1, round(global_batch_size / (n * grad_accum_steps)))})")
+            f"train.grad_accum_steps={grad_accum_steps}: use a multiple of {unit} (e.g. "
+            f"{unit * max(1, round(global_batch_size / unit))})")
 
 
 def leaf_spec(shape, fsdp: int) -> P:

@@ -55,9 +55,6 @@ from cleangpt_jax.registry import Registry
 PARAMS_SEED_SALT, DROPOUT_SEED_SALT = 0, 1
 
 
-class TrainingError(ValueError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
-
 
 # ------------------------------------------------------------------------------ strategies
 LossTerms = Callable[..., tuple]
@@ -206,8 +203,8 @@ def evaluate(eval_step, params, batches: Iterable[dict], mesh) -> dict:
         total, count = total + t, count + c
     total, count = float(total), float(count)
     if count == 0:
-        raise TrainingError("the validation set yielded no tokens to score: lower "
-                            "train.eval_steps' batch or check data.val_fraction")
+        raise ConfigError("the validation set yielded no tokens to score: lower "
+                          "train.eval_steps' batch or check data.val_fraction")
     loss = total / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
 
@@ -400,9 +397,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         kept = (f"the last good checkpoint (step {last}) is kept in "
                 f"{run.checkpointer.directory}" if last is not None
                 else "no checkpoint had been written yet")
-        raise TrainingError(f"training {e.what} at step {e.step}: stopped; {kept}. Lower "
-                            f"train.learning_rate, raise train.warmup_steps or set "
-                            f"train.grad_clip") from None
+        raise loop.NonFiniteError(
+            e.step, e.what, f"training {e.what} at step {e.step}: stopped; {kept}. Lower "
+                            f"train.learning_rate, raise train.warmup_steps or set train.grad_clip"
+        ) from None
     finally:
         bar.close()
         writer.close()

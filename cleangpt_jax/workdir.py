@@ -76,14 +76,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path} is not valid JSON ({e})") from e
 
 
+# Keys that choose how, not what, a model computes (every attention implementation gives the
+# same numbers): a run may change them between a save and its resumption.
+HOW_NOT_WHAT_KEYS = ("attention",)
+
+
 def config_differences(old: Any, new: Any, sections=("model", "tokenizer")) -> list[str]:
-    """'section.key: old -> new' for every differing key of the given sections."""
+    """'section.key: old -> new' for every differing key of the given sections (keys in
+    `HOW_NOT_WHAT_KEYS` aside)."""
     old = old.to_dict() if hasattr(old, "to_dict") else dict(old)
     new = new.to_dict() if hasattr(new, "to_dict") else dict(new)
     out = []
     for sec in sections:
         a, b = dict(old.get(sec) or {}), dict(new.get(sec) or {})
-        for k in sorted(set(a) | set(b)):
+        for k in sorted((set(a) | set(b)) - set(HOW_NOT_WHAT_KEYS)):
             va, vb = a.get(k), b.get(k)
             if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
                 va, vb = list(va), list(vb)

@@ -114,6 +114,19 @@ def test_a_model_built_without_a_config_is_the_default_configs_model():
     assert model_config(get_config()).to_dict() == ModelConfig().to_dict()
 
 
+def test_resume_check_ignores_the_attention_implementation_only():
+    """A run saved with one attention implementation resumes under another (they compute the
+    same numbers), and under a config.json written before the setting existed; any change of
+    what the model computes is still reported."""
+    saved = get_config().to_dict()
+    del saved["model"]["attention"]
+    now = get_config()
+    now.model.attention = "xla"
+    assert workdir_lib.config_differences(saved, now) == []
+    now.model.n_layer = 6
+    assert workdir_lib.config_differences(saved, now) == ["model.n_layer: 4 -> 6"]
+
+
 @pytest.mark.parametrize("name", [n for n in TRAIN_CONFIGS if n not in NEEDS_HUB])
 def test_config_trains_two_tiny_steps(name, tmp_path, gpt2_tokenizer_dir, jit_cache):
     cfg = load(name).get_config()

@@ -26,8 +26,9 @@ import pytest
 from flax import traverse_util
 
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import hf, trainer
+from cleangpt_jax import hf, loop, trainer
 from cleangpt_jax import workdir as workdir_lib
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.distill import runner
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
@@ -344,7 +345,7 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
         return config, params
 
     monkeypatch.setattr(hf, "load_gpt2", poisoned)
-    with pytest.raises(runner.DistillError, match="stage block_2 step 1: loss is nan") as e:
+    with pytest.raises(loop.NonFiniteError, match="stage block_2 step 1: loss is nan") as e:
         runner.run(offline.config(), workdir, progress=False)
     assert "completed stages are kept" in one_line_error(e)
     monkeypatch.undo()
@@ -357,7 +358,7 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
 
 def test_changed_settings_are_refused_on_resume(offline, reference):
     before = sorted(os.listdir(os.path.join(reference.workdir, "stages")))
-    with pytest.raises(runner.DistillError, match="other settings") as e:
+    with pytest.raises(ConfigError, match="other settings") as e:
         runner.run(offline.config(**{"model.n_embd": 32}), reference.workdir, progress=False)
     assert "student.n_embd: 16 -> 32" in one_line_error(e)
     assert sorted(os.listdir(os.path.join(reference.workdir, "stages"))) == before

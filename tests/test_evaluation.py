@@ -429,11 +429,11 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(setup, tmp_path):
-    from cleangpt_jax.data import DataError
+    from cleangpt_jax.data import ConfigError
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    with pytest.raises(DataError, match="empty") as e:
+    with pytest.raises(ConfigError, match="empty") as e:
         evaluation.evaluate_workdir(setup["workdir"], teacher="none", data={"files": str(empty)},
                                     output_dir=str(tmp_path / "out"))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

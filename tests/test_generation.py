@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from cleangpt_jax import generation, kernels
-from cleangpt_jax.config import model_config
-from cleangpt_jax.generation import GenerationError, generate, run_generation
+from cleangpt_jax.config import ConfigError, model_config
+from cleangpt_jax.generation import generate, run_generation
 from cleangpt_jax.models import get_model
 
 V, BLOCK, MAX_POS = 48, 16, 40
@@ -133,7 +133,7 @@ def test_greedy_equals_the_uncached_argmax_loop(variant):
 def test_alibi_errors_beyond_max_position_embeddings():
     model, params = build(**VARIANTS["factored_alibi"])
     ids, lengths = padded(PROMPTS)
-    with pytest.raises(GenerationError, match=r"a prompt of 11 tokens plus max_new_tokens=30 "
+    with pytest.raises(ConfigError, match=r"a prompt of 11 tokens plus max_new_tokens=30 "
                                               r"needs 41 positions, more than model\."
                                               r"max_position_embeddings=40") as e:
         generate(model, params, ids, MAX_POS - 10, temperature=0, prompt_lengths=lengths)
@@ -275,7 +275,7 @@ def test_generate_rejects_bad_input_with_one_line_errors(vanilla):
     (dict(top_p=-0.2), r"top_p must be in \(0, 1\]"),
 ])
 def test_bad_sampling_settings_get_one_line_errors(kwargs, message):
-    with pytest.raises(GenerationError, match=message) as e:
+    with pytest.raises(ConfigError, match=message) as e:
         generation.check_generation_args(4, **kwargs)
     assert "\n" not in str(e.value)
 
@@ -327,7 +327,7 @@ def test_run_generation_api_and_training_samples_share_one_path(trained_run, loa
     assert many_ids[1][0] == tok.bos_token_id        # the empty prompt starts from BOS
     assert texts[0].startswith("ROMEO:") and texts[2].startswith("JULIET:")
     assert texts == [tok.decode(i) for i in many_ids]
-    with pytest.raises(GenerationError, match="prompt_text must be a string"):
+    with pytest.raises(ConfigError, match="prompt_text must be a string"):
         run_generation(model, params, tok, [], max_new_tokens=5)
 
 

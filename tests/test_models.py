@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cleangpt_jax.config import ConfigError, model_config
-from cleangpt_jax.models import InputError, get_model, layers, register_model, Vanilla
+from cleangpt_jax.models import get_model, layers, register_model, Vanilla
 from cleangpt_jax.models.factored import FactoredAttention
 from cleangpt_jax.models.sasp import ShapedAttention
 
@@ -113,7 +113,7 @@ def test_num_blocks_runs_only_a_prefix():
     # The truncated forward does not touch the later blocks' parameters at all.
     pruned = {k: v for k, v in params.items() if k != "h_1"}
     model.apply({"params": pruned}, ids, num_blocks=1)
-    with pytest.raises(InputError, match="num_blocks"):
+    with pytest.raises(ConfigError, match="num_blocks"):
         model.apply({"params": params}, ids, num_blocks=L + 1)
 
 
@@ -221,7 +221,7 @@ def test_alibi_runs_past_block_size_up_to_max_positions():
     long_ids = jnp.zeros((1, 4 * T), jnp.int32)
     out = model.apply({"params": params}, long_ids)
     assert out.logits.shape == (1, 4 * T, V) and bool(jnp.all(jnp.isfinite(out.logits)))
-    with pytest.raises(InputError, match="max_position_embeddings|maximum"):
+    with pytest.raises(ConfigError, match="max_position_embeddings|maximum"):
         model.apply({"params": params}, jnp.zeros((1, 4 * T + 1), jnp.int32))
 
 
@@ -244,13 +244,13 @@ def test_bfloat16_compute_is_close_and_params_stay_float32(model_type):
 
 def test_bad_inputs_get_clear_errors():
     cfg, model, params, ids = build(model_type="vanilla")
-    with pytest.raises(InputError, match="block_size|crop"):
+    with pytest.raises(ConfigError, match="block_size|crop"):
         model.apply({"params": params}, jnp.zeros((1, T + 1), jnp.int32))
-    with pytest.raises(InputError, match="vocab_size"):
+    with pytest.raises(ConfigError, match="vocab_size"):
         model.apply({"params": params}, ids.at[0, 0].set(V))
-    with pytest.raises(InputError, match="integer"):
+    with pytest.raises(ConfigError, match="integer"):
         model.apply({"params": params}, ids.astype(jnp.float32))
-    with pytest.raises(InputError, match="batch"):
+    with pytest.raises(ConfigError, match="batch"):
         model.apply({"params": params}, ids[0])
 
 
@@ -286,6 +286,6 @@ def test_model_type_is_case_insensitive_and_registry_is_open():
     assert isinstance(get_model("My_Vanilla", config=BASE), MyVanilla)
     with pytest.raises(ConfigError, match="vanilla"):
         get_model("nope", config=BASE)
-    with pytest.raises(InputError, match="vocab_size"):
+    with pytest.raises(ConfigError, match="vocab_size"):
         get_model("vanilla", config={**BASE, "vocab_size": None}).init(
             jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

@@ -12,7 +12,6 @@ from PIL import Image
 
 from cleangpt_jax import token_analysis as ta
 from cleangpt_jax.config import ConfigError, get_config
-from cleangpt_jax.data import DataError
 from cleangpt_jax.tokenizers import PrunedTokenizer, create_tokenizer, load_tokenizer
 
 
@@ -180,7 +179,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text(" \n \n")
     cfg = text_config(path, tmp_path / "cache")
-    with pytest.raises(DataError, match="empty") as e:
+    with pytest.raises(ConfigError, match="empty") as e:
         ta.analyze_dataset(cfg, create_tokenizer("character", text="ab"), str(tmp_path / "out"))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 

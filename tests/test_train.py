@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cleangpt_jax import optim, trainer
+from cleangpt_jax import loop, optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
@@ -429,7 +429,7 @@ def poison_at(step):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     cfg = make_config(env, **{"train.checkpoint_every": 2})
     workdir = tmp_path / "nan"
-    with pytest.raises(trainer.TrainingError) as e:
+    with pytest.raises(loop.NonFiniteError) as e:
         run(cfg, workdir, [poison_at(5)])
     msg = one_line_error(e)
     assert "training loss is nan at step 6" in msg and "checkpoint (step 4) is kept" in msg

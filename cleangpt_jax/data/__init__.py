@@ -19,14 +19,12 @@ The files, in the order the data flows through them:
                  (`Mixture`, `make_schedule`, `register_schedule`).
     batches.py   batches as a pure function of (seed, step): the index shuffle
                  (`shuffle_index`), `batch_for_step`, `eval_batches`, `steps_per_epoch`.
-    errors.py    `DataError`, raised for data that cannot be used as configured.
 
 Dependencies point one way: batches -> mixtures; tokens -> sources, mixtures; nothing here
 imports the tokenizers (a tokenizer is passed in).
 """
 
 from cleangpt_jax.data.batches import batch_for_step, eval_batches, shuffle_index, steps_per_epoch
-from cleangpt_jax.data.errors import DataError
 from cleangpt_jax.data.mixtures import (SCHEDULES, Mixture, Schedule, make_schedule,
                                         register_schedule)
 from cleangpt_jax.data.sources import (SOURCES, Documents, Source, check_data_section, data_label,
@@ -36,7 +34,6 @@ from cleangpt_jax.data.tokens import (PACKING_VERSION, TokenData, cache_key, def
                                       load_dataset, token_dtype)
 
 __all__ = [
-    "DataError",
     # sources
     "SOURCES", "Source", "register_source", "get_source", "expand_globs", "check_data_section",
     "data_sections", "data_label", "Documents", "text_column", "load_documents",

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cleangpt_jax.data.errors import DataError
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.data.mixtures import Mixture
 
 _FEISTEL_ROUNDS = 6
@@ -76,25 +76,25 @@ def _streams(tokens) -> tuple:
 def _check_batch_args(tokens, global_batch_size, block_size, process_index, process_count,
                       step=0):
     if not (isinstance(block_size, (int, np.integer)) and block_size > 0):
-        raise DataError(f"block_size must be a positive integer, got {block_size!r}")
+        raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
     if not (isinstance(global_batch_size, (int, np.integer)) and global_batch_size > 0):
-        raise DataError(f"the global batch size must be a positive integer, "
-                        f"got {global_batch_size!r}")
+        raise ConfigError(f"the global batch size must be a positive integer, "
+                          f"got {global_batch_size!r}")
     if not (isinstance(process_count, (int, np.integer)) and process_count > 0
             and 0 <= process_index < process_count):
-        raise DataError(f"process_index={process_index} is not in "
-                        f"[0, process_count={process_count})")
+        raise ConfigError(f"process_index={process_index} is not in "
+                          f"[0, process_count={process_count})")
     if global_batch_size % process_count:
-        raise DataError(f"the global batch size {global_batch_size} (train.batch_size) is not "
-                        f"divisible by the process count {process_count}: use a multiple of "
-                        f"{process_count}")
+        raise ConfigError(f"the global batch size {global_batch_size} (train.batch_size) is not "
+                          f"divisible by the process count {process_count}: use a multiple of "
+                          f"{process_count}")
     if step < 0:
-        raise DataError(f"step must be >= 0, got {step}")
+        raise ConfigError(f"step must be >= 0, got {step}")
     for i, stream in enumerate(_streams(tokens)):
         if _num_windows(stream, block_size) == 0:
             what = "the token stream" if len(_streams(tokens)) == 1 else f"mixture source {i}"
-            raise DataError(f"{what} has {len(stream)} tokens, shorter than one block "
-                            f"(block_size={block_size}): add data or lower model.block_size")
+            raise ConfigError(f"{what} has {len(stream)} tokens, shorter than one block "
+                              f"(block_size={block_size}): add data or lower model.block_size")
 
 
 def _process_rows(global_batch_size, process_index, process_count) -> np.ndarray:

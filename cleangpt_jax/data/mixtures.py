@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cleangpt_jax.data.errors import DataError
+from cleangpt_jax.config import ConfigError
 
 # weights = schedule(step): float64 (K,), non-negative, summing to 1.
 Schedule = Callable[[int], np.ndarray]
@@ -38,8 +38,8 @@ def _weights(values, what: str) -> np.ndarray:
     """`values` as float64 weights, checked: a non-empty list, all >= 0, a positive sum."""
     w = np.asarray(values, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise DataError(f"{what} must be a non-empty list of non-negative weights with a positive "
-                        f"sum, got {values!r}")
+        raise ConfigError(f"{what} must be a non-empty list of non-negative weights with a "
+                          f"positive sum, got {values!r}")
     return w
 
 
@@ -62,11 +62,11 @@ def linear_schedule(start_weights: Sequence[float], end_weights: Sequence[float]
     start = _weights(start_weights, "linear schedule start_weights")
     end = _weights(end_weights, "linear schedule end_weights")
     if start.shape != end.shape:
-        raise DataError(f"linear schedule: start_weights has {start.size} entries, "
-                        f"end_weights {end.size}")
+        raise ConfigError(f"linear schedule: start_weights has {start.size} entries, "
+                          f"end_weights {end.size}")
     if not transition_steps > 0:
-        raise DataError(f"linear schedule: transition_steps must be positive, "
-                        f"got {transition_steps}")
+        raise ConfigError(f"linear schedule: transition_steps must be positive, "
+                          f"got {transition_steps}")
 
     def schedule(step):
         t = min(max((step - start_step) / transition_steps, 0.0), 1.0)
@@ -83,13 +83,13 @@ def step_schedule(boundaries: Sequence[tuple[int, Sequence[float]]]) -> Schedule
     try:
         bounds = sorted((int(s), list(w)) for s, w in boundaries)
     except (TypeError, ValueError):
-        raise DataError(f"step schedule boundaries must be [(step, weights), ...], "
-                        f"got {boundaries!r}") from None
+        raise ConfigError(f"step schedule boundaries must be [(step, weights), ...], "
+                          f"got {boundaries!r}") from None
     if not bounds or bounds[0][0] != 0:
-        raise DataError(f"step schedule boundaries must start at step 0, got {boundaries!r}")
+        raise ConfigError(f"step schedule boundaries must start at step 0, got {boundaries!r}")
     weights = [_weights(w, f"step schedule weights at step {s}") for s, w in bounds]
     if len({w.size for w in weights}) != 1:
-        raise DataError("step schedule: every boundary needs one weight per source")
+        raise ConfigError("step schedule: every boundary needs one weight per source")
     starts = [s for s, _ in bounds]
     return lambda step: _normalised([w for s, w in zip(starts, weights) if s <= step][-1])
 
@@ -101,8 +101,8 @@ def exponential_schedule(weights: Sequence[float], decay_rates: Sequence[float])
     w = _weights(weights, "exponential schedule weights")
     rates = np.asarray(decay_rates, dtype=np.float64)
     if rates.shape != w.shape or not np.all(np.isfinite(rates)):
-        raise DataError(f"exponential schedule: decay_rates needs {w.size} finite numbers "
-                        f"(one per source), got {decay_rates!r}")
+        raise ConfigError(f"exponential schedule: decay_rates needs {w.size} finite numbers "
+                          f"(one per source), got {decay_rates!r}")
     with np.errstate(divide="ignore"):
         log_w = np.log(w)
 
@@ -124,16 +124,16 @@ def make_schedule(spec, num_sources: int) -> Schedule:
     spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
     kind = spec.pop("type", "constant")
     if kind not in SCHEDULES:
-        raise DataError(f"unknown mixture schedule type {kind!r}: "
-                        f"choose one of {sorted(SCHEDULES)}")
+        raise ConfigError(f"unknown mixture schedule type {kind!r}: "
+                          f"choose one of {sorted(SCHEDULES)}")
     try:
         schedule = SCHEDULES[kind](**spec)
     except TypeError as e:
-        raise DataError(f"mixture schedule {kind!r}: {e} "
-                        f"(see {SCHEDULES[kind].__name__})") from None
+        raise ConfigError(f"mixture schedule {kind!r}: {e} "
+                          f"(see {SCHEDULES[kind].__name__})") from None
     if _num_weights(schedule) != num_sources:
-        raise DataError(f"mixture schedule {kind!r} has {_num_weights(schedule)} weights, "
-                        f"the mixture {num_sources} sources: give one weight per source")
+        raise ConfigError(f"mixture schedule {kind!r} has {_num_weights(schedule)} weights, "
+                          f"the mixture {num_sources} sources: give one weight per source")
     return schedule
 
 
@@ -153,10 +153,10 @@ class Mixture:
 
     def __post_init__(self):
         if not self.streams:
-            raise DataError("a Mixture needs at least one token stream")
+            raise ConfigError("a Mixture needs at least one token stream")
         if self.schedule is not None and _num_weights(self.schedule) != len(self.streams):
-            raise DataError(f"the mixture schedule has {_num_weights(self.schedule)} weights for "
-                            f"{len(self.streams)} sources: give one weight per source")
+            raise ConfigError(f"the mixture schedule has {_num_weights(self.schedule)} weights for "
+                              f"{len(self.streams)} sources: give one weight per source")
 
     def __len__(self) -> int:
         """Total tokens over the sources."""

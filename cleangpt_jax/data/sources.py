@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from cleangpt_jax.data.errors import DataError
+from cleangpt_jax.config import ConfigError
 
 _STRING_DTYPES = ("string", "large_string")
 
@@ -54,16 +54,16 @@ def register_source(name: str, *, load, fingerprint) -> None:
 
 
 def get_source(name) -> Source:
-    """The Source registered as `name`; DataError naming the registered ones otherwise."""
+    """The Source registered as `name`; ConfigError naming the registered ones otherwise."""
     if name not in SOURCES:
-        raise DataError(f"unknown data.source {name!r}: choose one of {sorted(SOURCES)}")
+        raise ConfigError(f"unknown data.source {name!r}: choose one of {sorted(SOURCES)}")
     return SOURCES[name]
 
 
 def _no_val_split(data, source: str) -> None:
     if data.get("val_split"):
-        raise DataError(f"data.val_split={data.val_split!r} needs source='hf' (source={source!r} "
-                        "has no named splits): unset it and use data.val_fraction")
+        raise ConfigError(f"data.val_split={data.val_split!r} needs source='hf' (source={source!r} "
+                          "has no named splits): unset it and use data.val_fraction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,15 +97,15 @@ def expand_globs(patterns) -> list[str]:
         patterns = patterns.split(",")
     patterns = [p.strip() for p in (patterns or ()) if p and p.strip()]
     if not patterns:
-        raise DataError("data.files is empty: set it to comma-separated globs, e.g. "
-                        "--config.data.files='corpus/*.txt'")
+        raise ConfigError("data.files is empty: set it to comma-separated globs, e.g. "
+                          "--config.data.files='corpus/*.txt'")
     files = []
     for pattern in patterns:
         matches = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
                          if os.path.isfile(f))
         if not matches:
-            raise DataError(f"no files match data.files pattern {pattern!r} (cwd {os.getcwd()}): "
-                            "fix the path or glob")
+            raise ConfigError(f"no files match data.files pattern {pattern!r} (cwd {os.getcwd()}): "
+                              "fix the path or glob")
         files += [os.path.abspath(f) for f in matches]
     return list(dict.fromkeys(files))
 
@@ -124,8 +124,8 @@ def _load_text_files(data):
             with open(path, encoding="utf-8") as f:
                 texts.append(f.read())
         except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
-                            "convert it or leave it out of data.files") from None
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                              "convert it or leave it out of data.files") from None
     return datasets.Dataset.from_dict({"text": texts}), None
 
 
@@ -150,9 +150,9 @@ def _load_hf(data):
 
     name = data.get("name")
     if not name:
-        raise DataError("data.source='hf' needs data.name: a hub dataset "
-                        "('roneneldan/TinyStories'), a builder with data.files ('json', 'text', "
-                        "'csv', 'parquet') or a local directory")
+        raise ConfigError("data.source='hf' needs data.name: a hub dataset "
+                          "('roneneldan/TinyStories'), a builder with data.files ('json', 'text', "
+                          "'csv', 'parquet') or a local directory")
     path = os.path.expanduser(name)
     val_split = data.get("val_split")
     if os.path.isdir(path) and _is_saved_dataset(path):
@@ -161,12 +161,12 @@ def _load_hf(data):
         def split(s):
             if isinstance(saved, datasets.DatasetDict):
                 if s not in saved:
-                    raise DataError(f"split {s!r} not in {path} (splits: {sorted(saved)}): "
-                                    "set data.split / data.val_split to one of them")
+                    raise ConfigError(f"split {s!r} not in {path} (splits: {sorted(saved)}): "
+                                      "set data.split / data.val_split to one of them")
                 return saved[s]
             if s == val_split:
-                raise DataError(f"{path} holds a single Dataset, no {s!r} split: unset "
-                                "data.val_split and use data.val_fraction")
+                raise ConfigError(f"{path} holds a single Dataset, no {s!r} split: unset "
+                                  "data.val_split and use data.val_fraction")
             return saved
     else:
         kwargs = {"data_files": expand_globs(data.files)} if data.get("files") else {}
@@ -178,9 +178,9 @@ def _load_hf(data):
                                              data.get("config_name"), split=s,
                                              streaming=streaming, **kwargs)
             except (OSError, ValueError, KeyError, ImportError) as e:
-                raise DataError(f"could not load dataset {name!r} (config_name="
-                                f"{data.get('config_name')!r}, split={s!r}): "
-                                f"{_first_line(e)}") from None
+                raise ConfigError(f"could not load dataset {name!r} (config_name="
+                                  f"{data.get('config_name')!r}, split={s!r}): "
+                                  f"{_first_line(e)}") from None
 
     return split(data.get("split") or "train"), (split(val_split) if val_split else None)
 
@@ -211,12 +211,12 @@ def check_data_section(data) -> None:
     get_source(data.get("source"))
     max_samples = data.get("max_samples")
     if max_samples is not None and max_samples <= 0:
-        raise DataError(f"data.max_samples must be positive or None (all), got {max_samples}")
+        raise ConfigError(f"data.max_samples must be positive or None (all), got {max_samples}")
     if data.get("streaming") and not max_samples:
-        raise DataError("data.streaming=True needs data.max_samples (how many documents to take)")
+        raise ConfigError("data.streaming=True needs data.max_samples (how many documents to take)")
     fraction = data.get("val_fraction") or 0.0
     if not 0.0 <= fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {fraction}")
 
 
 def data_sections(config) -> list:
@@ -228,9 +228,9 @@ def data_sections(config) -> list:
         return [data]
     sources = mixture.get("sources")
     if not sources:
-        raise DataError("data.mixture needs a non-empty 'sources' list, e.g. "
-                        "dict(sources=[dict(source='shakespeare'), dict(source='text', "
-                        "files='*.txt')], schedule=dict(type='constant', weights=[0.5, 0.5]))")
+        raise ConfigError("data.mixture needs a non-empty 'sources' list, e.g. "
+                          "dict(sources=[dict(source='shakespeare'), dict(source='text', "
+                          "files='*.txt')], schedule=dict(type='constant', weights=[0.5, 0.5]))")
     base = data.to_dict() if hasattr(data, "to_dict") else dict(data)
     base.pop("mixture", None)
     sections = []
@@ -238,8 +238,8 @@ def data_sections(config) -> list:
         overrides = dict(overrides)
         unknown = sorted(set(overrides) - set(base))
         if unknown:
-            raise DataError(f"data.mixture.sources[{i}] has unknown key(s) {unknown}: "
-                            f"valid keys are the data section's {sorted(base)}")
+            raise ConfigError(f"data.mixture.sources[{i}] has unknown key(s) {unknown}: "
+                              f"valid keys are the data section's {sorted(base)}")
         sections.append(ml_collections.ConfigDict({**base, **overrides}))
     return sections
 
@@ -277,16 +277,16 @@ def text_column(column_names: Sequence[str], string_columns: Sequence[str],
     string column."""
     if requested:
         if requested not in column_names:
-            raise DataError(f"data.text_column={requested!r} is not a column of the dataset "
-                            f"(columns: {list(column_names)}): set it to one of them")
+            raise ConfigError(f"data.text_column={requested!r} is not a column of the dataset "
+                              f"(columns: {list(column_names)}): set it to one of them")
         return requested
     for name in ("text", "story"):
         if name in string_columns:
             return name
     if string_columns:
         return string_columns[0]
-    raise DataError(f"the dataset has no string column (columns: {list(column_names)}): "
-                    "set data.text_column to the column holding the text")
+    raise ConfigError(f"the dataset has no string column (columns: {list(column_names)}): "
+                      "set data.text_column to the column holding the text")
 
 
 def _select_text(ds, requested, max_samples):
@@ -321,8 +321,8 @@ def load_documents(data) -> Documents:
         return Documents(train, _select_text(val, data.get("text_column"), max_samples))
     n = len(train)
     if n == 0:
-        raise DataError(f"the dataset is empty (source={data.source!r}): "
-                        "check data.name/data.files/data.split")
+        raise ConfigError(f"the dataset is empty (source={data.source!r}): "
+                          "check data.name/data.files/data.split")
     if fraction == 0.0:
         return Documents(train)
     if n == 1:

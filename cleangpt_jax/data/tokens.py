@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cleangpt_jax.data.errors import DataError
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.data.mixtures import Mixture, make_schedule
 from cleangpt_jax.data.sources import (check_data_section, data_label, data_sections,
                                        get_source, load_documents)
@@ -194,8 +194,8 @@ def _read_cache(directory) -> dict | None:
 
 def _check_length(stream, block_size: int, what: str, fix: str) -> None:
     if len(stream) < block_size:
-        raise DataError(f"the {what} data has {len(stream)} tokens, shorter than one block "
-                        f"(block_size={block_size}): {fix}")
+        raise ConfigError(f"the {what} data has {len(stream)} tokens, shorter than one block "
+                          f"(block_size={block_size}): {fix}")
 
 
 def _load_single(data, tokenizer, cache_dir, block_size):
@@ -209,8 +209,8 @@ def _load_single(data, tokenizer, cache_dir, block_size):
         _build_cache(data, tokenizer, directory, description)
         meta = _read_cache(directory)
         if meta is None:
-            raise DataError(f"token cache {directory} could not be read back after writing it: "
-                            "check the disk, or set data.cache_dir elsewhere")
+            raise ConfigError(f"token cache {directory} could not be read back after writing it: "
+                              "check the disk, or set data.cache_dir elsewhere")
     else:
         log.info("using token cache %s", directory)
     dtype = np.dtype(meta["dtype"])
@@ -219,8 +219,8 @@ def _load_single(data, tokenizer, cache_dir, block_size):
     if meta["val_tokens"] is not None:
         val = _open_stream(os.path.join(directory, "val.bin"), dtype, meta["val_tokens"])
     if meta["num_documents"] == 0:
-        raise DataError(f"the dataset is empty (source={data.source!r}: every document is blank): "
-                        "check data.name/data.files/data.split/data.text_column")
+        raise ConfigError(f"the dataset is empty (source={data.source!r}: every document is "
+                          "blank): check data.name/data.files/data.split/data.text_column")
     _check_length(train, block_size, "training",
                   "add data (data.max_samples, data.files), lower data.val_fraction or "
                   "model.block_size")

@@ -15,7 +15,7 @@ from cleangpt_jax.distill.losses import LOSSES, distillation_loss, get_loss, reg
 from cleangpt_jax.distill.plan import Stage, build_stages, layer_map
 from cleangpt_jax.distill.stitching import Stitch, apply_stitch, init_stitching
 
-_RUNNER = ("DistillError", "layer_map_from_config", "load_stitching", "run")
+_RUNNER = ("layer_map_from_config", "load_stitching", "run")
 
 
 def __getattr__(name):
@@ -27,6 +27,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DistillError", "LOSSES", "Stage", "Stitch", "apply_stitch", "build_stages",
+__all__ = ["LOSSES", "Stage", "Stitch", "apply_stitch", "build_stages",
            "distillation_loss", "get_loss", "init_stitching", "layer_map",
            "layer_map_from_config", "load_stitching", "register_loss", "run"]

@@ -76,9 +76,6 @@ _STAGE_KEYS = ("steps_per_block", "epochs_per_block", "learning_rate", "weight_d
                "grad_clip", "head", "final")
 
 
-class DistillError(ValueError):
-    """A distillation setup that cannot work; the message says how to fix it."""
-
 
 # ------------------------------------------------------------------------------------ setup
 
@@ -118,12 +115,12 @@ def student_config(cfg, teacher_cfg: ModelConfig) -> ModelConfig:
     stage must train the head without moving the (frozen) embeddings."""
     m = cfg.model
     if m.vocab_size is not None and m.vocab_size != teacher_cfg.vocab_size:
-        raise DistillError(f"model.vocab_size={m.vocab_size} differs from the teacher's "
-                           f"vocabulary ({teacher_cfg.vocab_size}): the student's vocabulary "
-                           f"comes from the teacher; drop model.vocab_size")
+        raise ConfigError(f"model.vocab_size={m.vocab_size} differs from the teacher's "
+                          f"vocabulary ({teacher_cfg.vocab_size}): the student's vocabulary "
+                          f"comes from the teacher; drop model.vocab_size")
     if m.block_size > teacher_cfg.max_position_embeddings:
-        raise DistillError(f"model.block_size={m.block_size} exceeds the teacher's "
-                           f"{teacher_cfg.max_position_embeddings} positions: lower it")
+        raise ConfigError(f"model.block_size={m.block_size} exceeds the teacher's "
+                          f"{teacher_cfg.max_position_embeddings} positions: lower it")
     head = cfg.distill.head
     if head.enabled and not head.untie and head.init_from_teacher:
         raise ConfigError("distill.head.untie=False with init_from_teacher=True would overwrite "
@@ -144,9 +141,9 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
     t_cfg, t_params, tokenizer = teacher.config, teacher.params, teacher.tokenizer
     s_cfg = student_config(cfg, t_cfg)
     if d.block_stages and not d.stitching and s_cfg.n_embd != t_cfg.n_embd:
-        raise DistillError(f"distill.stitching=False needs equal widths, but the student has "
-                           f"n_embd={s_cfg.n_embd} and the teacher {t_cfg.n_embd}: turn "
-                           f"stitching on or match the widths")
+        raise ConfigError(f"distill.stitching=False needs equal widths, but the student has "
+                          f"n_embd={s_cfg.n_embd} and the teacher {t_cfg.n_embd}: turn "
+                          f"stitching on or match the widths")
     if (d.head.enabled and d.head.init_from_teacher and not d.block_stages
             and s_cfg.n_embd != t_cfg.n_embd):
         raise ConfigError("distill.head.init_from_teacher at different widths maps the "
@@ -373,8 +370,8 @@ def check_plan(s: Setup, workdir: str, done: list[dict]) -> None:
     n = len(done)
     names = [st["name"] for st in now["stages"]]
     if names[:n] != [m["name"] for m in done]:
-        raise DistillError(f"{workdir} lists completed stages {[m['name'] for m in done]} that "
-                           f"are not this plan's {names}: use a new --workdir")
+        raise ConfigError(f"{workdir} lists completed stages {[m['name'] for m in done]} that "
+                          f"are not this plan's {names}: use a new --workdir")
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
@@ -384,10 +381,10 @@ def check_plan(s: Setup, workdir: str, done: list[dict]) -> None:
             if a != b:
                 diff.append(f"completed stage {a['name']}: {a} -> {b}")
         if diff:
-            raise DistillError(f"{workdir} holds a distillation with other settings "
-                               f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}): "
-                               f"rerun with the original config to resume, or use a new "
-                               f"--workdir")
+            raise ConfigError(f"{workdir} holds a distillation with other settings "
+                              f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}): "
+                              f"rerun with the original config to resume, or use a new "
+                              f"--workdir")
         if before["stages"] != now["stages"] and jax.process_index() == 0:
             print("note: settings of stages not completed yet changed; they apply from the "
                   "stage's last checkpoint on", flush=True)
@@ -473,7 +470,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     d = cfg.distill
     paths = trainable_paths(tree, stage, cfg, s.student.config.tie_embeddings)
     if not paths:
-        raise DistillError(f"stage {stage.name} has no trainable parameters")
+        raise ConfigError(f"stage {stage.name} has no trainable parameters")
     compiled = compiled_step(step_spec(s, stage, paths))
     trainable, frozen = split(place(tree, s.mesh), paths)
     trainable = place(trainable, s.mesh, copy=True)
@@ -544,9 +541,10 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         kept = ckpt.latest_step()
         where = (f"the stage's checkpoint at step {kept} and the completed stages are kept"
                  if kept is not None else "the completed stages are kept")
-        raise DistillError(f"stage {stage.name} step {e.step}: {e.what}; stopped, {where}: "
-                           f"lower distill.learning_rate or set distill.grad_clip, then "
-                           f"rerun") from None
+        raise loop.NonFiniteError(
+            e.step, e.what, f"stage {stage.name} step {e.step}: {e.what}; stopped, {where}: "
+                            f"lower distill.learning_rate or set distill.grad_clip, then rerun"
+        ) from None
     finally:
         ckpt.close()
     return join(trainable, frozen), _stage_info(stage, first_loss, last_loss)

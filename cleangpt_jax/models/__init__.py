@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
-from cleangpt_jax.models.base import CausalLM, InputError, ModelOutput
+from cleangpt_jax.models.base import CausalLM, ModelOutput
 from cleangpt_jax.models.factored import Factored
 from cleangpt_jax.models.sasp import SASP
 from cleangpt_jax.models.vanilla import Vanilla
@@ -56,5 +56,5 @@ register_model("vanilla", Vanilla)
 register_model("sasp", SASP)
 register_model("factored", Factored)
 
-__all__ = ["CausalLM", "Factored", "InputError", "ModelConfig", "ModelOutput", "SASP", "Vanilla",
+__all__ = ["CausalLM", "Factored", "ModelConfig", "ModelOutput", "SASP", "Vanilla",
            "get_model", "register_model", "registered_models"]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cleangpt_jax import kernels
-from cleangpt_jax.config import ModelConfig
+from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.models import layers
 
 
@@ -71,9 +71,6 @@ class Cache:
         return self.layers[0]["k"].shape[-1]
 
 
-class InputError(ValueError):
-    """Model input of the wrong type, shape or range."""
-
 
 class CausalLM(nn.Module):
     config: ModelConfig
@@ -82,8 +79,8 @@ class CausalLM(nn.Module):
     def setup(self):
         c = self.config
         if c.vocab_size is None:
-            raise InputError("model.vocab_size is None: set it, or take it from the tokenizer "
-                             "(config.model.vocab_size = tokenizer.vocab_size)")
+            raise ConfigError("model.vocab_size is None: set it, or take it from the tokenizer "
+                              "(config.model.vocab_size = tokenizer.vocab_size)")
         # The residual stream stays float32; only matmul inputs are cast to the compute dtype.
         emb = dict(embedding_init=layers.normal_init(), dtype=jnp.float32,
                    param_dtype=c.params_dtype)
@@ -127,9 +124,9 @@ class CausalLM(nn.Module):
         check_input_ids(input_ids, c)
         k = c.n_layer if num_blocks is None else num_blocks
         if not 0 <= k <= c.n_layer:
-            raise InputError(f"num_blocks={num_blocks} is outside [0, n_layer={c.n_layer}]")
+            raise ConfigError(f"num_blocks={num_blocks} is outside [0, n_layer={c.n_layer}]")
         if cache is not None and k != c.n_layer:
-            raise InputError("num_blocks cannot be combined with cache: a cache holds every block")
+            raise ConfigError("num_blocks cannot be combined with cache: a cache holds every block")
         t = input_ids.shape[1]
         step = None
         if cache is not None:
@@ -203,22 +200,22 @@ def check_input_ids(input_ids, config: ModelConfig) -> None:
     """Clear errors for ids of the wrong dtype/rank, too long, or (when concrete) out of range."""
     dtype = getattr(input_ids, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise InputError(f"input_ids must be an integer array, got dtype {dtype}: "
-                         f"pass token ids, e.g. jnp.asarray(ids, jnp.int32)")
+        raise ConfigError(f"input_ids must be an integer array, got dtype {dtype}: "
+                          f"pass token ids, e.g. jnp.asarray(ids, jnp.int32)")
     if input_ids.ndim != 2:
-        raise InputError(f"input_ids must have shape (batch, time), got {input_ids.shape}: "
-                         f"add a batch axis with ids[None]")
+        raise ConfigError(f"input_ids must have shape (batch, time), got {input_ids.shape}: "
+                          f"add a batch axis with ids[None]")
     t = input_ids.shape[1]
     if t > config.max_position_embeddings:
         fix = ("crop the input to the last block_size tokens"
                if config.position_encoding == "learned"
                else "raise model.max_position_embeddings")
-        raise InputError(f"sequence length {t} exceeds the model's maximum of "
-                         f"{config.max_position_embeddings} positions "
-                         f"({config.position_encoding} positions): {fix}")
+        raise ConfigError(f"sequence length {t} exceeds the model's maximum of "
+                          f"{config.max_position_embeddings} positions "
+                          f"({config.position_encoding} positions): {fix}")
     if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
         ids = np.asarray(input_ids)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= config.vocab_size:
-            raise InputError(f"token ids must lie in [0, vocab_size={config.vocab_size}), got "
-                             f"min {lo}, max {hi}: the tokenizer and model.vocab_size disagree")
+            raise ConfigError(f"token ids must lie in [0, vocab_size={config.vocab_size}), got "
+                              f"min {lo}, max {hi}: the tokenizer and model.vocab_size disagree")

@@ -166,7 +166,7 @@ class Tokenizer(abc.ABC):
 
 
 def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, *, fix: str,
-                where: str = "", error: type[ValueError] = ConfigError) -> None:
+                where: str = "") -> None:
     """Refuse a tokenizer whose ids do not all index the model's embedding table.
 
     Token ids are 0 .. V_tok - 1 and the embedding has V_model rows, so the pair works only if
@@ -176,5 +176,5 @@ def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, *, fix: str,
     """
     if tokenizer_vocab_size > model_vocab_size:
         where = f" ({where})" if where else ""
-        raise error(f"tokenizer vocab_size {tokenizer_vocab_size} > model vocab_size "
-                    f"{model_vocab_size}{where}: {fix}")
+        raise ConfigError(f"tokenizer vocab_size {tokenizer_vocab_size} > model vocab_size "
+                          f"{model_vocab_size}{where}: {fix}")
