@@ -36,12 +36,17 @@ from cleangpt_jax.workdir import METRICS_FILE, is_writer
 class NonFiniteError(ValueError):
     """A step's loss or gradient norm is NaN or infinite (`step`, and `what`: 'loss is nan').
 
-    The loop raises it with a bare message; training and distillation re-raise it with one
-    that says what was kept and what to change."""
+    The loop raises it with a bare message; training and distillation re-raise it through
+    `stopped`, whose message says where it happened, what was kept and what to change."""
 
     def __init__(self, step: int, what: str, message: str | None = None):
         super().__init__(message or f"step {step}: {what}")
         self.step, self.what = step, what
+
+    def stopped(self, where: str, kept: str, fix: str) -> "NonFiniteError":
+        """The same stop, as one line: '<where>: <what> at step <step>; stopped, <kept>. <fix>'."""
+        return NonFiniteError(self.step, self.what, f"{where}: {self.what} at step {self.step}; "
+                                                    f"stopped, {kept}. {fix}")
 
 
 def fetch_finite(step: int, metrics: dict) -> dict[str, float]:

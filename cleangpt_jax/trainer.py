@@ -397,10 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         kept = (f"the last good checkpoint (step {last}) is kept in "
                 f"{run.checkpointer.directory}" if last is not None
                 else "no checkpoint had been written yet")
-        raise loop.NonFiniteError(
-            e.step, e.what, f"training {e.what} at step {e.step}: stopped; {kept}. Lower "
-                            f"train.learning_rate, raise train.warmup_steps or set train.grad_clip"
-        ) from None
+        raise e.stopped("training", kept, "Lower train.learning_rate, raise train.warmup_steps "
+                                          "or set train.grad_clip") from None
     finally:
         bar.close()
         writer.close()

@@ -269,10 +269,13 @@ def test_bad_inputs_get_clear_errors():
     (dict(model_type="vanilla", use_v=True), "use_v"),
     (dict(model_type="factored", llama_mlp=True), "llama_mlp"),
     (dict(n_heads=4), "unknown model config key"),
+    (dict(attention="flash"), "unknown model.attention"),
 ])
 def test_invalid_configs_are_rejected(overrides, message):
+    """Building a model from a bad config fails with one line that names the setting (the
+    model type is checked against the registry, the rest by ModelConfig)."""
     with pytest.raises(ConfigError, match=message):
-        model_config({**BASE, **overrides})
+        get_model(config={**BASE, **overrides})
 
 
 def test_model_type_is_case_insensitive_and_registry_is_open():

@@ -432,7 +432,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     with pytest.raises(loop.NonFiniteError) as e:
         run(cfg, workdir, [poison_at(5)])
     msg = one_line_error(e)
-    assert "training loss is nan at step 6" in msg and "checkpoint (step 4) is kept" in msg
+    assert "training: loss is nan at step 6; stopped" in msg and "checkpoint (step 4) is kept" in msg
     assert checkpoint_steps(workdir) == [2, 4]
     params = params_of(workdir)
     assert all(np.isfinite(v).all() for v in params.values())

@@ -538,13 +538,11 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         bar.close()
         save(stage.steps)
     except loop.NonFiniteError as e:
-        kept = ckpt.latest_step()
-        where = (f"the stage's checkpoint at step {kept} and the completed stages are kept"
-                 if kept is not None else "the completed stages are kept")
-        raise loop.NonFiniteError(
-            e.step, e.what, f"stage {stage.name} step {e.step}: {e.what}; stopped, {where}: "
-                            f"lower distill.learning_rate or set distill.grad_clip, then rerun"
-        ) from None
+        last = ckpt.latest_step()
+        kept = ("the completed stages are kept" if last is None else
+                f"the stage's checkpoint at step {last} and the completed stages are kept")
+        raise e.stopped(f"stage {stage.name}", kept, "Lower distill.learning_rate or set "
+                                                     "distill.grad_clip, then rerun") from None
     finally:
         ckpt.close()
     return join(trainable, frozen), _stage_info(stage, first_loss, last_loss)

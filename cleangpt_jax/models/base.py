@@ -72,9 +72,22 @@ class Cache:
 
 
 
+class Block(nn.Module):
+    """One transformer block, the unit `CausalLM` stacks. Every block is called as
+
+        state, cache = block(state, attn_bias=..., deterministic=..., cache=None, step=None)
+
+    and returns its updated cache, or None when called without one. `init_cache(config, B, S)`
+    makes one block's empty cache: keys and values (`layers.init_kv_cache`) unless a block
+    needs more."""
+
+    config: ModelConfig
+    init_cache = staticmethod(layers.init_kv_cache)
+
+
 class CausalLM(nn.Module):
     config: ModelConfig
-    block_cls: ClassVar[type[nn.Module]]
+    block_cls: ClassVar[type[Block]]
 
     def setup(self):
         c = self.config

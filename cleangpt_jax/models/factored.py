@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from cleangpt_jax.config import ModelConfig
 from cleangpt_jax.models import layers
-from cleangpt_jax.models.base import CausalLM
+from cleangpt_jax.models.base import Block, CausalLM
 
 
 def mix_heads(matrix, x):
@@ -44,9 +44,8 @@ class FactoredAttention(nn.Module):
         if c.use_v:
             v = mix_heads(self.param("v_mix", layers.normal_init(), (c.n_head, c.n_head),
                                      c.params_dtype), v)
-        y, cache = layers.attention(
-            c, q, k, v, bias=attn_bias, cache=cache, step=step,
-            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
+        y, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
+                                    deterministic=deterministic)
         if c.use_proj:
             y = mix_heads(self.param("proj_mix", layers.residual_init(c), (c.n_head, c.n_head),
                                      c.params_dtype), y)
@@ -54,10 +53,7 @@ class FactoredAttention(nn.Module):
         return layers.merge_heads(y), cache
 
 
-class FactoredBlock(nn.Module):
-    config: ModelConfig
-    init_cache = staticmethod(layers.init_kv_cache)
-
+class FactoredBlock(Block):
     @nn.compact
     def __call__(self, state, *, attn_bias, deterministic: bool, cache=None, step=None):
         """Returns ((xt, xe), cache): the updated cache, or None without one."""

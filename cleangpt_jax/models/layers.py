@@ -162,27 +162,26 @@ def alibi_bias(n_head: int, q_positions, k_positions):
     return jnp.asarray(alibi_slopes(n_head))[None, :, None, None] * rel
 
 
-def attention(config: ModelConfig, q, k, v, *, bias=None, dropout_rng=None, cache=None,
+def attention(module: nn.Module, q, k, v, *, bias=None, deterministic: bool = True, cache=None,
               step=None):
     """Causal self-attention softmax(q k^T / sqrt(D) + bias) v per head; returns (y, cache).
 
-    q, k (B, T, H, D), v (B, T, H, Dv) -> y (B, T, H, Dv). Without a cache the T tokens attend
-    to each other (`kernels.causal_attention`, implementation `config.attention`), bias
-    (B or 1, H, T, T) or None, dropout on the probabilities when `dropout_rng` is given, and
-    the returned cache is None. With a cache they also attend to the cached tokens
-    (`cached_attention`, the bias comes from `step`) and the cache comes back updated.
+    q, k (B, T, H, D), v (B, T, H, Dv) -> y (B, T, H, Dv); `module` is the calling attention
+    module (its `config`, and its 'dropout' key). Without a cache the T tokens attend to each
+    other (`kernels.causal_attention`, implementation `config.attention`), bias
+    (B or 1, H, T, T) or None, dropout on the probabilities unless `deterministic` or
+    config.dropout = 0, and the returned cache is None. With a cache they also attend to the
+    cached tokens (`cached_attention`, the bias comes from `step`) and the cache comes back
+    updated.
     """
     if cache is not None:
         return cached_attention(q, k, v, cache, step)
-    y = kernels.causal_attention(q, k, v, implementation=config.attention, bias=bias,
-                                 dropout_rate=0.0 if dropout_rng is None else config.dropout,
-                                 dropout_rng=dropout_rng)
+    c = module.config
+    dropout = not deterministic and c.dropout > 0
+    y = kernels.causal_attention(q, k, v, implementation=c.attention, bias=bias,
+                                 dropout_rate=c.dropout if dropout else 0.0,
+                                 dropout_rng=module.make_rng("dropout") if dropout else None)
     return y, None
-
-
-def attention_dropout_rng(module: nn.Module, config: ModelConfig, deterministic: bool):
-    """`module`'s 'dropout' key for attention dropout, or None when there is none."""
-    return None if deterministic or config.dropout == 0 else module.make_rng("dropout")
 
 
 def split_heads(x, n_head: int):

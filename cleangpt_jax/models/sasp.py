@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from cleangpt_jax.config import ModelConfig
 from cleangpt_jax.models import layers
-from cleangpt_jax.models.base import CausalLM
+from cleangpt_jax.models.base import Block, CausalLM
 
 
 def zero_key_value_init(n_embd: int):
@@ -87,9 +87,8 @@ class ShapedAttention(nn.Module):
             mean = cummean(v)
         else:
             mean, v_sum = cached_cummean(v, cache["v_sum"], step)
-        attn, cache = layers.attention(
-            c, q, k, v, bias=attn_bias, cache=cache, step=step,
-            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
+        attn, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
+                                       deterministic=deterministic)
         if cache is not None:
             cache["v_sum"] = v_sum
         dt = c.compute_dtype
@@ -100,8 +99,7 @@ class ShapedAttention(nn.Module):
         return y, cache
 
 
-class SASPBlock(nn.Module):
-    config: ModelConfig
+class SASPBlock(Block):
     init_cache = staticmethod(init_cache)
 
     @nn.compact

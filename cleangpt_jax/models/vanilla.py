@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from cleangpt_jax.config import ModelConfig
 from cleangpt_jax.models import layers
-from cleangpt_jax.models.base import CausalLM
+from cleangpt_jax.models.base import Block, CausalLM
 
 
 class SelfAttention(nn.Module):
@@ -28,18 +28,13 @@ class SelfAttention(nn.Module):
         c = self.config
         qkv = layers.dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
-        y, cache = layers.attention(
-            c, q, k, v, bias=attn_bias, cache=cache, step=step,
-            dropout_rng=layers.attention_dropout_rng(self, c, deterministic))
+        y, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
+                                    deterministic=deterministic)
         y = layers.dense(c, c.n_embd, "c_proj", residual=True)(layers.merge_heads(y))
         return nn.Dropout(c.dropout)(y, deterministic=deterministic), cache
 
 
-class VanillaBlock(nn.Module):
-    config: ModelConfig
-
-    init_cache = staticmethod(layers.init_kv_cache)
-
+class VanillaBlock(Block):
     @nn.compact
     def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
         """Returns (x, cache): the updated cache, or None without one."""
