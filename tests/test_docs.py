@@ -29,8 +29,6 @@ import sys
 
 import pytest
 
-from helpers import persistent_compile_cache
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
@@ -254,15 +252,13 @@ def run_sequence(relpath: str, commands: list[tuple[int, str, str]], cwd, env) -
 
 
 @pytest.fixture(scope="module")
-def doc_env(tmp_path_factory):
+def doc_env(tmp_path_factory, fast_compile):
     """Scratch root and subprocess environment of this module's commands and notebook: one
     token cache and one persistent compilation cache (XLA's optimisation passes off; nothing
     here compares numbers), so a program compiles once for every process that runs it."""
     root = tmp_path_factory.mktemp("doc_commands")
-    with persistent_compile_cache(str(root / "jit_cache"), fast_compile=True) as sub_env:
-        env = dict(sub_env, CLEANGPT_JAX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-                   HF_DATASETS_CACHE=str(root / "hf_datasets"))
-        yield root, env
+    return root, dict(fast_compile, CLEANGPT_JAX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
+                      HF_DATASETS_CACHE=str(root / "hf_datasets"))
 
 
 @pytest.fixture(scope="module")
