@@ -107,12 +107,13 @@ def doc_sequences(relpath: str) -> list[list[tuple[int, str]]]:
         merged = (set(dirs), sorted([(lineno, line)] + [c for s in joined for c in s[1]]))
         for s in joined:
             merged[0].update(s[0])
-        sequences = [s for s in sequences if s not in joined] + [merged]
+        sequences = [s for s in sequences if all(s is not j for j in joined)] + [merged]
     return sorted((s[1] for s in sequences), key=lambda commands: commands[0][0])
 
 
 SEQUENCES = {f"{relpath}:{commands[0][0]}": (relpath, commands)
              for relpath in DOC_FILES for commands in doc_sequences(relpath)}
+
 
 def _config_file(args: list[str]):
     for a in args:
@@ -235,6 +236,16 @@ def test_adapt_line_keeps_operators_and_drops_installs():
                                      "--workdir=r --max_new_tokens=4; wait")
 
 
+
+def test_a_sequence_is_the_commands_that_share_a_run_directory():
+    assert run_dirs("python -m cleangpt_jax.train") == {"runs/default"}
+    assert run_dirs("python -m cleangpt_jax.train --config=configs/sasp_char.py") == {
+        "runs/sasp_char"}
+    assert run_dirs("python -m cleangpt_jax.export_hf --workdir=runs/t --out=runs/t_hf && "
+                    "python -m cleangpt_jax.generate --hf=gpt2") == {"runs/t", "runs/t_hf"}
+    readme = [n for n, _ in SEQUENCES["README.md:27"][1]]
+    assert readme == [n for n, _ in doc_commands("README.md")]  # all of them use runs/default
+
 def run_sequence(relpath: str, commands: list[tuple[int, str, str]], cwd, env) -> str | None:
     """Run one sequence's (line number, line, adapted command)s in order in `cwd`; the first
     failure's report (later commands depend on it and do not run), or None."""
@@ -269,7 +280,7 @@ def sequence_runs(request, local_gpt2, local_data, doc_env):
 
     root, env = doc_env
     selected = [item.callspec.params["sequence"] for item in request.session.items
-                if item.originalname == "test_documented_command_sequence_runs"]
+                if getattr(item, "originalname", "") == "test_documented_command_sequence_runs"]
     # Adapting imports config files: do it here, not in the threads (concurrent imports).
     plans = {key: (SEQUENCES[key][0], [(n, line, adapt_line(line, local_gpt2, local_data))
                                        for n, line in SEQUENCES[key][1]])
