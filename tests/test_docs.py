@@ -1,14 +1,21 @@
 """Every `python -m cleangpt_jax...` command written in README.md and docs/*.md runs.
 
 The commands are extracted from the files' fenced shell blocks, so the docs cannot drift from
-the code. Each file's commands run in order in one scratch directory (later commands use the
-workdirs earlier ones wrote), through bash, with:
+the code. A file's commands form sequences: commands that name a common run directory
+(`runs/X`, written or read) run in document order in one scratch directory, any other command
+alone. Each sequence is one test that names its failing command. They run through bash with:
 
   - tiny sizes appended to each invocation (`TINY`; a later flag overrides an earlier one);
   - Hugging Face hub names (`gpt2`, ...) replaced by a local random GPT-2 directory with a
     byte-level BPE tokenizer, and hub datasets by a local dataset directory (JSON lines with
     train/validation splits and `text`/`story` columns), because CI has no network. The same
-    code paths (`from_pretrained`-style loading, `datasets.load_dataset`) read them.
+    code paths (`from_pretrained`-style loading, `datasets.load_dataset`) read them;
+  - one persistent compilation cache shared by every subprocess, with XLA's optimisation
+    passes off (no numbers are compared here): a program compiles once for all commands.
+
+The sequences are independent, so they all start at the first sequence test, side by side in
+a thread pool (a command's time is mostly single-threaded compilation); each test then waits
+for its own sequence.
 """
 
 from __future__ import annotations
@@ -72,6 +79,42 @@ def doc_commands(relpath: str) -> list[tuple[int, str]]:
     return out
 
 
+
+def run_dirs(line: str) -> set[str]:
+    """The run directories (`runs/...`) a shell line writes or reads. A train without
+    --workdir writes runs/<config file name>, runs/default without --config."""
+    dirs = set()
+    for segment in re.split(r"\s*(?:&&|;|&)\s*", line):
+        if not INVOCATION.search(segment):
+            continue
+        words = shlex.split(segment)
+        values = dict(w[2:].split("=", 1) for w in words if w.startswith("--") and "=" in w)
+        dirs |= {os.path.normpath(v) for v in values.values() if v.startswith("runs/")}
+        if INVOCATION.search(segment).group(1) == "cleangpt_jax.train" and "workdir" not in values:
+            config = values.get("config")
+            dirs.add(os.path.join("runs", os.path.splitext(os.path.basename(config))[0]
+                                  if config else "default"))
+    return dirs
+
+
+def doc_sequences(relpath: str) -> list[list[tuple[int, str]]]:
+    """The file's commands (doc_commands) grouped into sequences: the connected groups of
+    commands that share a run directory, each in document order, ordered by first line."""
+    sequences: list[tuple[set[str], list[tuple[int, str]]]] = []
+    for lineno, line in doc_commands(relpath):
+        dirs = run_dirs(line)
+        joined = [s for s in sequences if s[0] & dirs]
+        merged = (set(dirs), sorted([(lineno, line)] + [c for s in joined for c in s[1]]))
+        for s in joined:
+            merged[0].update(s[0])
+        sequences = [s for s in sequences if all(s is not j for j in joined)] + [merged]
+    return sorted((s[1] for s in sequences), key=lambda commands: commands[0][0])
+
+
+SEQUENCES = {f"{relpath}:{commands[0][0]}": (relpath, commands)
+             for relpath in DOC_FILES for commands in doc_sequences(relpath)}
+
+
 def _config_file(args: list[str]):
     for a in args:
         if a.startswith("--config=") and a.endswith(".py"):
@@ -120,8 +163,8 @@ def adapt_line(line: str, local_gpt2: str, local_data: str = "LOCAL_DATA") -> st
         if re.fullmatch(r"\s*(?:&&|;|&)\s*", part):
             kept.append(part)
         elif INVOCATION.search(part):
-            head, body = part[:INVOCATION.search(part).start()], part[INVOCATION.search(part).start():]
-            kept.append(head + adapt(body, local_gpt2, local_data))
+            start = INVOCATION.search(part).start()
+            kept.append(part[:start] + adapt(part[start:], local_gpt2, local_data))
         elif part.strip() == "wait":
             kept.append(part)
         else:
@@ -193,15 +236,22 @@ def test_adapt_line_keeps_operators_and_drops_installs():
                                      "--workdir=r --max_new_tokens=4; wait")
 
 
-def run_doc_commands(relpath: str, commands: list[tuple[int, str, str]], cwd) -> str | None:
-    """Run one file's (line number, line, adapted command)s in order in `cwd`; the first
-    failure's report, or None."""
+
+def test_a_sequence_is_the_commands_that_share_a_run_directory():
+    assert run_dirs("python -m cleangpt_jax.train") == {"runs/default"}
+    assert run_dirs("python -m cleangpt_jax.train --config=configs/sasp_char.py") == {
+        "runs/sasp_char"}
+    assert run_dirs("python -m cleangpt_jax.export_hf --workdir=runs/t --out=runs/t_hf && "
+                    "python -m cleangpt_jax.generate --hf=gpt2") == {"runs/t", "runs/t_hf"}
+    readme = [n for n, _ in SEQUENCES["README.md:27"][1]]
+    assert readme == [n for n, _ in doc_commands("README.md")]  # all of them use runs/default
+
+def run_sequence(relpath: str, commands: list[tuple[int, str, str]], cwd, env) -> str | None:
+    """Run one sequence's (line number, line, adapted command)s in order in `cwd`; the first
+    failure's report (later commands depend on it and do not run), or None."""
     cwd.mkdir()
     for name in ("configs", "docs", "README.md"):
         os.symlink(os.path.join(ROOT, name), cwd / name)
-    env = {**os.environ, "CLEANGPT_JAX_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
     for lineno, line, command in commands:
         proc = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")],
                               cwd=cwd, env=env, input="ROMEO:\nsettings\nexit\n",
@@ -212,22 +262,45 @@ def run_doc_commands(relpath: str, commands: list[tuple[int, str, str]], cwd) ->
     return None
 
 
-def test_every_documented_command_runs(local_gpt2, local_data, tmp_path):
-    # The files are independent (each has its own scratch directory), so their command
-    # sequences run side by side: most of a command's time is single-threaded compilation.
+@pytest.fixture(scope="module")
+def doc_env(tmp_path_factory, fast_compile):
+    """Scratch root and subprocess environment of this module's commands and notebook: one
+    token cache and one persistent compilation cache (XLA's optimisation passes off; nothing
+    here compares numbers), so a program compiles once for every process that runs it."""
+    root = tmp_path_factory.mktemp("doc_commands")
+    return root, dict(fast_compile, CLEANGPT_JAX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
+                      HF_DATASETS_CACHE=str(root / "hf_datasets"))
+
+
+@pytest.fixture(scope="module")
+def sequence_runs(request, local_gpt2, local_data, doc_env):
+    """Every selected sequence of SEQUENCES, started now in a thread pool, the longest first:
+    {test id: future of its failure report or None}."""
     from concurrent.futures import ThreadPoolExecutor
 
+    root, env = doc_env
+    selected = [item.callspec.params["sequence"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_documented_command_sequence_runs"]
     # Adapting imports config files: do it here, not in the threads (concurrent imports).
-    plans = [(relpath, [(n, line, adapt_line(line, local_gpt2, local_data))
-                        for n, line in doc_commands(relpath)], tmp_path / f"doc{i}")
-             for i, relpath in enumerate(DOC_FILES)]
-    with ThreadPoolExecutor(len(plans)) as pool:
-        reports = list(pool.map(lambda plan: run_doc_commands(*plan), plans))
-    failures = [r for r in reports if r]
-    assert not failures, "\n\n".join(failures)
+    plans = {key: (SEQUENCES[key][0], [(n, line, adapt_line(line, local_gpt2, local_data))
+                                       for n, line in SEQUENCES[key][1]])
+             for key in selected}
+    pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1))
+    order = sorted(plans, key=lambda key: -len(plans[key][1]))
+    futures = {key: pool.submit(run_sequence, *plans[key], root / f"seq{i}", env)
+               for i, key in enumerate(order)}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
-def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sequence", list(SEQUENCES))
+def test_documented_command_sequence_runs(sequence, sequence_runs):
+    report = sequence_runs[sequence].result()
+    assert report is None, report
+
+
+def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, doc_env, tmp_path,
+                                                         monkeypatch):
     """The Colab notebook, executed as written with its parameters cell followed by an injected
     one (as papermill does): SMOKE on, the local GPT-2 as teacher, Shakespeare as data."""
     import nbclient
@@ -239,8 +312,8 @@ def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, tmp_path, m
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
         f"SMOKE = True\nTEACHER = {local_gpt2!r}\nDISTILL_DATA = None\n"
         f"WORKDIR = {str(tmp_path / 'runs')!r}"))
-    monkeypatch.setenv("CLEANGPT_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key, value in doc_env[1].items():  # the kernel shares the commands' caches
+        monkeypatch.setenv(key, value)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": ROOT}}).execute()
