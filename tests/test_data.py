@@ -181,22 +181,31 @@ def test_cache_key_follows_what_determines_the_stream(tmp_path, bpe):
     assert path(make_config(source="text", files=glob)) != base
 
 
-def test_interrupted_cache_build_leaves_nothing_behind(tmp_path, bpe, monkeypatch):
-    cfg = make_config(source="text", files=write_files(tmp_path / "docs", DOCS))
-    real_pack = data_lib.tokens._pack
+class InterruptedOn:
+    """`tokenizer`, except that encoding `text` raises KeyboardInterrupt, as Ctrl-C would."""
 
-    def pack_then_die(docs, *args, what, **kw):
-        if what == "val":  # train.bin is already written
+    def __init__(self, tokenizer, text):
+        self.tokenizer, self.text = tokenizer, text
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, text, *args, **kwargs):
+        if text == self.text:
             raise KeyboardInterrupt
-        return real_pack(docs, *args, what=what, **kw)
+        return self.tokenizer.encode(text, *args, **kwargs)
 
-    monkeypatch.setattr(data_lib.tokens, "_pack", pack_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        data_lib.load_dataset(cfg, bpe, cache_dir=tmp_path / "cache")
+
+def test_interrupted_cache_build_leaves_nothing_behind(tmp_path, bpe):
+    """Ctrl-C while the validation documents are tokenised (train.bin already written): no
+    cache, complete or partial, is left, and the next load builds the whole cache."""
+    cfg = make_config(source="text", files=write_files(tmp_path / "docs", DOCS))
+    with pytest.raises(KeyboardInterrupt):  # DOCS[3] is the validation document
+        data_lib.load_dataset(cfg, InterruptedOn(bpe, DOCS[3]), cache_dir=tmp_path / "cache")
     assert os.listdir(tmp_path / "cache") == []
-    monkeypatch.setattr(data_lib.tokens, "_pack", real_pack)
     data = data_lib.load_dataset(cfg, bpe, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(data.train, packed(bpe, DOCS[:3]))
+    np.testing.assert_array_equal(data.val, packed(bpe, DOCS[3:]))
 
 
 # ---------------------------------------------------------------- documents
