@@ -118,9 +118,11 @@ def diverging_stages(offline, workdir_a, workdir_b) -> list[str]:
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Token cache and a persistent compilation cache for this module and its subprocesses."""
+    """Token cache and compile settings for this module and its subprocesses: a persistent
+    compilation cache and XLA's optimisation passes off. Every run compared bitwise (in-process,
+    resumed or killed subprocesses) is compiled with these settings."""
     root = tmp_path_factory.mktemp("distill")
-    with persistent_compile_cache(str(root / "jit_cache")) as sub_env:
+    with persistent_compile_cache(str(root / "jit_cache"), fast_compile=True) as sub_env:
         yield types.SimpleNamespace(root=root, tokens=str(root / "tokens"), sub_env=sub_env)
 
 
