@@ -17,6 +17,9 @@ from cleangpt_jax.distill.config import get_config
 from cleangpt_jax.distill.stitching import Stitch
 from cleangpt_jax.models import get_model
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 @pytest.mark.parametrize("name", ["mse", "cosine", "kl_div", "ce"])
 def test_padding_changes_no_loss(name):

@@ -29,6 +29,9 @@ from cleangpt_jax.distill import init_stitching
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 BLOCK = 16
 VOCAB = 50
 
@@ -112,9 +115,8 @@ def stacked(batches):
     return ids, np.concatenate([b["attention_mask"] for b in batches])
 
 
-def run_cli(module, *args, devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def run_cli(env, module, *args, devices=1):
+    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -347,13 +349,13 @@ def test_student_alone_reports_perplexity_and_samples(setup, tmp_path):
     assert "## Generations" in report_md and "## Hidden states" not in report_md
 
 
-def test_cli_writes_report_json_and_plots(setup):
+def test_cli_writes_report_json_and_plots(setup, fast_compile):
     """The real CLI on a 2-device mesh, student against its own weights as an HF teacher, with
     a data override."""
     other = setup["root"] / "other.txt"
     other.write_text(open(setup["corpus"]).read()[::-1])
     out = setup["root"] / "eval_out"
-    proc = run_cli("cleangpt_jax.evaluate", f"--workdir={setup['workdir']}",
+    proc = run_cli(fast_compile, "cleangpt_jax.evaluate", f"--workdir={setup['workdir']}",
                    f"--teacher={setup['teacher_dir']}", f"--output_dir={out}",
                    f"--config.data.files={other}", "--config.eval.max_new_tokens=6",
                    "--config.eval.num_prompts=2", "--config.eval.batch_size=4", devices=2)
@@ -393,7 +395,7 @@ def test_cli_writes_report_json_and_plots(setup):
 
 # ------------------------------------------------------------------------------ bad input
 
-def test_cli_without_checkpoint_prints_one_line(tmp_path):
+def test_cli_without_checkpoint_prints_one_line(tmp_path, fast_compile):
     """A run killed before its first checkpoint: config.json and tokenizer/, no checkpoints/."""
     from cleangpt_jax.config import get_config
     from cleangpt_jax.workdir import save_config
@@ -402,7 +404,7 @@ def test_cli_without_checkpoint_prints_one_line(tmp_path):
     save_config(str(run), get_config())
     create_tokenizer("character", text="abc").save_pretrained(run / "tokenizer")
     before = sorted(p.name for p in run.iterdir())
-    proc = run_cli("cleangpt_jax.evaluate", f"--workdir={run}")
+    proc = run_cli(fast_compile, "cleangpt_jax.evaluate", f"--workdir={run}")
     assert "no checkpoint" in one_line_error(proc)
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written or removed
 

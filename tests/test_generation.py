@@ -18,6 +18,9 @@ from cleangpt_jax.config import ConfigError, model_config
 from cleangpt_jax.generation import generate, run_generation
 from cleangpt_jax.models import get_model
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 V, BLOCK, MAX_POS = 48, 16, 40
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=BLOCK, vocab_size=V, dropout=0.0)
 ALIBI = dict(position_encoding="alibi", max_position_embeddings=MAX_POS)
@@ -331,18 +334,20 @@ def test_run_generation_api_and_training_samples_share_one_path(trained_run, loa
         run_generation(model, params, tok, [], max_new_tokens=5)
 
 
-def run_cli(*args, stdin=None):
+def run_cli(env, *args, stdin=None):
+    """The generate CLI in a subprocess with `env` (the fast_compile fixture's environment: the
+    same compile setting as this process, so its greedy text can be compared with ours)."""
     return subprocess.run([sys.executable, "-m", "cleangpt_jax.generate", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=300, env=env,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-def test_cli_generates_then_goes_interactive(trained_run, greedy_texts):
+def test_cli_generates_then_goes_interactive(trained_run, greedy_texts, fast_compile):
     """One real CLI run: --prompt first, then interactive commands from stdin."""
     script = "\n".join(["/temperature 0", "/max_new_tokens 12", "/top_p 0.5", "/top_p off",
                         "settings", "JULIET:", "/top_p 1.5", "/top_k -2", "/bogus 3", "quit",
                         "never generated"])
-    proc = run_cli(f"--workdir={trained_run['workdir']}", "--prompt=ROMEO:",
+    proc = run_cli(fast_compile, f"--workdir={trained_run['workdir']}", "--prompt=ROMEO:",
                    "--max_new_tokens=12", "--temperature=0", "--interactive",
                    stdin=script + "\n")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,6 +29,9 @@ from cleangpt_jax.hf import export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 VOCAB, N_POS, N_EMBD, N_LAYER, N_HEAD = 300, 64, 32, 2, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -305,7 +308,7 @@ def test_hub_failure_is_one_line(monkeypatch):
 
 # ----------------------------------------------------------------------------- sharded load
 
-def test_mesh_load_lands_sharded(gpt2_dirs):
+def test_mesh_load_lands_sharded(gpt2_dirs, fast_compile):
     """On 8 forced host devices with fsdp=2, every tensor lands with the training layout
     (`sharding.state_shardings`) and the logits match the single-device load."""
     directory = gpt2_dirs["gelu_new"][1]
@@ -329,8 +332,7 @@ def test_mesh_load_lands_sharded(gpt2_dirs):
         np.testing.assert_allclose(np.asarray(logits), np.load({os.path.join(os.path.dirname(directory), "ref_logits.npy")!r}), rtol=1e-5, atol=1e-5)
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(fast_compile, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
@@ -442,9 +444,9 @@ def test_export_refusals(gpt2_tokenizer_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- the CLIs
 
-def run_cli(module, *args):
+def run_cli(env, module, *args):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -465,12 +467,14 @@ def trained_run(tmp_path_factory):
     return str(root / "run")
 
 
-def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path):
+def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path,
+                                                         fast_compile):
     from cleangpt_jax.workdir import load_run
 
     run = load_run(trained_run)
     assert run.step == 3
-    proc = run_cli("cleangpt_jax.export_hf", f"--workdir={trained_run}", f"--out={tmp_path / 'hf'}")
+    proc = run_cli(fast_compile, "cleangpt_jax.export_hf", f"--workdir={trained_run}",
+                   f"--out={tmp_path / 'hf'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     # transformers runs the exported model and gives our logits; our tokenizer is saved alongside.
@@ -481,8 +485,8 @@ def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path):
     assert load_tokenizer(tmp_path / "hf").encode("ROMEO:") == run.tokenizer.encode("ROMEO:")
 
     # ... and converts back into a workdir holding exactly the trained params.
-    proc = run_cli("cleangpt_jax.import_hf", f"--name_or_path={tmp_path / 'hf'}",
-                   f"--workdir={tmp_path / 'imported'}")
+    proc = run_cli(fast_compile, "cleangpt_jax.import_hf",
+                   f"--name_or_path={tmp_path / 'hf'}", f"--workdir={tmp_path / 'imported'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = load_run(str(tmp_path / "imported"))
     assert again.model_config == run.model_config
@@ -493,15 +497,15 @@ def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(a[path]), err_msg=path)
 
 
-def test_clis_fail_with_one_line(trained_run, tmp_path):
-    proc = run_cli("cleangpt_jax.export_hf", f"--workdir={tmp_path / 'missing'}",
-                   f"--out={tmp_path / 'out'}")
+def test_clis_fail_with_one_line(trained_run, tmp_path, fast_compile):
+    proc = run_cli(fast_compile, "cleangpt_jax.export_hf",
+                   f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: workdir")
     assert not (tmp_path / "out").exists()
 
-    proc = run_cli("cleangpt_jax.import_hf", f"--name_or_path={tmp_path / 'nope'}",
-                   f"--workdir={trained_run}")  # an existing run is never touched
+    proc = run_cli(fast_compile, "cleangpt_jax.import_hf",  # an existing run is never touched
+                   f"--name_or_path={tmp_path / 'nope'}", f"--workdir={trained_run}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert re.match(r"error: workdir .* already exists and is not empty",
                     proc.stderr.strip().splitlines()[-1])

@@ -15,6 +15,9 @@ from cleangpt_jax.models import get_model, layers, register_model, Vanilla
 from cleangpt_jax.models.factored import FactoredAttention
 from cleangpt_jax.models.sasp import ShapedAttention
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 V, T, D, H, L = 50, 16, 32, 4, 2
 BASE = dict(n_layer=L, n_head=H, n_embd=D, block_size=T, vocab_size=V, dropout=0.0)
 

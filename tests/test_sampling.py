@@ -11,6 +11,9 @@ import pytest
 
 from cleangpt_jax import sampling
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 B, V, DRAWS = 6, 40, 4000
 
 

@@ -1,7 +1,6 @@
 """Token analysis: hand-counted statistics, coverage, pruned tokenizers, the CLI."""
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -13,6 +12,9 @@ from PIL import Image
 from cleangpt_jax import token_analysis as ta
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.tokenizers import PrunedTokenizer, create_tokenizer, load_tokenizer
+
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def text_config(path, cache_dir):
@@ -186,14 +188,14 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------ the CLI
 
-def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path):
+def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path, fast_compile):
     out = tmp_path / "analysis"
     proc = subprocess.run(
         [sys.executable, "-m", "cleangpt_jax.token_analysis", "--tokenizer=character",
          "--config.data.source=text", f"--config.data.files={corpus['path']}",
          f"--config.data.cache_dir={tmp_path / 'cache'}", "--prune=0.9", "--top_n=5",
          f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        capture_output=True, text=True, timeout=300, env=fast_compile)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / ta.JSON_FILE).read_text())
     assert tuple(result) == ta.RESULT_KEYS
