@@ -431,8 +431,6 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(setup, tmp_path):
-    from cleangpt_jax.data import ConfigError
-
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(ConfigError, match="empty") as e:
