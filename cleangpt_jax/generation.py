@@ -31,7 +31,7 @@ How one call runs:
 Recompilation: the program is specialised on the batch size, the two buckets, the model and
 the static settings (greedy or not, top_k, whether top_p is set, return_logits); temperature,
 top_p's value, the seed, eos/pad ids and the prompts themselves are traced. `program()` is the
-jitted function (`program()._cache_size()` counts its compiled variants).
+jitted function; tests/test_generation.py counts its compiles with jax.monitoring.
 Speed: a decode step is bound by reading the weights (batch 1) and the cache; the cache layout
 and `layers.cached_attention` let it read both in place (see models/layers.py). The backend
 decides two things (`cleangpt_jax.kernels`): the program's compiler options, and whether a
@@ -299,7 +299,7 @@ _programs: dict[tuple, object] = {}
 
 def program():
     """The jitted generation program with the default backend's compiler options
-    (`kernels.decode_compiler_options`); `._cache_size()` counts its compiled variants."""
+    (`kernels.decode_compiler_options`)."""
     options = kernels.decode_compiler_options()
     key = tuple(sorted(options.items()))
     if key not in _programs:
