@@ -11,7 +11,8 @@ All functions are pure, take (B, V) float logits and act on each row independent
 `sample` applies the steps in that order (temperature -> top-k -> top-p, the original's
 `combined` strategy, with top-p computed per row: the original's broke for batch > 1). Dropped
 tokens get -inf, so they are never drawn. Ties at a cutoff are kept (top-k may then keep more
-than k tokens). With top-k on, top-p works on the k sorted survivors (no sort over the whole
+than k tokens). With top-k on, top-p's nucleus is that of all of top-k's survivors, ties
+included, computed from the k sorted values and the count of ties (no sort over the whole
 vocabulary); top-p alone sorts each row once.
 
 `temperature` and `top_p` may be traced scalars (changing them does not recompile a jitted
@@ -45,13 +46,19 @@ def top_k_filter(logits, k: int | None):
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def _nucleus_cutoff(sorted_logits, p):
+def _nucleus_cutoff(sorted_logits, p, extra_ties=0):
     """Smallest logit kept by top-p, per row, from logits sorted in descending order (B, n).
 
     Token i (in sorted order) is kept when the probability of the tokens before it is < p, so the
     most likely token is always kept and the kept set is the smallest one reaching p.
+    `extra_ties` (B, 1) counts further tokens equal to each row's last sorted logit (top-k's ties
+    beyond the k sorted values): they join the softmax, so the nucleus is that of the whole kept
+    set (they come last in sorted order; if one is kept, so is the equal last sorted logit).
     """
-    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    z = sorted_logits.astype(jnp.float32)
+    e = jnp.exp(z - z[..., :1])
+    total = jnp.sum(e, axis=-1, keepdims=True) + extra_ties * e[..., -1:]
+    probs = e / total
     cum = jnp.cumsum(probs, axis=-1)
     before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
     keep = (before < p) | (p >= 1.0)
@@ -76,7 +83,9 @@ def filter_logits(logits, *, temperature=1.0, top_k: int | None = None, top_p=No
     top = jax.lax.top_k(z, k)[0]                          # (B, k), descending
     cutoff = top[..., -1:]
     if top_p is not None:
-        cutoff = jnp.maximum(cutoff, _nucleus_cutoff(top, top_p))
+        # Top-k keeps every tie of the k-th value: the nucleus is over all of them.
+        ties = jnp.sum(z >= cutoff, axis=-1, keepdims=True) - k
+        cutoff = jnp.maximum(cutoff, _nucleus_cutoff(top, top_p, ties))
     return jnp.where(z >= cutoff, z, -jnp.inf)
 
 

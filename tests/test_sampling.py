@@ -128,6 +128,24 @@ def test_combined_is_temperature_then_top_k_then_top_p(logits):
         np.testing.assert_allclose(filtered[b][sorted(kept)], z[sorted(kept)], rtol=1e-6)
 
 
+def test_top_p_after_top_k_is_the_nucleus_of_all_tokens_top_k_kept():
+    """Issue 13 item 22: top-k keeps the ties of its k-th value, and top-p must renormalise over
+    all of them (it kept 4 tokens here, the nucleus of just the k sorted values)."""
+    row = np.array([1.0] * 4 + [0.0] * 46, np.float32)
+    t, k, p = 0.5, 5, 0.95
+    z = row / t
+    kept_by_k = z >= np.sort(z)[::-1][k - 1]               # the ties at the k-th value too
+    probs = softmax64(np.where(kept_by_k, z, -np.inf))
+    order = np.argsort(-probs, kind="stable")
+    before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
+    cutoff = z[order[before < p]].min()                     # ties at the cutoff are kept
+    reference = set(np.flatnonzero(kept_by_k & (z >= cutoff)).tolist())
+    filtered = np.asarray(sampling.filter_logits(jnp.asarray(row[None]), temperature=t,
+                                                 top_k=k, top_p=p))[0]
+    assert set(np.flatnonzero(np.isfinite(filtered)).tolist()) == reference
+    assert len(reference) == 50
+
+
 def test_top_p_one_and_large_top_k_change_nothing(logits):
     z = jnp.asarray(logits)
     np.testing.assert_array_equal(sampling.filter_logits(z, top_p=1.0), logits)
