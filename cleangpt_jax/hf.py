@@ -27,8 +27,10 @@ Hidden states differ in one place: HF's last `hidden_states` entry is after ln_f
 before it (ours[L] through ln_f equals HF's last).
 
 A GPT-2 config maps onto a Vanilla `ModelConfig` with bias=True, activation 'gelu_tanh'
-('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast') or 'gelu' (exact), n_positions -> block_size,
-dropout = resid_pdrop, tie_word_embeddings -> tie_embeddings. Export writes zeros for the biases
+('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast', 'gelu_python_tanh', 'gelu_accurate') or 'gelu'
+(exact: 'gelu', 'gelu_python'), n_positions -> block_size, tie_word_embeddings ->
+tie_embeddings, and dropout = the common value of attn_pdrop, resid_pdrop and embd_pdrop (a
+config where they differ is refused: ours has one dropout rate). Export writes zeros for the biases
 a bias=False model lacks (LayerNorm biases included), which leaves its function unchanged.
 """
 
@@ -58,7 +60,8 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 
 # GPT-2 activation_function -> ours, and back (export writes the GPT-2 spelling).
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu": "gelu"}
+               "gelu_python_tanh": "gelu_tanh", "gelu_accurate": "gelu_tanh",
+               "gelu": "gelu", "gelu_python": "gelu"}
 EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 _TOP_LEVEL = {"wte.weight": "wte/embedding", "wpe.weight": "wpe/embedding",
@@ -138,12 +141,17 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype="float32",
     if act not in ACTIVATIONS:
         raise ConfigError(f"{source} uses activation_function={act!r}: supported are "
                           f"{sorted(ACTIVATIONS)}")
+    pdrops = {k: float(c.get(k, 0.1)) for k in ("attn_pdrop", "resid_pdrop", "embd_pdrop")}
+    if len(set(pdrops.values())) > 1:
+        listed = ", ".join(f"{k}={v}" for k, v in pdrops.items())
+        raise ConfigError(f"{source} sets {listed}, but the Vanilla model has one dropout rate: "
+                          "give the three one value there to load it")
     # reorder_and_upcast_attn only changes HF's eager numerics (float32 softmax); ours is float32.
     try:
         return ModelConfig(
             model_type="vanilla", n_layer=c["n_layer"], n_head=c["n_head"], n_embd=d,
             block_size=c["n_positions"], vocab_size=c["vocab_size"],
-            dropout=float(c.get("resid_pdrop", 0.1)), bias=True, activation=ACTIVATIONS[act],
+            dropout=pdrops["resid_pdrop"], bias=True, activation=ACTIVATIONS[act],
             layer_norm_epsilon=float(c.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(c.get("tie_word_embeddings", True)),
             dtype=_dtype_name(dtype), param_dtype=_dtype_name(dtype))

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from cleangpt_jax.config import ConfigError, ModelConfig
-from cleangpt_jax.hf import export_gpt2, load_gpt2
+from cleangpt_jax.hf import config_from_hf, export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
 
@@ -103,6 +103,17 @@ def test_load_matches_transformers_logits_and_hidden_states(gpt2_dirs, activatio
                        method=lambda m, h: m.ln_f(h))
     np.testing.assert_allclose(np.asarray(last), hf_hidden[-1], **TOL)
     assert not np.allclose(hidden[-1], hf_hidden[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("activation, ours", [
+    ("gelu_python", "gelu"), ("gelu_python_tanh", "gelu_tanh"), ("gelu_accurate", "gelu_tanh")])
+def test_every_gelu_spelling_and_a_common_dropout_are_imported(activation, ours):
+    """HF's exact and tanh GELUs under their other names; equal attn/resid/embd dropouts become
+    our one dropout."""
+    hf = random_gpt2().config.to_dict()
+    hf.update(activation_function=activation, attn_pdrop=0.25, resid_pdrop=0.25, embd_pdrop=0.25)
+    config = config_from_hf(hf)
+    assert (config.activation, config.dropout) == (ours, 0.25)
 
 
 def test_pytorch_bin_in_hub_layout(tmp_path):
@@ -409,8 +420,11 @@ def test_llama_config_is_refused(tmp_path):
     (dict(n_layer=1), r"unexpected tensor 'transformer.h.1.*n_layer=1"),
     (dict(n_layer=3), r"lacks 12 tensor\(s\) .*transformer.h.2.ln_1.weight"),
     (dict(n_head=5), r"not divisible by model.n_head=5"),
+    (dict(attn_pdrop=0.3, resid_pdrop=0.0), r"sets attn_pdrop=0\.3, resid_pdrop=0\.0, "
+     r"embd_pdrop=0\.1, but the Vanilla model has one dropout rate: give the three one value "
+     r"there to load it$"),
 ], ids=["inverse_layer_idx", "unscaled", "n_inner", "relu", "shape", "extra", "missing",
-        "heads"])
+        "heads", "dropouts"])
 def test_configs_that_do_not_fit_are_refused(gpt2_dirs, tmp_path, changes, match):
     one_line_error(load_gpt2, checkpoint_with_config(gpt2_dirs, tmp_path / "ckpt", **changes),
                    match=match)
