@@ -3,6 +3,7 @@ the document separator, the registry."""
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +171,21 @@ def test_gpt2_save_load_round_trip(gpt2_tok, tmp_path):
         for text in TEXTS:
             assert (loaded.encode(text, add_special_tokens=True)
                     == gpt2_tok.encode(text, add_special_tokens=True))
+
+
+def test_gpt2_minimal_dir_of_vocab_and_merges_loads_like_the_full_one(gpt2_tokenizer_dir,
+                                                                       gpt2_tok, tmp_path):
+    """Issue 13 item 25: vocab.json + merges.txt alone (no tokenizer_config.json) loads."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(gpt2_tokenizer_dir, name), tmp_path)
+    minimal = create_tokenizer("gpt2", name_or_path=tmp_path)
+    assert minimal.vocab_size == gpt2_tok.vocab_size == 300
+    assert (minimal.eos_token_id, minimal.bos_token_id, minimal.unk_token_id,
+            minimal.pad_token_id) == (0, 0, 0, 0)
+    for text in TEXTS + [f"two{EOT}docs"]:
+        assert minimal.encode(text, add_special_tokens=True) == \
+            gpt2_tok.encode(text, add_special_tokens=True)
+        assert minimal.decode(minimal.encode(text)) == gpt2_tok.decode(gpt2_tok.encode(text))
 
 
 def test_load_tokenizer_falls_back_to_gpt2_without_marker(gpt2_tokenizer_dir):

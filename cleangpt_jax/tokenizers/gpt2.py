@@ -16,8 +16,18 @@ def has_hf_tokenizer_files(directory) -> bool:
     return (has("vocab.json") and has("merges.txt")) or has("tokenizer.json")
 
 
+def _is_minimal_gpt2_dir(path) -> bool:
+    """Whether `path` is a directory in the minimal GPT-2 format: vocab.json + merges.txt with
+    neither tokenizer.json nor tokenizer_config.json to name the tokenizer class."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))
+    return (os.path.isdir(path) and has("vocab.json") and has("merges.txt")
+            and not has("tokenizer.json") and not has("tokenizer_config.json"))
+
+
 def _load_hf_tokenizer(name_or_path: str, **kwargs):
-    """`transformers.AutoTokenizer.from_pretrained`, failing with a one-line ValueError."""
+    """`transformers.AutoTokenizer.from_pretrained`, failing with a one-line ValueError. A
+    directory holding only vocab.json + merges.txt (the minimal GPT-2 form) is read as
+    `GPT2TokenizerFast(vocab_file, merges_file)` reads it: GPT-2's <|endoftext|> specials."""
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         if not has_hf_tokenizer_files(path):
@@ -26,8 +36,11 @@ def _load_hf_tokenizer(name_or_path: str, **kwargs):
         raise ValueError(f"{path!r} is a file: {_EXPECTED}, or a Hugging Face hub name like 'gpt2'")
     elif not _HUB_NAME.fullmatch(name_or_path):
         raise ValueError(f"tokenizer directory {path!r} does not exist: {_EXPECTED}")
-    from transformers import AutoTokenizer  # slow import, only when needed
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # slow import, only when needed
     try:
+        if _is_minimal_gpt2_dir(path):  # AutoTokenizer cannot tell it is GPT-2
+            return GPT2TokenizerFast(os.path.join(path, "vocab.json"),
+                                     os.path.join(path, "merges.txt"), **kwargs)
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
