@@ -363,11 +363,12 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
     """Write `out_dir` so that `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it.
 
     Files: config.json (GPT2Config), model.safetensors (HF names, "transformer." prefix, zeros for
-    the biases of a bias=False model), and the tokenizer when given (a GPT-2 tokenizer is saved in
-    HF format, so AutoTokenizer loads it; a character tokenizer is saved in cleangpt_jax's own
-    format, which `cleangpt_jax.tokenizers.load_tokenizer(out_dir)` reads and AutoTokenizer does
-    not). Only Vanilla models with learned positions are exportable. Everything is checked before
-    anything is written; files land by rename, and a non-empty `out_dir` needs overwrite=True.
+    the biases of a bias=False model), and the tokenizer when given, which both
+    `transformers.AutoTokenizer` and `cleangpt_jax.tokenizers.load_tokenizer` load (a GPT-2
+    tokenizer is saved in HF format; a character tokenizer in its own format plus, from
+    `to_hf_tokenizer`, tokenizer.json + tokenizer_config.json). Only Vanilla models with learned
+    positions are exportable. Everything is checked before anything is written; files land by
+    rename, and a non-empty `out_dir` needs overwrite=True.
     Returns `out_dir`.
     """
     config = model_config
@@ -415,6 +416,8 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
         save_file(tensors, os.path.join(staging, SAFETENSORS_FILE), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(hf_cfg, f, indent=2)
+        if hasattr(tokenizer, "to_hf_tokenizer"):  # a character tokenizer, for AutoTokenizer
+            tokenizer.to_hf_tokenizer().save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         os.makedirs(out_dir, exist_ok=True)

@@ -110,7 +110,7 @@ def test_load_matches_transformers_logits_and_hidden_states(gpt2_dirs, activatio
 def test_every_gelu_spelling_and_a_common_dropout_are_imported(activation, ours):
     """HF's exact and tanh GELUs under their other names; equal attn/resid/embd dropouts become
     our one dropout."""
-    hf = random_gpt2().config.to_dict()
+    hf = transformers.GPT2Config(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD).to_dict()
     hf.update(activation_function=activation, attn_pdrop=0.25, resid_pdrop=0.25, embd_pdrop=0.25)
     config = config_from_hf(hf)
     assert (config.activation, config.dropout) == (ours, 0.25)
@@ -237,7 +237,9 @@ def test_export_with_gpt2_tokenizer_loads_with_autotokenizer(gpt2_tokenizer_dir,
     assert load_tokenizer(tmp_path).encode(text) == tokenizer.encode(text)
 
 
-def test_export_character_tokenizer_is_saved_alongside(tmp_path):
+def test_export_character_tokenizer_loads_with_autotokenizer_and_ours(tmp_path):
+    """Issue 13 item 24: AutoTokenizer failed on the export ("`vocab` and `merges` must be both
+    be from memory or both filenames": config.json says GPT-2, vocab.json was ours)."""
     tokenizer = CharacterTokenizer.from_text("to be, or not to be: that is the question")
     config, params = random_vanilla(vocab_size=tokenizer.vocab_size)
     export_gpt2(config, params, tmp_path, tokenizer=tokenizer)
@@ -245,6 +247,14 @@ def test_export_character_tokenizer_is_saved_alongside(tmp_path):
     assert isinstance(again, CharacterTokenizer) and again.itos == tokenizer.itos
     assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path).config.vocab_size == \
         tokenizer.vocab_size
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(auto) == tokenizer.vocab_size
+    assert (auto.unk_token_id, auto.pad_token_id, auto.bos_token_id, auto.eos_token_id) == \
+        (0, 1, 2, 3)
+    text = "to be\nor NOT, 2b?"  # unknown characters and a newline
+    ids = tokenizer.encode(text)
+    assert auto.encode(text, add_special_tokens=False) == ids and 0 in ids
+    assert auto.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
 
 
 # ----------------------------------------------------------------------------- the hub branch

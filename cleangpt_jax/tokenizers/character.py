@@ -82,6 +82,24 @@ class CharacterTokenizer(Tokenizer):
                      model_max_length=self.model_max_length)
         return directory
 
+    def to_hf_tokenizer(self):
+        """This vocabulary as a `transformers.PreTrainedTokenizerFast` (one WordLevel token per
+        character, unknown characters -> <unk>, decoding concatenates), for directories that
+        `AutoTokenizer` must load (`hf.export_gpt2`). Same ids as `encode` for text without
+        special-token strings: HF parses "<eos>" in text as the token, we as five characters."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RawTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        raw = RawTokenizer(models.WordLevel(vocab=self.stoi, unk_token=self.itos[0]))
+        raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        raw.decoder = decoders.Fuse()
+        unk, pad, bos, eos = DEFAULT_SPECIAL_TOKENS
+        extra = {} if self.model_max_length is None else {
+            "model_max_length": self.model_max_length}
+        return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token=unk, pad_token=pad,
+                                       bos_token=bos, eos_token=eos, **extra)
+
     @classmethod
     def from_pretrained(cls, directory_or_name) -> "CharacterTokenizer":
         directory = os.fspath(directory_or_name)
