@@ -139,4 +139,5 @@ def import_to_workdir(name_or_path, workdir, *, dtype: str = "float32") -> str:
     config.tokenizer.name_or_path = os.path.join(os.path.abspath(workdir),
                                                  workdir_lib.TOKENIZER_DIR)
     return workdir_lib.write_model_workdir(workdir, config, lm.tokenizer, lm.params,
-                                           meta={"hf_source": os.fspath(name_or_path)})
+                                           meta={"hf_source": os.fspath(name_or_path)},
+                                           kind="import")
