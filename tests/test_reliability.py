@@ -7,6 +7,7 @@ refusals happen before anything is loaded or compiled, so the module costs secon
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -175,3 +176,45 @@ def test_a_wrongly_shaped_config_json_gets_one_line(runs, tmp_path, capsys, cont
     assert one_line_error(e) == message
     code, _, err = generate_main([f"--workdir={run}", "--prompt=a"], capsys)
     assert code == 1 and err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_a_config_file_that_is_not_python_is_named(tmp_path, fast_compile):
+    """Item 14: train --config=FILE with a file that is not Python names the file."""
+    config = tmp_path / "notes.txt"
+    config.write_text("hello\n")
+    proc = subprocess.run([sys.executable, "-m", "cleangpt_jax.train", f"--config={config}",
+                           f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          cwd=REPO, env=fast_compile, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot load --config={config}: NameError: name 'hello' is not defined (a "
+        f"config file is Python code defining get_config())"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_misleading_messages_say_what_the_path_is(runs, tmp_path, capsys):
+    """Item 18: generate --workdir=FILE says it is a file; a cleangpt_jax run passed as --hf,
+    or as a teacher before its first checkpoint, says what it is and what to pass."""
+    from cleangpt_jax.loading import load_lm
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    code, _, err = generate_main([f"--workdir={file}"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: workdir {str(file)!r} is a file, not a directory: pass the --workdir of a "
+        f"training run"]
+    train = runs["train"]
+    code, _, err = generate_main([f"--hf={train}"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {train!r} is a cleangpt_jax train run, not a Hugging Face GPT-2 checkpoint: "
+        f"pass it as a workdir (generate --workdir={train}, a teacher path), or export one with "
+        f"export_hf"]
+    fresh = tmp_path / "fresh"  # a training run set up but not yet checkpointed
+    fresh.mkdir()
+    shutil.copy(os.path.join(train, "config.json"), fresh / "config.json")
+    with pytest.raises(ConfigError) as e:
+        load_lm(str(fresh))  # how distillation loads its teacher
+    assert one_line_error(e) == (f"{str(fresh)!r} is a cleangpt_jax train run without a "
+                                 f"checkpoint yet: train until one is written, or pass a run "
+                                 f"that has one")
+    assert json.loads((fresh / "config.json").read_text())["model"]["n_layer"] == 1
