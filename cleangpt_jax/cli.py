@@ -45,7 +45,13 @@ def flag_error(e: Exception, argv: list[str] | None = None,
                    if a.startswith("--config.") and name in a.split("=")[0].split(".")]
         die(f"unknown config key {written[0] if written else name!r}: "
             f"{suggestion.strip() + ' ' if suggestion.strip() else ''}{key_hint}", 2)
-    die(e if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}", 2)
+    if isinstance(e, flags.Error):
+        die(e, 2)
+    config_file = next((a for a in (argv or sys.argv)[1:] if a.startswith("--config=")), None)
+    if config_file:  # the file failed to load: text that is not Python, a bug in get_config()
+        die(f"cannot load {config_file}: {type(e).__name__}: {e} (a config file is Python code "
+            f"defining get_config())", 2)
+    die(f"{type(e).__name__}: {e}", 2)
 
 
 def flags_parser(key_hint: str = CONFIG_KEY_HINT):

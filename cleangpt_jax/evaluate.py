@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from cleangpt_jax import cli
 from cleangpt_jax import config as config_lib
 from cleangpt_jax import evaluation
+from cleangpt_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +55,8 @@ _KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* "
 def main(argv):
     if not FLAGS.workdir:
         cli.die("--workdir is required: the training or distillation run to evaluate", 2)
+    out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
+    workdir_lib.check_output_dir(out, "--output_dir")  # before the work, not after it
     overrides = config_flags.get_override_values(FLAGS["config"])
     data = {k: v for k, v in overrides.items() if k.startswith("data.")}
     summary = evaluation.evaluate_workdir(
@@ -65,7 +68,6 @@ def main(argv):
         line += f", teacher {ppl['teacher']:.4f}, ratio {ppl['ratio']:.4f}"
     print(line)
     if summary["files"]:
-        out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
         print(f"report: {os.path.join(out, summary['files']['report'])}")
 
 

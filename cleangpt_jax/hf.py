@@ -430,10 +430,17 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
 # ----------------------------------------------------------------------------- workdirs
 
 def export_run(workdir, out_dir, *, step: int | None = None, overwrite: bool = False) -> str:
-    """Export a Vanilla run's checkpoint (latest unless `step`) and tokenizer with `export_gpt2`."""
-    from cleangpt_jax.workdir import load_run
+    """Export a Vanilla run's checkpoint (latest unless `step`) and tokenizer with `export_gpt2`.
+    `out_dir` may hold an earlier export (replaced with `overwrite`), never a run."""
+    from cleangpt_jax.workdir import load_run, run_kind
 
-    run = load_run(os.fspath(workdir), step)
+    workdir, out_dir = os.fspath(workdir), os.fspath(out_dir)
+    kind = run_kind(out_dir)
+    if kind is not None:
+        raise ConfigError(f"--out {out_dir!r} holds a {kind} run, which an "
+                          f"export never replaces (--overwrite replaces an earlier export "
+                          f"only): pass a new --out directory")
+    run = load_run(workdir, step)
     hf_config(run.model_config, run.tokenizer)  # refuse other architectures before writing
     return export_gpt2(run.model_config, run.params, out_dir, tokenizer=run.tokenizer,
                        overwrite=overwrite)

@@ -89,6 +89,7 @@ def load_lm(name_or_path, *, step: int | None = None, mesh=None, dtype: str | No
         kind = "workdir" if is_workdir(source) else "hf"
     if kind == "workdir":
         return _load_workdir(source, step, mesh, dtype)
+    _refuse_workdir_as_hf(source)
     if step is not None:
         raise ConfigError(f"step={step} applies to workdir checkpoints, and {source!r} is a "
                           f"Hugging Face GPT-2 checkpoint")
@@ -106,6 +107,19 @@ def load_lm(name_or_path, *, step: int | None = None, mesh=None, dtype: str | No
     check_vocab(tokenizer.vocab_size, config.vocab_size, where=f"{source!r}",
                 fix="the tokenizer and the model do not belong together")
     return LM(get_model(config=config), params, tokenizer, source)
+
+
+def _refuse_workdir_as_hf(source: str) -> None:
+    """A cleangpt_jax run is not a GPT-2 checkpoint: say what it is and what to pass."""
+    kind = workdir_lib.run_kind(source) if os.path.isdir(source) else None
+    if kind is None:
+        return
+    if not is_workdir(source):
+        raise ConfigError(f"{source!r} is a cleangpt_jax {kind} run without a checkpoint yet: "
+                          f"train until one is written, or pass a run that has one")
+    raise ConfigError(f"{source!r} is a cleangpt_jax {kind} run, not a Hugging Face GPT-2 "
+                      f"checkpoint: pass it as a workdir (generate --workdir={source}, a "
+                      f"teacher path), or export one with export_hf")
 
 
 def _load_workdir(workdir: str, step, mesh, dtype) -> LM:
@@ -139,4 +153,5 @@ def import_to_workdir(name_or_path, workdir, *, dtype: str = "float32") -> str:
     config.tokenizer.name_or_path = os.path.join(os.path.abspath(workdir),
                                                  workdir_lib.TOKENIZER_DIR)
     return workdir_lib.write_model_workdir(workdir, config, lm.tokenizer, lm.params,
-                                           meta={"hf_source": os.fspath(name_or_path)})
+                                           meta={"hf_source": os.fspath(name_or_path)},
+                                           kind="import")

@@ -501,6 +501,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     from cleangpt_jax import data as data_lib
     from cleangpt_jax.models import get_model
 
+    workdir_lib.check_kind(workdir, "train")
     sharding.initialize_distributed(config.train)
     config = ml_collections.ConfigDict(config.to_dict())  # private, resolved copy
     check_train_config(config)

@@ -1,6 +1,7 @@
 """Run directories: what a training run leaves on disk and how other tools load it.
 
     WORKDIR/config.json      the resolved ConfigDict (model.vocab_size filled in)
+    WORKDIR/kind.txt         the kind of run: train, distill or import (`run_kind`)
     WORKDIR/tokenizer/       tokenizer.save_pretrained
     WORKDIR/checkpoints/     Orbax steps with items params / opt_state / meta (checkpoint.py)
     WORKDIR/metrics.jsonl    one JSON object per log or eval event (loop.MetricWriter)
@@ -9,6 +10,7 @@
 
     run = load_run(workdir)            # config, model_config, model, tokenizer, params, step
     write_model_workdir(workdir, config, tokenizer, params)   # export a trained model
+    check_kind(workdir, "train")       # refuse a file or another kind of run before writing
 
 Only process 0 writes files; every process takes part in checkpoint saves and restores.
 """
@@ -29,6 +31,8 @@ from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 
 CONFIG_FILE = "config.json"
+KIND_FILE = "kind.txt"
+DISTILL_STAGES_DIR = "stages"  # distill.runner.STAGES_DIR: a distillation's stage checkpoints
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -40,17 +44,24 @@ def is_writer() -> bool:
 
 
 # ------------------------------------------------------------------------------- config.json
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Write config.json atomically (process 0 only); returns its path."""
+def save_config(workdir: str, config: ml_collections.ConfigDict, kind: str = "train") -> str:
+    """Write config.json atomically (process 0 only); returns its path. A workdir that records
+    no kind yet is marked as `kind` (see `run_kind`); one that does keeps its own."""
     path = os.path.join(workdir, CONFIG_FILE)
     if is_writer():
         os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
+        if not os.path.isfile(os.path.join(workdir, KIND_FILE)):
+            _write_atomically(os.path.join(workdir, KIND_FILE), f"{kind}\n")
+        _write_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True,
+                                           default=_json_default) + "\n")
     return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _json_default(x):
@@ -62,8 +73,13 @@ def _json_default(x):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config.json; a missing, unreadable or wrongly shaped one (not an object whose
+    model, tokenizer, data and train are objects) raises a ConfigError naming the file."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise ConfigError(f"workdir {workdir!r} is a file, not a directory: pass the "
+                              "--workdir of a training run")
         if not os.path.isdir(workdir):
             raise ConfigError(f"workdir {workdir!r} does not exist: pass the --workdir of a "
                               "training run")
@@ -71,9 +87,63 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                           "(train into it first)")
     try:
         with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
+            config = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from e
+    bad = [k for k in ("model", "tokenizer", "data", "train")
+           if isinstance(config, dict) and not isinstance(config.get(k, {}), dict)]
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or bad:
+        raise ConfigError(f"{path} is not a run's config (a JSON object whose model, tokenizer, "
+                          f"data and train are objects): restore it or train into a new workdir")
+    return ml_collections.ConfigDict(config)
+
+
+def run_kind(workdir: str) -> str | None:
+    """The kind of run `workdir` holds: 'train', 'distill' or 'import' as its kind.txt records
+    it; for a run written before kind.txt existed, 'distill' when it has distillation stages,
+    else 'train' when it has checkpoints/ or a run's config.json; None for anything else (a
+    new or empty directory, an HF export)."""
+    try:
+        with open(os.path.join(workdir, KIND_FILE), encoding="utf-8") as f:
+            return f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    if os.path.isdir(os.path.join(workdir, DISTILL_STAGES_DIR)):
+        return "distill"
+    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        return "train"
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return "train" if isinstance(config, dict) and "train" in config else None
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """Refuse (ConfigError naming `what`, e.g. '--output_dir') a `path` that is a file or lies
+    under one, so that a tool fails before its work rather than when it writes."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what} cannot be created: {path!r} is a file, not a directory: "
+                          f"pass a directory")
+
+
+def check_kind(workdir: str, kind: str, *, source: str | None = None) -> None:
+    """Refuse, before anything is written, a `workdir` a `kind` run ('train', 'distill') may not
+    write into: a file, a workdir holding another kind of run (`run_kind`), or `source` itself
+    (the run's input, e.g. a distillation's teacher)."""
+    check_output_dir(workdir, "--workdir")
+    if source is not None and os.path.exists(source) and os.path.exists(workdir) \
+            and os.path.samefile(source, workdir):
+        raise ConfigError(f"--workdir {workdir!r} is the {kind} run's own input {source!r}: "
+                          f"writing there would replace it; pass a new --workdir")
+    found = run_kind(workdir)
+    if found not in (None, kind):
+        raise ConfigError(f"{workdir!r} holds a {found} run, not a {kind} run: pass a new "
+                          f"--workdir (a {kind} run never writes into another kind's)")
 
 
 # Keys that choose how, not what, a model computes (every attention implementation gives the
@@ -162,8 +232,10 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
 
 
 def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
-                        meta: dict | None = None) -> str:
-    """Write config.json, tokenizer/ and a params-only checkpoint at `step` into `workdir`.
+                        meta: dict | None = None, kind: str = "distill") -> str:
+    """Write config.json, tokenizer/ and a params-only checkpoint at `step` into `workdir`,
+    recorded as a `kind` run unless it records one already (a distillation's final student is
+    a 'distill' run, `loading.import_to_workdir` writes 'import' ones).
 
     The result loads with `load_run` (generate, evaluate, distillation's teacher). Refuses to
     overwrite an existing checkpoint of the same step.
@@ -173,7 +245,7 @@ def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
     with config.unlocked():
         config.model.vocab_size = int(config.model.vocab_size or tokenizer.vocab_size)
     model_config(config.model)  # validate before writing anything
-    save_config(workdir, config)
+    save_config(workdir, config, kind)
     if is_writer():
         tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
     ckpt = open_checkpointer(workdir, async_save=False)

@@ -576,6 +576,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     """Run (or resume) every stage, then write the final student. Returns a summary:
     {'stages': [{'name', 'steps', 'first_loss', 'final_loss'}], 'layer_map',
      'teacher_val', 'student_val', 'workdir'}."""
+    workdir_lib.check_kind(workdir, "distill", source=cfg.distill.teacher)
     sharding.initialize_distributed(cfg.train)
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # a private, resolved copy
     s = setup(cfg)

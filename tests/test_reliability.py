@@ -1,0 +1,220 @@
+"""Issue 13's reliability items: no tool writes into a run of another kind or into its own
+input, and bad paths or files get one line naming them, before any work.
+
+Each run directory is written with `write_model_workdir` (a tiny model, no training); the
+refusals happen before anything is loaded or compiled, so the module costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cleangpt_jax import workdir as workdir_lib
+from cleangpt_jax.config import ConfigError, get_config, model_config
+from helpers import REPO, one_line_error
+from test_generation import cli_main as generate_main
+from test_train import tree_digest as snapshot  # sha256 of every file under a directory
+
+
+def tiny_config():
+    cfg = get_config()
+    cfg.model.update(dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 'train' run and a distillation's final student ('distill'), each a model workdir."""
+    from cleangpt_jax.models import get_model
+    from cleangpt_jax.tokenizers.character import CharacterTokenizer
+
+    root = tmp_path_factory.mktemp("reliability")
+    tok = CharacterTokenizer("abcdefgh")
+    cfg = tiny_config()
+    cfg.model.vocab_size = tok.vocab_size
+    model = get_model(config=model_config(cfg.model))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    paths = {kind: str(root / kind) for kind in ("train", "distill")}
+    for kind, path in paths.items():
+        workdir_lib.write_model_workdir(path, cfg, tok, params, kind=kind)
+    (root / "corpus.txt").write_text("abcdefgh hgfedcba " * 40)
+    return dict(root=root, **paths)
+
+
+def distill_config(runs, teacher: str):
+    """A tiny distillation of `teacher` that would run (and write) if nothing refused it."""
+    from cleangpt_jax.distill.config import get_config as distill_get_config
+
+    cfg = distill_get_config()
+    cfg.model.update(dict(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    cfg.data.update(dict(source="text", files=str(runs["root"] / "corpus.txt"),
+                         cache_dir=str(runs["root"] / "cache")))
+    cfg.train.batch_size = 2
+    cfg.distill.update(dict(teacher=teacher, steps_per_block=1, warmup_steps=0, eval_steps=1,
+                            checkpoint_every=1))
+    cfg.distill.head.steps = 1
+    return cfg
+
+
+def test_distill_refuses_a_training_run_and_changes_nothing(runs, tmp_path):
+    """Item 1: distill --workdir=R with R a training run (recorded, or one written before
+    kind.txt existed) refuses in one line and leaves R byte for byte as it was."""
+    from cleangpt_jax.distill import runner
+
+    assert runner.STAGES_DIR == workdir_lib.DISTILL_STAGES_DIR  # how a legacy one is told
+    legacy = tmp_path / "legacy"
+    shutil.copytree(runs["train"], legacy)
+    os.remove(legacy / workdir_lib.KIND_FILE)
+    for path in (runs["train"], str(legacy)):
+        before = snapshot(path)
+        with pytest.raises(ConfigError) as e:
+            runner.run(distill_config(runs, runs["distill"]), path)
+        assert one_line_error(e) == (
+            f"{os.path.abspath(path)!r} holds a train run, not a distill run: pass a new "
+            f"--workdir (a distill run never writes into another kind's)")
+        assert snapshot(path) == before
+
+
+def test_a_distilled_student_loads_but_refuses_training(runs):
+    """A distillation's final student is a model workdir that generate/evaluate load
+    (`load_lm`), recorded as 'distill': `train` into it refuses and changes nothing."""
+    from cleangpt_jax.loading import load_lm
+    from cleangpt_jax.trainer import prepare_run
+
+    assert workdir_lib.run_kind(runs["distill"]) == "distill"
+    assert load_lm(runs["distill"]).step == 0
+    before = snapshot(runs["distill"])
+    with pytest.raises(ConfigError) as e:
+        prepare_run(tiny_config(), runs["distill"])
+    assert one_line_error(e) == (
+        f"{runs['distill']!r} holds a distill run, not a train run: pass a new --workdir (a "
+        f"train run never writes into another kind's)")
+    assert snapshot(runs["distill"]) == before
+
+
+@pytest.mark.parametrize("kind", ["train", "distill"])
+def test_distill_refuses_its_teacher_directory(runs, kind):
+    """Item 2: distill --workdir=T with T the teacher's own directory (a training run or a
+    distilled student) refuses and leaves T as it was."""
+    from cleangpt_jax.distill import runner
+
+    teacher = runs[kind]
+    before = snapshot(teacher)
+    with pytest.raises(ConfigError) as e:
+        runner.run(distill_config(runs, teacher), teacher)
+    assert one_line_error(e) == (
+        f"--workdir {teacher!r} is the distill run's own input {teacher!r}: writing there "
+        f"would replace it; pass a new --workdir")
+    assert snapshot(teacher) == before
+
+
+def test_export_overwrites_an_earlier_export_never_a_run(runs, tmp_path):
+    """Item 3: export_hf --out=R --overwrite refuses a run directory (the exported run itself
+    or another one) and changes nothing; --overwrite still replaces an earlier export."""
+    from cleangpt_jax import hf
+
+    for out in (runs["train"], runs["distill"]):
+        before = snapshot(out)
+        with pytest.raises(ConfigError) as e:
+            hf.export_run(runs["train"], out, overwrite=True)
+        kind = workdir_lib.run_kind(out)
+        assert one_line_error(e) == (
+            f"--out {out!r} holds a {kind} run, which an export never replaces (--overwrite "
+            f"replaces an earlier export only): pass a new --out directory")
+        assert snapshot(out) == before
+    out = tmp_path / "hf"
+    hf.export_run(runs["train"], out)
+    first = snapshot(out)
+    hf.export_run(runs["train"], out, overwrite=True)
+    assert snapshot(out) == first and workdir_lib.run_kind(str(out)) is None
+
+
+def test_train_and_evaluate_refuse_a_file_as_output_before_working(runs, tmp_path,
+                                                                   fast_compile):
+    """Item 10: train --workdir=FILE and evaluate --output_dir=FILE (the real CLI) fail with
+    one line naming the file before any work."""
+    from cleangpt_jax.trainer import prepare_run
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    message = (f"--workdir cannot be created: {str(file)!r} is a file, not a directory: pass a "
+               f"directory")
+    for workdir in (file, file / "run"):
+        with pytest.raises(ConfigError) as e:
+            prepare_run(tiny_config(), str(workdir))
+        assert one_line_error(e) == message
+    proc = subprocess.run([sys.executable, "-m", "cleangpt_jax.evaluate",
+                           f"--workdir={runs['train']}", f"--output_dir={file}"],
+                          capture_output=True, text=True, cwd=REPO, env=fast_compile, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {message.replace('--workdir', '--output_dir')}"]
+    assert file.read_text() == "x"
+
+
+@pytest.mark.parametrize("content", ["[]", '{"model": 3}'])
+def test_a_wrongly_shaped_config_json_gets_one_line(runs, tmp_path, capsys, content):
+    """Item 12: train and generate on a run whose config.json is valid JSON of the wrong shape
+    name the file instead of a traceback."""
+    from cleangpt_jax.trainer import prepare_run
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["train"], run)
+    (run / "config.json").write_text(content)
+    message = (f"{run / 'config.json'} is not a run's config (a JSON object whose model, "
+               f"tokenizer, data and train are objects): restore it or train into a new workdir")
+    with pytest.raises(ConfigError) as e:
+        prepare_run(tiny_config(), str(run))
+    assert one_line_error(e) == message
+    code, _, err = generate_main([f"--workdir={run}", "--prompt=a"], capsys)
+    assert code == 1 and err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_a_config_file_that_is_not_python_is_named(tmp_path, fast_compile):
+    """Item 14: train --config=FILE with a file that is not Python names the file."""
+    config = tmp_path / "notes.txt"
+    config.write_text("hello\n")
+    proc = subprocess.run([sys.executable, "-m", "cleangpt_jax.train", f"--config={config}",
+                           f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          cwd=REPO, env=fast_compile, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot load --config={config}: NameError: name 'hello' is not defined (a "
+        f"config file is Python code defining get_config())"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_misleading_messages_say_what_the_path_is(runs, tmp_path, capsys):
+    """Item 18: generate --workdir=FILE says it is a file; a cleangpt_jax run passed as --hf,
+    or as a teacher before its first checkpoint, says what it is and what to pass."""
+    from cleangpt_jax.loading import load_lm
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    code, _, err = generate_main([f"--workdir={file}"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: workdir {str(file)!r} is a file, not a directory: pass the --workdir of a "
+        f"training run"]
+    train = runs["train"]
+    code, _, err = generate_main([f"--hf={train}"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {train!r} is a cleangpt_jax train run, not a Hugging Face GPT-2 checkpoint: "
+        f"pass it as a workdir (generate --workdir={train}, a teacher path), or export one with "
+        f"export_hf"]
+    fresh = tmp_path / "fresh"  # a training run set up but not yet checkpointed
+    fresh.mkdir()
+    shutil.copy(os.path.join(train, "config.json"), fresh / "config.json")
+    with pytest.raises(ConfigError) as e:
+        load_lm(str(fresh))  # how distillation loads its teacher
+    assert one_line_error(e) == (f"{str(fresh)!r} is a cleangpt_jax train run without a "
+                                 f"checkpoint yet: train until one is written, or pass a run "
+                                 f"that has one")
+    assert json.loads((fresh / "config.json").read_text())["model"]["n_layer"] == 1
