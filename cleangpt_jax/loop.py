@@ -13,7 +13,9 @@ distillation stage (`distill.runner.run_stage`).
 
 Lagged fetch: reading step s's loss waits for step s to finish, so the loop fetches step s - 1's
 metrics after dispatching step s and the device never idles. `flush()` fetches the rest (before
-every save, so a non-finite state is never written).
+every save, so a non-finite state is never written). Each step's metrics carry `param_norm`, the
+global norm of the parameters the step produced: a diverged update shows there one step before
+the loss sees it, and the state it produced is never saved.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ class NonFiniteError(ValueError):
 
 
 def fetch_finite(step: int, metrics: dict) -> dict[str, float]:
-    """The step's metrics as Python floats; NonFiniteError when `loss` or `grad_norm` is not
-    finite (an infinite gradient leaves a finite loss but poisoned parameters)."""
+    """The step's metrics as Python floats; NonFiniteError when `loss`, `grad_norm` or
+    `param_norm` is not finite. The loss belongs to the parameters before the update, so an
+    infinite gradient or a diverged update leaves it finite; `param_norm` (the norm of the
+    parameters the step produced) catches both before they are saved or called good."""
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"),
+                      ("param_norm", "parameter norm")):
         if not math.isfinite(host[key]):
             raise NonFiniteError(step, f"{name} is {host[key]}")
     return host

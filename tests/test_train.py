@@ -439,6 +439,64 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))][-1] == 5
 
 
+def test_a_diverged_update_is_never_saved_or_called_good(env, tmp_path, monkeypatch):
+    """The last update turns every weight into NaN (a NaN learning rate at the last optimizer
+    step): its loss, computed before the update, is finite, but the norm of the updated
+    parameters is not. With a checkpoint every step, the run stops there and the newest
+    checkpoint holds the finite weights of the step before."""
+    real = optim.lr_schedule
+    monkeypatch.setattr(optim, "lr_schedule", lambda t, n: (
+        lambda s: jnp.where(s == n - 1, jnp.nan, real(t, n)(s))))
+    workdir = tmp_path / "diverged"
+    with pytest.raises(loop.NonFiniteError) as e:
+        run(make_config(env, **{"train.checkpoint_every": 1, "train.eval_every": 0}), workdir)
+    assert one_line_error(e) == (
+        f"training: parameter norm is nan at step {N}; stopped, the last good checkpoint (step "
+        f"{N - 1}) is kept in {workdir / 'checkpoints'}. Lower train.learning_rate, raise "
+        f"train.warmup_steps or set train.grad_clip")
+    assert checkpoint_steps(workdir) == list(range(N - 5, N))  # max_checkpoints_to_keep=5
+    assert all(np.isfinite(v).all() for v in params_of(workdir).values())
+    assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))][-1] == N - 1
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_sample(env, straight, tmp_path,
+                                                               monkeypatch):
+    """checkpoint_every > num_steps: a final sample that fails still leaves the trained run."""
+    def fail(run):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(trainer, "write_samples", fail)
+    workdir = tmp_path / "sample_fails"
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        run(make_config(env, **{"train.checkpoint_every": N + 1, "train.eval_every": 0,
+                                "train.sample_max_new_tokens": 8}), workdir)
+    assert checkpoint_steps(workdir) == [N]
+    assert_params_equal(params_of(workdir), straight.params)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train.learning_rate": float("nan")}, "train.learning_rate and train.min_lr must be "
+     "finite numbers, got learning_rate=nan, min_lr=0.001: set them to numbers like 1e-3 and "
+     "1e-4"),
+    ({"train.learning_rate": float("inf")}, "train.learning_rate and train.min_lr must be "
+     "finite numbers, got learning_rate=inf, min_lr=0.001: set them to numbers like 1e-3 and "
+     "1e-4"),
+    ({"model.position_encoding": "alibi", "train.sample_max_new_tokens": 59},
+     "train.sample_prompts need up to 6 tokens plus train.sample_max_new_tokens=59: 65 "
+     "positions, more than model.max_position_embeddings=64; lower "
+     "train.sample_max_new_tokens or shorten the prompts"),
+], ids=["nan_lr", "inf_lr", "sample_too_long"])
+def test_settings_that_fail_later_are_refused_up_front_and_write_nothing(changes, message, env,
+                                                                        tmp_path):
+    """A non-finite learning rate (caught at step 2 before) and samples the model cannot serve
+    (caught at the end-of-run sample before): one line before anything is written."""
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        run(make_config(env, **changes), workdir)
+    assert one_line_error(e) == message
+    assert not workdir.exists()
+
+
 # ------------------------------------------------------------------------------ bad input
 # When one array of a step fails to read, Orbax's restore returns while TensorStore reads of the
 # others are still landing on its (by then closed) event loop: harmless "Exception ignored".

@@ -307,8 +307,10 @@ def compiled_step(spec: StepSpec) -> CompiledStep:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, frozen, teacher_params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-        return optax.apply_updates(trainable, updates), opt_state, metrics
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(trainable), **aux}  # checked before a save
+        return trainable, opt_state, metrics
 
     return CompiledStep(jax.jit(step, donate_argnums=(0, 1)), jax.jit(tx.init),
                         jax.jit(schedule))
