@@ -224,6 +224,7 @@ class Summary:
     interrupted: bool
     samples: list[str]
     workdir: str
+    stop_signal: int | None = None  # the signal that interrupted the run (None: none received)
 
 
 # The events a callback receives, as fn(event, run), in loop order. epoch_* fire every
@@ -258,6 +259,7 @@ class TrainRun:
     train_loss: float | None = None     # the newest loss fetched from the device
     samples: list[str] = dataclasses.field(default_factory=list)
     interrupted: bool = False
+    stop_signal: int | None = None      # the signal's number when one interrupted the run
 
     @property
     def tokens_per_step(self) -> int:
@@ -283,8 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pending step is checked before a save); the log record; evaluation; samples; the checkpoint
     (so its meta holds the evaluation of its step); the stop check (SIGTERM, Ctrl-C). After the
     last step: the final evaluation, the checkpoint, then the samples (a failing sample loses
-    nothing); after an interrupt, the checkpoint only. `callbacks` are called as fn(event, run)
-    (see EVENTS).
+    nothing); after an interrupt, the checkpoint only (`interrupted` and `stop_signal` say so).
+    `callbacks` are called as fn(event, run) (see EVENTS).
     """
     run = prepare_run(config, workdir)
     t = run.config.train
@@ -383,6 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 # Several processes all-gather their flags at log steps only.
                 if loop.agree_to_stop(stop, sync=run.step % t.log_every == 0):
                     run.interrupted = True
+                    run.stop_signal = loop.received_signal(stop)
                     break
 
             fetch(lag.flush())
@@ -426,7 +429,7 @@ def _summary(run: TrainRun) -> Summary:
     return Summary(step=run.step, num_steps=run.num_steps, train_loss=run.train_loss,
                    val_loss=run.last_eval["val_loss"] if run.last_eval else None,
                    best_val_loss=run.best_val_loss, interrupted=run.interrupted,
-                   samples=list(run.samples), workdir=run.workdir)
+                   samples=list(run.samples), workdir=run.workdir, stop_signal=run.stop_signal)
 
 
 def write_samples(run: TrainRun) -> list[str]:

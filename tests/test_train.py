@@ -216,6 +216,7 @@ def resumed(env, straight):
 def test_exact_resume_after_sigterm(straight, resumed):
     first, second = resumed.first, resumed.second
     assert first.interrupted and first.step == HALF and not first.samples
+    assert first.stop_signal == signal.SIGTERM and second.stop_signal is None
     assert checkpoint_steps(resumed.snapshot) == [4, HALF]  # every 4 steps + on SIGTERM
     assert f"Resuming from step {HALF}" in resumed.stdout
     assert not second.interrupted and second.step == N
@@ -244,7 +245,8 @@ def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight
 
 # ------------------------------------------------------------------------------- the CLI
 def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straight, tmp_path):
-    """Real CLI on a config file: SIGTERM mid-run saves and exits 0; the same command resumes,
+    """Real CLI on a config file: SIGTERM mid-run saves and exits 143 (128 + SIGTERM, as
+    distill does; 0 means finished); the same command resumes,
     finishes, prints a sample and leaves metrics, TensorBoard events, checkpoints, config and
     tokenizer; the parameters are bitwise those of the uninterrupted in-process run."""
     # Evaluating 100 batches after every step makes the 12 steps last long enough to be
@@ -264,7 +266,7 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
             time.sleep(0.005)
         proc.wait(timeout=240)
     err1 = (tmp_path / "err1").read_text()
-    assert proc.returncode == 0, err1[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err1[-3000:]
     stopped = checkpoint_steps(workdir)[-1]
     assert 2 <= stopped < N, err1[-2000:]
     assert "SIGTERM received" in err1 and f"stopped at step {stopped}" in err1

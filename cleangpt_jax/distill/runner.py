@@ -534,8 +534,8 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 save(done)
             if stopping:
                 bar.close()
-                raise KeyboardInterrupt(f"stopped in stage {stage.name} at step {done} (saved); "
-                                        f"rerun the same command to resume")
+                raise loop.interrupted(stop, f"stopped in stage {stage.name} at step {done} "
+                                             f"(saved); rerun the same command to resume")
         log(lag.flush())
         bar.close()
         save(stage.steps)
@@ -603,8 +603,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
         with loop.stop_on_signals(stop):
             for stage in remaining:
                 if loop.agree_to_stop(stop):
-                    raise KeyboardInterrupt(f"stopped before stage {stage.name}; rerun the "
-                                            f"same command to resume")
+                    raise loop.interrupted(stop, f"stopped before stage {stage.name}; rerun "
+                                                 f"the same command to resume")
                 if jax.process_index() == 0:
                     target = (f"student block {stage.block} -> teacher block "
                               f"{stage.teacher_layer}" if stage.kind == "block" else "logits")
