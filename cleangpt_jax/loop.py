@@ -13,7 +13,12 @@ distillation stage (`distill.runner.run_stage`).
 
 Lagged fetch: reading step s's loss waits for step s to finish, so the loop fetches step s - 1's
 metrics after dispatching step s and the device never idles. `flush()` fetches the rest (before
-every save, so a non-finite state is never written).
+every save, so a non-finite state is never written). Each step's metrics carry `param_norm`, the
+global norm of the parameters the step produced: a diverged update shows there one step before
+the loss sees it, and the state it produced is never saved.
+
+Exit status: a tool whose run a signal stopped (after saving) exits 128 + the signal's number,
+as a shell reports a process the signal killed: 143 for SIGTERM, 130 for Ctrl-C (`exit_status`).
 """
 
 from __future__ import annotations
@@ -50,10 +55,13 @@ class NonFiniteError(ValueError):
 
 
 def fetch_finite(step: int, metrics: dict) -> dict[str, float]:
-    """The step's metrics as Python floats; NonFiniteError when `loss` or `grad_norm` is not
-    finite (an infinite gradient leaves a finite loss but poisoned parameters)."""
+    """The step's metrics as Python floats; NonFiniteError when `loss`, `grad_norm` or
+    `param_norm` is not finite. The loss belongs to the parameters before the update, so an
+    infinite gradient or a diverged update leaves it finite; `param_norm` (the norm of the
+    parameters the step produced) catches both before they are saved or called good."""
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"),
+                      ("param_norm", "parameter norm")):
         if not math.isfinite(host[key]):
             raise NonFiniteError(step, f"{name} is {host[key]}")
     return host
@@ -86,7 +94,8 @@ class LaggedMetrics:
 @contextlib.contextmanager
 def stop_on_signals(event: threading.Event):
     """SIGTERM / SIGINT set `event` (the loop then saves and returns) instead of killing the
-    process; a second Ctrl-C raises KeyboardInterrupt as usual."""
+    process, and record the signal's number (`received_signal`); a second Ctrl-C raises
+    KeyboardInterrupt as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -94,6 +103,7 @@ def stop_on_signals(event: threading.Event):
     def handler(signum, frame):
         if event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        event.signum = signum
         event.set()
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping "
               f"(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
@@ -104,6 +114,26 @@ def stop_on_signals(event: threading.Event):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def received_signal(event: threading.Event) -> int | None:
+    """The number of the signal that set `event` under `stop_on_signals`; None when none did
+    (another process's signal stopped this one, or no signal at all)."""
+    return getattr(event, "signum", None)
+
+
+def interrupted(event: threading.Event, message: str) -> KeyboardInterrupt:
+    """KeyboardInterrupt(message) whose `signum` is `received_signal(event)`: how distillation
+    stops after saving, for its CLI to exit with `exit_status(signum)`."""
+    error = KeyboardInterrupt(message)
+    error.signum = received_signal(event)
+    return error
+
+
+def exit_status(signum: int | None) -> int:
+    """The exit status of a run that `signum` stopped: 128 + its number (143 for SIGTERM); 130
+    (SIGINT's) when the signal is unknown (a second Ctrl-C, another process's signal)."""
+    return 128 + int(signal.SIGINT if signum is None else signum)
 
 
 def agree_to_stop(event: threading.Event, *, sync: bool = True) -> bool:

@@ -15,6 +15,7 @@ beta_ff) are never decayed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -27,7 +28,8 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_schedule(train_cfg: Any, num_steps: int) -> optax.Schedule:
-    """lr(s) for optimizer step s = 0, 1, ... (the update that produces step s + 1).
+    """lr(s) for optimizer step s = 0, 1, ... (the update that produces step s + 1). A
+    non-finite or out-of-order learning_rate / min_lr is a ConfigError here, before any step.
 
     With peak lr, W = warmup_steps, N = num_steps and p = clip((s - W) / (N - W), 0, 1):
 
@@ -43,6 +45,10 @@ def lr_schedule(train_cfg: Any, num_steps: int) -> optax.Schedule:
     if kind not in LR_SCHEDULES:
         raise ConfigError(f"unknown train.lr_schedule {train_cfg.lr_schedule!r}: choose one of "
                           f"{LR_SCHEDULES}")
+    if not (math.isfinite(peak) and math.isfinite(floor)):
+        raise ConfigError(f"train.learning_rate and train.min_lr must be finite numbers, got "
+                          f"learning_rate={peak}, min_lr={floor}: set them to numbers like "
+                          f"1e-3 and 1e-4")
     if peak <= 0 or floor < 0 or floor > peak:
         raise ConfigError(f"need 0 <= train.min_lr <= train.learning_rate and learning_rate > 0, "
                           f"got min_lr={floor}, learning_rate={peak}")

@@ -7,13 +7,15 @@
 Without --config the default config (`cleangpt_jax.config.get_config()`) is used, and
 `--config.key=value` overrides work on it too. Without --workdir the run goes to
 runs/<config file name> (runs/default for the default config), so rerunning the same command
-resumes from the latest checkpoint. Ctrl-C / SIGTERM save a checkpoint and exit cleanly.
-Errors in the config, the data or the workdir print one line and exit non-zero.
+resumes from the latest checkpoint. Ctrl-C / SIGTERM save a checkpoint and stop; the exit
+status is then 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), 0 only for a run
+that finished. Errors in the config, the data or the workdir print one line and exit non-zero.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -49,13 +51,16 @@ def main(argv):
     workdir = flags.FLAGS.workdir or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"]))
 
-    from cleangpt_jax.trainer import train_and_evaluate  # after flags: keeps --help fast
+    from cleangpt_jax import loop  # after flags: keeps --help fast
+    from cleangpt_jax.trainer import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir)
     if summary.samples:
         for prompt, text in zip(config.train.sample_prompts, summary.samples):
             print(f"\n----- sample (prompt {prompt!r}, step {summary.step}) -----\n{text}")
     print(f"\nworkdir: {summary.workdir}")
+    if summary.interrupted:  # saved, not finished: a script must not take it for done
+        sys.exit(loop.exit_status(summary.stop_signal))
 
 
 if __name__ == "__main__":

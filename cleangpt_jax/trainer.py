@@ -163,8 +163,9 @@ def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
                     grad_accum_steps: int = 1, seed: int = 0):
     """jit-compiled (state, batch) -> (state, metrics); the input state is donated.
 
-    metrics (replicated float32 scalars): loss, grad_norm (before clipping), tokens (scored),
-    and the strategy's extras.
+    metrics (replicated float32 scalars): loss (of the parameters before the update), grad_norm
+    (before clipping), param_norm (the global norm of the updated parameters: what
+    `loop.fetch_finite` checks before the state is saved) and the strategy's extras.
     """
     dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
 
@@ -175,7 +176,8 @@ def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
                                             mesh=mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **extra}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params), **extra}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -222,6 +224,7 @@ class Summary:
     interrupted: bool
     samples: list[str]
     workdir: str
+    stop_signal: int | None = None  # the signal that interrupted the run (None: none received)
 
 
 # The events a callback receives, as fn(event, run), in loop order. epoch_* fire every
@@ -256,6 +259,7 @@ class TrainRun:
     train_loss: float | None = None     # the newest loss fetched from the device
     samples: list[str] = dataclasses.field(default_factory=list)
     interrupted: bool = False
+    stop_signal: int | None = None      # the signal's number when one interrupted the run
 
     @property
     def tokens_per_step(self) -> int:
@@ -277,10 +281,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Train `config` in `workdir`, resuming from its latest checkpoint when there is one.
 
     Each step, in this order: the update; the previous step's metrics fetched and checked (a
-    NaN or infinite loss or gradient norm stops the run); the log record; evaluation; samples;
-    the checkpoint (so its meta holds the evaluation of its step); the stop check (SIGTERM,
-    Ctrl-C). After the last step: the final evaluation, samples and checkpoint; after an
-    interrupt, the checkpoint only. `callbacks` are called as fn(event, run) (see EVENTS).
+    NaN or infinite loss, gradient norm or updated-parameter norm stops the run, and every
+    pending step is checked before a save); the log record; evaluation; samples; the checkpoint
+    (so its meta holds the evaluation of its step); the stop check (SIGTERM, Ctrl-C). After the
+    last step: the final evaluation, the checkpoint, then the samples (a failing sample loses
+    nothing); after an interrupt, the checkpoint only (`interrupted` and `stop_signal` say so).
+    `callbacks` are called as fn(event, run) (see EVENTS).
     """
     run = prepare_run(config, workdir)
     t = run.config.train
@@ -379,14 +385,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 # Several processes all-gather their flags at log steps only.
                 if loop.agree_to_stop(stop, sync=run.step % t.log_every == 0):
                     run.interrupted = True
+                    run.stop_signal = loop.received_signal(stop)
                     break
 
             fetch(lag.flush())
             if not run.interrupted and run.eval_batches and evaluated_at != run.step:
                 evaluate_now()
+            save_now()
             if not run.interrupted and t.sample_max_new_tokens > 0 and t.sample_prompts:
                 run.samples = write_samples(run)
-            save_now()
             if run.interrupted and workdir_lib.is_writer():
                 print(f"stopped at step {run.step}: checkpoint saved in "
                       f"{run.checkpointer.directory}; rerun the same command to resume",
@@ -422,7 +429,7 @@ def _summary(run: TrainRun) -> Summary:
     return Summary(step=run.step, num_steps=run.num_steps, train_loss=run.train_loss,
                    val_loss=run.last_eval["val_loss"] if run.last_eval else None,
                    best_val_loss=run.best_val_loss, interrupted=run.interrupted,
-                   samples=list(run.samples), workdir=run.workdir)
+                   samples=list(run.samples), workdir=run.workdir, stop_signal=run.stop_signal)
 
 
 def write_samples(run: TrainRun) -> list[str]:
@@ -473,7 +480,8 @@ def check_train_config(config) -> None:
         v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {v!r}")
-    for key in ("eval_every", "eval_steps", "checkpoint_every", "sample_every"):
+    for key in ("eval_every", "eval_steps", "checkpoint_every", "sample_every",
+                "sample_max_new_tokens"):
         v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"train.{key} must be an integer >= 0 (0 = off), got {v!r}")
@@ -481,6 +489,23 @@ def check_train_config(config) -> None:
         raise ConfigError(f"model.param_dtype={config.model.param_dtype!r}: training keeps "
                           f"float32 master weights and optimizer state; set model.dtype="
                           f"'bfloat16' for bf16 compute and leave param_dtype='float32'")
+
+
+def check_sample_settings(train_cfg, model_cfg, tokenizer) -> None:
+    """Refuse, before training, samples the model cannot serve: with positions bounded by
+    model.max_position_embeddings (alibi), every tokenized train.sample_prompts plus
+    train.sample_max_new_tokens must fit them. Learned positions slide a block_size window,
+    so any length samples."""
+    n = train_cfg.sample_max_new_tokens
+    if not n or not train_cfg.sample_prompts or model_cfg.position_encoding == "learned":
+        return
+    longest = max(max(len(tokenizer.encode(p)), 1) for p in train_cfg.sample_prompts)
+    if longest + n > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"train.sample_prompts need up to {longest} tokens plus train.sample_max_new_tokens"
+            f"={n}: {longest + n} positions, more than model.max_position_embeddings="
+            f"{model_cfg.max_position_embeddings}; lower train.sample_max_new_tokens or "
+            f"shorten the prompts")
 
 
 def prepare_tokenizer(config, workdir: str):
@@ -517,6 +542,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     check_vocab(tokenizer.vocab_size, config.model.vocab_size, where="model.vocab_size",
                 fix="leave model.vocab_size None (the tokenizer's size)")
     model = get_model(config=model_config(config.model))
+    check_sample_settings(t, model.config, tokenizer)
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         diff = workdir_lib.config_differences(workdir_lib.load_config(workdir), config)
         if diff:

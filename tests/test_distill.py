@@ -26,7 +26,7 @@ import pytest
 from flax import traverse_util
 
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import hf, loop, trainer
+from cleangpt_jax import hf, loop, optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.distill import runner
@@ -315,9 +315,10 @@ def test_sigterm_mid_stage_then_rerun_equals_uninterrupted(env, offline, referen
         return real(tokens, step=step, **kw)
 
     monkeypatch.setattr(data_lib, "batch_for_step", batch_for_step)
-    with pytest.raises(KeyboardInterrupt, match="stopped in stage head at step 2"):
+    with pytest.raises(KeyboardInterrupt, match="stopped in stage head at step 2") as e:
         runner.run(offline.config(), workdir, progress=False)
     monkeypatch.undo()
+    assert loop.exit_status(e.value.signum) == 143  # what the CLI exits with, as train does
     assert [m["name"] for m in runner.read_manifest(workdir)] == ["block_1", "block_2"]
 
     ran = []
@@ -356,6 +357,30 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
     assert not [d for d in os.listdir(block_2) if d.isdigit()]  # nothing saved after the NaN
     runner.run(offline.config(), workdir, progress=False)
     assert_trees_equal(workdir_lib.load_run(workdir).params, reference.params)
+
+
+def test_a_diverged_update_is_never_saved(env, offline, reference, monkeypatch):
+    """block_1's last update turns its weights into NaN (a NaN learning rate at its last
+    step; its loss, computed before the update, is finite): the stage stops there and its
+    newest checkpoint (one every step) holds the finite weights of the step before."""
+    real = optim.lr_schedule
+    monkeypatch.setattr(optim, "lr_schedule", lambda t, n: (
+        lambda s: jnp.where(s == n - 1, jnp.nan, real(t, n)(s))))
+    monkeypatch.setattr(runner, "compiled_step", runner.compiled_step.__wrapped__)  # uncached
+    workdir = str(env.root / "diverged")
+    with pytest.raises(loop.NonFiniteError) as e:
+        runner.run(offline.config(**{"distill.checkpoint_every": 1}), workdir, progress=False)
+    assert one_line_error(e) == (
+        "stage block_1: parameter norm is nan at step 4; stopped, the stage's checkpoint at "
+        "step 3 and the completed stages are kept. Lower distill.learning_rate or set "
+        "distill.grad_clip, then rerun")
+    s = runner.setup(offline.config())
+    template = runner.sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(s, 0)),
+                                              s.mesh)
+    c = runner.stage_checkpointer(workdir, "block_1", read_only=True)
+    assert c.all_steps() == [2, 3]  # max_to_keep=2
+    assert all(np.isfinite(v).all() for v in flat(c.restore(3, params=template).params).values())
+    c.close()
 
 
 def test_changed_settings_are_refused_on_resume(offline, reference):

@@ -216,6 +216,7 @@ def resumed(env, straight):
 def test_exact_resume_after_sigterm(straight, resumed):
     first, second = resumed.first, resumed.second
     assert first.interrupted and first.step == HALF and not first.samples
+    assert first.stop_signal == signal.SIGTERM and second.stop_signal is None
     assert checkpoint_steps(resumed.snapshot) == [4, HALF]  # every 4 steps + on SIGTERM
     assert f"Resuming from step {HALF}" in resumed.stdout
     assert not second.interrupted and second.step == N
@@ -244,7 +245,8 @@ def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight
 
 # ------------------------------------------------------------------------------- the CLI
 def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straight, tmp_path):
-    """Real CLI on a config file: SIGTERM mid-run saves and exits 0; the same command resumes,
+    """Real CLI on a config file: SIGTERM mid-run saves and exits 143 (128 + SIGTERM, as
+    distill does; 0 means finished); the same command resumes,
     finishes, prints a sample and leaves metrics, TensorBoard events, checkpoints, config and
     tokenizer; the parameters are bitwise those of the uninterrupted in-process run."""
     # Evaluating 100 batches after every step makes the 12 steps last long enough to be
@@ -264,7 +266,7 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
             time.sleep(0.005)
         proc.wait(timeout=240)
     err1 = (tmp_path / "err1").read_text()
-    assert proc.returncode == 0, err1[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err1[-3000:]
     stopped = checkpoint_steps(workdir)[-1]
     assert 2 <= stopped < N, err1[-2000:]
     assert "SIGTERM received" in err1 and f"stopped at step {stopped}" in err1
@@ -437,6 +439,64 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     params = params_of(workdir)
     assert all(np.isfinite(v).all() for v in params.values())
     assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))][-1] == 5
+
+
+def test_a_diverged_update_is_never_saved_or_called_good(env, tmp_path, monkeypatch):
+    """The last update turns every weight into NaN (a NaN learning rate at the last optimizer
+    step): its loss, computed before the update, is finite, but the norm of the updated
+    parameters is not. With a checkpoint every step, the run stops there and the newest
+    checkpoint holds the finite weights of the step before."""
+    real = optim.lr_schedule
+    monkeypatch.setattr(optim, "lr_schedule", lambda t, n: (
+        lambda s: jnp.where(s == n - 1, jnp.nan, real(t, n)(s))))
+    workdir = tmp_path / "diverged"
+    with pytest.raises(loop.NonFiniteError) as e:
+        run(make_config(env, **{"train.checkpoint_every": 1, "train.eval_every": 0}), workdir)
+    assert one_line_error(e) == (
+        f"training: parameter norm is nan at step {N}; stopped, the last good checkpoint (step "
+        f"{N - 1}) is kept in {workdir / 'checkpoints'}. Lower train.learning_rate, raise "
+        f"train.warmup_steps or set train.grad_clip")
+    assert checkpoint_steps(workdir) == list(range(N - 5, N))  # max_checkpoints_to_keep=5
+    assert all(np.isfinite(v).all() for v in params_of(workdir).values())
+    assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))][-1] == N - 1
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_sample(env, straight, tmp_path,
+                                                               monkeypatch):
+    """checkpoint_every > num_steps: a final sample that fails still leaves the trained run."""
+    def fail(run):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(trainer, "write_samples", fail)
+    workdir = tmp_path / "sample_fails"
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        run(make_config(env, **{"train.checkpoint_every": N + 1, "train.eval_every": 0,
+                                "train.sample_max_new_tokens": 8}), workdir)
+    assert checkpoint_steps(workdir) == [N]
+    assert_params_equal(params_of(workdir), straight.params)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train.learning_rate": float("nan")}, "train.learning_rate and train.min_lr must be "
+     "finite numbers, got learning_rate=nan, min_lr=0.001: set them to numbers like 1e-3 and "
+     "1e-4"),
+    ({"train.learning_rate": float("inf")}, "train.learning_rate and train.min_lr must be "
+     "finite numbers, got learning_rate=inf, min_lr=0.001: set them to numbers like 1e-3 and "
+     "1e-4"),
+    ({"model.position_encoding": "alibi", "train.sample_max_new_tokens": 59},
+     "train.sample_prompts need up to 6 tokens plus train.sample_max_new_tokens=59: 65 "
+     "positions, more than model.max_position_embeddings=64; lower "
+     "train.sample_max_new_tokens or shorten the prompts"),
+], ids=["nan_lr", "inf_lr", "sample_too_long"])
+def test_settings_that_fail_later_are_refused_up_front_and_write_nothing(changes, message, env,
+                                                                        tmp_path):
+    """A non-finite learning rate (caught at step 2 before) and samples the model cannot serve
+    (caught at the end-of-run sample before): one line before anything is written."""
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        run(make_config(env, **changes), workdir)
+    assert one_line_error(e) == message
+    assert not workdir.exists()
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -2,7 +2,8 @@
 
 Distils the teacher named by `distill.teacher` into the student of the `model` section, stage
 by stage; rerunning the same command resumes where it stopped (completed stages are skipped,
-the current one continues from its last checkpoint). Ctrl-C / SIGTERM save and exit. Without
+the current one continues from its last checkpoint). Ctrl-C / SIGTERM save and stop with exit
+status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as `train` does. Without
 --config the default is cleangpt_jax/distill/config.py (GPT-2 from the hub into a 6-block
 Token-Factored student). Errors print one line and exit non-zero.
 """
@@ -35,13 +36,14 @@ def main(argv):
         cli.die("the config has no `distill` section: start it from "
                 "cleangpt_jax.distill.config.get_config()", 2)
 
-    from cleangpt_jax.distill import runner  # after flags: keeps --help fast
+    from cleangpt_jax import loop  # after flags: keeps --help fast
+    from cleangpt_jax.distill import runner
 
     try:
         summary = runner.run(config, flags.FLAGS.workdir)
     except KeyboardInterrupt as e:
         print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(loop.exit_status(getattr(e, "signum", None)))
     for info in summary["stages"]:
         first, final = info["first_loss"], info["final_loss"]
         print(f"{info['name']:>10}: loss {first:.4f} -> {final:.4f}" if first is not None

@@ -307,8 +307,10 @@ def compiled_step(spec: StepSpec) -> CompiledStep:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, frozen, teacher_params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-        return optax.apply_updates(trainable, updates), opt_state, metrics
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(trainable), **aux}  # checked before a save
+        return trainable, opt_state, metrics
 
     return CompiledStep(jax.jit(step, donate_argnums=(0, 1)), jax.jit(tx.init),
                         jax.jit(schedule))
@@ -532,8 +534,8 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 save(done)
             if stopping:
                 bar.close()
-                raise KeyboardInterrupt(f"stopped in stage {stage.name} at step {done} (saved); "
-                                        f"rerun the same command to resume")
+                raise loop.interrupted(stop, f"stopped in stage {stage.name} at step {done} "
+                                             f"(saved); rerun the same command to resume")
         log(lag.flush())
         bar.close()
         save(stage.steps)
@@ -602,8 +604,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
         with loop.stop_on_signals(stop):
             for stage in remaining:
                 if loop.agree_to_stop(stop):
-                    raise KeyboardInterrupt(f"stopped before stage {stage.name}; rerun the "
-                                            f"same command to resume")
+                    raise loop.interrupted(stop, f"stopped before stage {stage.name}; rerun "
+                                                 f"the same command to resume")
                 if jax.process_index() == 0:
                     target = (f"student block {stage.block} -> teacher block "
                               f"{stage.teacher_layer}" if stage.kind == "block" else "logits")
