@@ -62,7 +62,6 @@ from cleangpt_jax.losses import causal_lm_loss
 from cleangpt_jax.models import get_model
 from cleangpt_jax.optim import make_optimizer
 
-STAGES_DIR = "stages"
 MANIFEST = "manifest.json"
 PLAN_FILE = "plan.json"
 STITCHING_DIR = "stitching"
@@ -319,7 +318,7 @@ def compiled_step(spec: StepSpec) -> CompiledStep:
 # ------------------------------------------------------------------------ checkpoints
 
 def stages_dir(workdir: str) -> str:
-    return os.path.join(workdir, STAGES_DIR)
+    return os.path.join(workdir, workdir_lib.DISTILL_STAGES_DIR)
 
 
 def read_manifest(workdir: str) -> list[dict]:
