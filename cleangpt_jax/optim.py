@@ -4,7 +4,7 @@
 
 AdamW (decoupled weight decay, Loshchilov & Hutter) after global-norm clipping:
 
-    g <- g * min(1, grad_clip / ||g||_2)                      (skipped when grad_clip <= 0)
+    g <- g * min(1, grad_clip / ||g||_2)                      (identity when grad_clip <= 0)
     m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2       (bias-corrected m_hat, v_hat)
     w <- w - lr(s) * (m_hat / (sqrt(v_hat) + eps) + wd * mask(w) * w)
 
@@ -80,11 +80,15 @@ def weight_decay_mask(params):
 def make_optimizer(train_cfg: Any, num_steps: int, *, mask=weight_decay_mask):
     """(optax transformation, schedule) from learning_rate, min_lr, warmup_steps, lr_schedule,
     grad_clip, weight_decay, adam_b1, adam_b2 and adam_eps of `train_cfg` (every key is
-    required: the defaults live in config.get_config). `mask` picks the decayed leaves."""
+    required: the defaults live in config.get_config). `mask` picks the decayed leaves.
+
+    grad_clip <= 0 puts optax.identity where the clipping goes: both hold an EmptyState, so
+    the optimizer state has one structure whether clipping is on or off, and a run resumes
+    after grad_clip is switched between 0 and a positive value."""
     schedule = lr_schedule(train_cfg, num_steps)
     clip = float(train_cfg.grad_clip or 0.0)
-    chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    chain.append(optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
-                             eps=float(train_cfg.adam_eps),
-                             weight_decay=float(train_cfg.weight_decay), mask=mask))
-    return optax.chain(*chain), schedule
+    return optax.chain(
+        optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                    eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay),
+                    mask=mask)), schedule

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from cleangpt_jax import loop, optim, trainer
@@ -635,6 +636,28 @@ def test_weight_decay_only_on_matrices():
     np.testing.assert_allclose(updates["w"], np.full((2, 3), -0.1))
     np.testing.assert_array_equal(updates["b"], np.zeros(3))
     assert float(updates["alpha"]) == 0.0
+
+
+def test_optimizer_state_structure_does_not_depend_on_grad_clip():
+    """Issue 13 item 17: grad_clip 0 and 1 give optimizer states of one tree structure (a run
+    resumes after the switch), and grad_clip=0 updates equal plain AdamW's exactly."""
+    t = get_config().train
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: 0.3 * p - 1.0, params)
+    states = {}
+    for clip in (0.0, 1.0):
+        t.grad_clip = clip
+        opt, schedule = optim.make_optimizer(t, 10)
+        states[clip] = opt.init(params)
+    assert jax.tree.structure(states[0.0]) == jax.tree.structure(states[1.0])
+    t.grad_clip = 0.0
+    opt, schedule = optim.make_optimizer(t, 10)
+    plain = optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                        weight_decay=t.weight_decay, mask=optim.weight_decay_mask)
+    got, _ = opt.update(grads, opt.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gradient_accumulation_equals_the_large_batch(env):
