@@ -308,6 +308,17 @@ def program():
     return _programs[key]
 
 
+def check_prompt(tokenizer, text: str, *, what: str = "the prompt",
+                 fix: str = "use only characters of the text it was built from") -> None:
+    """ConfigError naming the characters of `text` outside the tokenizer's vocabulary: they
+    would encode to its unknown token and vanish from the decoded text, so a prompt holding
+    any is refused rather than silently changed."""
+    unknown = tokenizer.unknown_characters(text)
+    if unknown:
+        raise ConfigError(f"{what} {text!r} has characters outside the tokenizer's vocabulary: "
+                          f"{unknown!r}; {fix}")
+
+
 def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, temperature=0.8,
                    top_k=50, top_p=None, seed=0):
     """Generate from text: returns (token_ids, text).
@@ -315,7 +326,8 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
     token_ids: the prompt's ids followed by the new ones (up to and including EOS), a list of
     ints; text: tokenizer.decode(token_ids, skip_special_tokens=True). An empty prompt starts
     from the tokenizer's BOS (else EOS) token. A list of prompts is generated as one batch and
-    gives a list of id lists and a list of texts.
+    gives a list of id lists and a list of texts. A prompt with characters the tokenizer has
+    no token for is a ConfigError (`check_prompt`).
     """
     single = isinstance(prompt_text, str)
     texts: Sequence[str] = [prompt_text] if single else list(prompt_text)
@@ -326,6 +338,8 @@ def run_generation(model, params, tokenizer, prompt_text, max_new_tokens=50, tem
                 fix="use the tokenizer the model was trained with")
     start_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                 else tokenizer.eos_token_id)
+    for t in texts:
+        check_prompt(tokenizer, t)
     prompts = [list(tokenizer.encode(t)) for t in texts]
     for p in prompts:
         if not p:

@@ -492,12 +492,20 @@ def check_train_config(config) -> None:
 
 
 def check_sample_settings(train_cfg, model_cfg, tokenizer) -> None:
-    """Refuse, before training, samples the model cannot serve: with positions bounded by
-    model.max_position_embeddings (alibi), every tokenized train.sample_prompts plus
-    train.sample_max_new_tokens must fit them. Learned positions slide a block_size window,
-    so any length samples."""
+    """Refuse, before training, samples the model cannot serve: a prompt with characters
+    outside the tokenizer's vocabulary (`generation.check_prompt`), and, with positions bounded
+    by model.max_position_embeddings (alibi), tokenized train.sample_prompts plus
+    train.sample_max_new_tokens that do not fit them. Learned positions slide a block_size
+    window, so any length samples."""
+    from cleangpt_jax.generation import check_prompt
+
     n = train_cfg.sample_max_new_tokens
-    if not n or not train_cfg.sample_prompts or model_cfg.position_encoding == "learned":
+    if not n or not train_cfg.sample_prompts:
+        return
+    for prompt in train_cfg.sample_prompts:
+        check_prompt(tokenizer, prompt, what="train.sample_prompts entry",
+                     fix="change train.sample_prompts or set train.sample_max_new_tokens=0")
+    if model_cfg.position_encoding == "learned":
         return
     longest = max(max(len(tokenizer.encode(p)), 1) for p in train_cfg.sample_prompts)
     if longest + n > model_cfg.max_position_embeddings:
@@ -542,13 +550,13 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     check_vocab(tokenizer.vocab_size, config.model.vocab_size, where="model.vocab_size",
                 fix="leave model.vocab_size None (the tokenizer's size)")
     model = get_model(config=model_config(config.model))
-    check_sample_settings(t, model.config, tokenizer)
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         diff = workdir_lib.config_differences(workdir_lib.load_config(workdir), config)
         if diff:
             raise ConfigError(
                 f"{workdir} holds a run with a different model/tokenizer ({'; '.join(diff[:4])})"
                 f": pass a new --workdir, or the original settings to resume it")
+    check_sample_settings(t, model.config, tokenizer)  # after the run's own config is checked
 
     data = data_lib.load_dataset(config, tokenizer)
     block, batch_size = model.config.block_size, t.batch_size

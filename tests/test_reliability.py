@@ -217,3 +217,23 @@ def test_misleading_messages_say_what_the_path_is(runs, tmp_path, capsys):
                                  f"checkpoint yet: train until one is written, or pass a run "
                                  f"that has one")
     assert json.loads((fresh / "config.json").read_text())["model"]["n_layer"] == 1
+
+
+def test_a_prompt_outside_a_character_vocabulary_is_refused(runs, capsys):
+    """Item 16: generate (the CLI, in-process) refuses a prompt with characters the run's
+    character vocabulary lacks, naming them, instead of dropping them ('hé' -> 'h'); training
+    refuses such a train.sample_prompts entry before it starts."""
+    from cleangpt_jax.tokenizers.character import CharacterTokenizer
+    from cleangpt_jax.trainer import check_sample_settings
+
+    code, out, err = generate_main([f"--workdir={runs['train']}", "--prompt=abéZé"], capsys)
+    assert code == 1 and not out and err.strip().splitlines() == [
+        "error: the prompt 'abéZé' has characters outside the tokenizer's vocabulary: 'éZ'; "
+        "use only characters of the text it was built from"]
+    cfg = tiny_config()
+    cfg.train.update(sample_prompts=["ab", "a\u00e9"], sample_max_new_tokens=4)
+    with pytest.raises(ConfigError) as e:
+        check_sample_settings(cfg.train, model_config(cfg.model), CharacterTokenizer("abc"))
+    assert one_line_error(e) == (
+        "train.sample_prompts entry 'aé' has characters outside the tokenizer's vocabulary: "
+        "'é'; change train.sample_prompts or set train.sample_max_new_tokens=0")

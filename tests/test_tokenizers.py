@@ -64,6 +64,7 @@ def test_char_unknown_chars_map_to_unk(char_tok):
     assert ids == [char_tok.stoi["h"], 0, char_tok.stoi["e"], 0]
     assert char_tok.decode(ids) == "he"
     assert char_tok.decode(ids, skip_special_tokens=False) == "h<unk>e<unk>"
+    assert char_tok.unknown_characters("hZe€Z") == "Z€"  # prompts holding any are refused
 
 
 def test_char_extra_special_tokens_and_validation():

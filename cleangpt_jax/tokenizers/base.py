@@ -77,6 +77,12 @@ class Tokenizer(abc.ABC):
     def vocab_size(self) -> int:
         """Number of token ids, special tokens included (ids are 0 .. vocab_size-1)."""
 
+    def unknown_characters(self, text: str) -> str:
+        """The characters of `text` this tokenizer has no token for (encode turns them into
+        its unknown token), each once, in order of appearance; "" for tokenizers that encode
+        any text (the default)."""
+        return ""
+
     @abc.abstractmethod
     def save_pretrained(self, directory) -> str:
         """Save to `directory` (created if needed), marker file included; returns the directory."""

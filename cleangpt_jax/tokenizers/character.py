@@ -13,8 +13,8 @@ class CharacterTokenizer(Tokenizer):
 
     Ids: <unk>=0, <pad>=1, <bos>=2, <eos>=3, then the extra `special_tokens`,
     then `chars` in the order given. Characters outside the vocabulary encode
-    to <unk>. Special tokens are never parsed out of text: "<eos>" in a string
-    is five characters.
+    to <unk> (`unknown_characters` names them; prompts holding any are refused). Special
+    tokens are never parsed out of text: "<eos>" in a string is five characters.
     """
 
     tokenizer_type = "character"
@@ -63,6 +63,9 @@ class CharacterTokenizer(Tokenizer):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = [self.stoi.get(c, self.unk_token_id) for c in text]
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def unknown_characters(self, text: str) -> str:
+        return "".join(dict.fromkeys(c for c in text if c not in self.stoi))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids_to_list(ids)
