@@ -530,7 +530,8 @@ def prepare_tokenizer(config, workdir: str):
 def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     """Everything the loop needs: the tokenizer, data, model, compiled steps and the state,
     restored from the workdir's latest checkpoint or freshly initialised. Checks the config
-    and the workdir before it writes anything (config.json, tokenizer/)."""
+    and the workdir (writable, of this kind) before it writes anything (config.json,
+    tokenizer/), and writes nothing when the run already reached its num_steps."""
     from cleangpt_jax import data as data_lib
     from cleangpt_jax.models import get_model
 
@@ -578,10 +579,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 
-    workdir_lib.save_config(workdir, config)
-    if workdir_lib.is_writer() and not os.path.isdir(
-            os.path.join(workdir, workdir_lib.TOKENIZER_DIR)):
-        tokenizer.save_pretrained(os.path.join(workdir, workdir_lib.TOKENIZER_DIR))
+    if restored is None or restored.step < num_steps:  # a finished run is left as it was
+        workdir_lib.save_config(workdir, config)
+        if workdir_lib.is_writer() and not os.path.isdir(
+                os.path.join(workdir, workdir_lib.TOKENIZER_DIR)):
+            tokenizer.save_pretrained(os.path.join(workdir, workdir_lib.TOKENIZER_DIR))
 
     pi, pc = jax.process_index(), jax.process_count()
 

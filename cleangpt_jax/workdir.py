@@ -122,13 +122,17 @@ def run_kind(workdir: str) -> str | None:
 
 def check_output_dir(path: str, what: str) -> None:
     """Refuse (ConfigError naming `what`, e.g. '--output_dir') a `path` that is a file or lies
-    under one, so that a tool fails before its work rather than when it writes."""
+    under one, or whose nearest existing directory (itself, or the parent it would be created
+    in) is not writable, so that a tool fails before its work rather than when it writes."""
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{what} cannot be created: {path!r} is a file, not a directory: "
                           f"pass a directory")
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} cannot be written: the directory {path!r} is not writable: "
+                          f"pass a writable directory or fix its permissions")
 
 
 def check_kind(workdir: str, kind: str, *, source: str | None = None) -> None:

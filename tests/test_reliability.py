@@ -237,3 +237,25 @@ def test_a_prompt_outside_a_character_vocabulary_is_refused(runs, capsys):
     assert one_line_error(e) == (
         "train.sample_prompts entry 'aé' has characters outside the tokenizer's vocabulary: "
         "'é'; change train.sample_prompts or set train.sample_max_new_tokens=0")
+
+
+def test_a_read_only_workdir_or_output_dir_gets_one_line(runs, tmp_path, monkeypatch):
+    """Item 13: train into, or evaluate out to, a directory that is not writable (or one to be
+    created under such a parent) fails in one line naming it, before any work. The tests run
+    as root, whom chmod does not stop, so os.access reports the directory read-only."""
+    from cleangpt_jax.trainer import prepare_run
+
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != locked and access(p, mode))
+    for path, what in ((locked, "--workdir"), (os.path.join(locked, "new"), "--output_dir")):
+        with pytest.raises(ConfigError) as e:
+            if what == "--workdir":
+                prepare_run(tiny_config(), path)
+            else:
+                workdir_lib.check_output_dir(path, what)
+        assert one_line_error(e) == (
+            f"{what} cannot be written: the directory {locked!r} is not writable: pass a "
+            f"writable directory or fix its permissions")
+    assert os.listdir(locked) == []

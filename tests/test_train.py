@@ -230,6 +230,19 @@ def test_exact_resume_after_sigterm(straight, resumed):
     assert second.samples == straight.summary.samples
 
 
+def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
+    """Issue 13 item 13: rerunning a run already at num_steps has nothing to do and leaves its
+    workdir byte for byte as it was (config.json is not rewritten)."""
+    workdir = tmp_path / "finished"
+    shutil.copytree(straight.workdir, workdir)
+    config_json = workdir / workdir_lib.CONFIG_FILE
+    before = tree_digest(workdir), config_json.stat().st_mtime_ns, config_json.stat().st_ino
+    assert run(make_config(env, **SAMPLES), workdir).step == N
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tree_digest(workdir), config_json.stat().st_mtime_ns,
+            config_json.stat().st_ino) == before  # the same bytes, not rewritten
+
+
 def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight, tmp_path):
     again = run(make_config(env), tmp_path / "again")
     assert losses(tmp_path / "again") == straight.losses
