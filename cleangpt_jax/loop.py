@@ -36,6 +36,8 @@ import numpy as np
 
 from cleangpt_jax.workdir import METRICS_FILE, is_writer
 
+TENSORBOARD_PREFIX = "events.out.tfevents"  # the events files tensorboardX writes
+
 
 # ---------------------------------------------------------------------------- metrics
 class NonFiniteError(ValueError):
@@ -169,19 +171,22 @@ def report(bar, text: str) -> None:
 class MetricWriter:
     """metrics.jsonl + TensorBoard scalars; a no-op on every process but 0.
 
-    `resume_step` drops records past that step (left by a run that died after its last
-    checkpoint), so a resumed run's log reads as one uninterrupted run.
+    `resume_step` is the step the run restarts from (its restored checkpoint's; 0 for a run
+    that restored nothing). Records past it, left by a run that died after its last checkpoint
+    (or before its first), are dropped from metrics.jsonl (rewritten atomically), and so are
+    their TensorBoard scalars: TensorBoard purges the older files' events past `resume_step`,
+    and a run that restarts from 0 deletes the older events files. A killed and rerun run's
+    records thus equal an uninterrupted run's, record for record.
     """
 
-    def __init__(self, workdir: str, *, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
         self.active = is_writer()
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
+        if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
             tmp = self.path + ".tmp"
@@ -189,9 +194,13 @@ class MetricWriter:
                 f.writelines(keep)
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:  # on resume TensorBoard drops the old files' events past resume_step
-            self._tb = _summary_writer(
-                workdir, purge_step=None if resume_step is None else resume_step + 1)
+        if tensorboard:
+            if resume_step == 0:
+                for name in os.listdir(workdir):
+                    if name.startswith(TENSORBOARD_PREFIX):
+                        os.remove(os.path.join(workdir, name))
+            self._tb = _summary_writer(workdir,
+                                       purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:

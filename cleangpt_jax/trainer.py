@@ -257,6 +257,7 @@ class TrainRun:
     best_val_loss: float | None = None
     last_eval: dict | None = None       # {'val_loss', 'val_ppl', 'val_tokens', 'best_val_loss'}
     train_loss: float | None = None     # the newest loss fetched from the device
+    loss_window: tuple[float, int] = (0.0, 0)  # (sum, count) of the losses since the last log
     samples: list[str] = dataclasses.field(default_factory=list)
     interrupted: bool = False
     stop_signal: int | None = None      # the signal's number when one interrupted the run
@@ -270,10 +271,11 @@ class TrainRun:
         return float(self.schedule(max(step - 1, 0)))
 
     def meta(self) -> dict:
-        """What a checkpoint records next to the state."""
+        """What a checkpoint records next to the state; `loss_window` lets a resumed run's next
+        log record average the same steps as an uninterrupted run's."""
         return {"step": self.step, "data_seed": int(self.config.train.seed),
                 "tokens_seen": self.step * self.tokens_per_step, "num_steps": self.num_steps,
-                "best_val_loss": self.best_val_loss}
+                "best_val_loss": self.best_val_loss, "loss_window": list(self.loss_window)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -304,18 +306,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         run.checkpointer.close()
         return _summary(run)
 
-    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from)
+    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0)
     bar = loop.progress_bar(run.num_steps, run.step)
     stop = threading.Event()
     lag = loop.LaggedMetrics()
-    fetched: list[tuple[int, dict]] = []  # host metrics of the steps since the last log record
+    newest: dict = {}  # the host metrics of the newest step fetched
     evaluated_at = saved_at = clock = None
     steps_timed = 0  # steps since `clock` (the first step, which compiles, is not timed)
 
     def fetch(new: list[tuple[int, dict]]) -> None:
-        fetched.extend(new)
-        if new:
-            run.train_loss = new[-1][1]["loss"]
+        for _, metrics in new:
+            total, count = run.loss_window
+            run.loss_window = (total + metrics["loss"], count + 1)
+            newest.update(metrics)
+            run.train_loss = metrics["loss"]
 
     def evaluate_now() -> None:
         nonlocal evaluated_at
@@ -369,8 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
                 if run.step % t.log_every == 0 or run.step == run.num_steps:
                     fetch(lag.flush())
-                    writer.write(run.step, _train_record(run, fetched, tokens_per_sec))
-                    fetched.clear()
+                    writer.write(run.step, _train_record(run, newest, tokens_per_sec))
+                    run.loss_window = (0.0, 0)
                     clock, steps_timed = time.perf_counter(), 0
                 if t.eval_every and run.step % t.eval_every == 0 and run.eval_batches:
                     evaluate_now()
@@ -414,11 +418,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _summary(run)
 
 
-def _train_record(run: TrainRun, fetched: list[tuple[int, dict]], tokens_per_sec: float):
-    """The log record of run.step: the mean loss of the steps since the last record, the
-    newest step's learning rate and grad norm (and the strategy's extras), throughput."""
-    newest = fetched[-1][1]
-    record = {"train_loss": sum(m["loss"] for _, m in fetched) / len(fetched),
+def _train_record(run: TrainRun, newest: dict, tokens_per_sec: float):
+    """The log record of run.step: the mean loss of the steps since the last record (those
+    before a resume included), the newest step's learning rate and grad norm (and the
+    strategy's extras), throughput."""
+    total, count = run.loss_window
+    record = {"train_loss": total / count,
               "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"],
               "tokens_per_sec": tokens_per_sec}
     record.update({k: v for k, v in newest.items() if k not in ("loss", "grad_norm")})
@@ -609,4 +614,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         checkpointer=checkpointer,
         resumed_from=None if restored is None else restored.step,
         step=0 if restored is None else restored.step,
-        best_val_loss=None if restored is None else restored.meta.get("best_val_loss"))
+        best_val_loss=None if restored is None else restored.meta.get("best_val_loss"),
+        loss_window=(0.0, 0) if restored is None else tuple(restored.meta.get("loss_window",
+                                                                              (0.0, 0))))

@@ -305,7 +305,8 @@ def test_each_stage_loss_falls(reference):
 
 def test_sigterm_mid_stage_then_rerun_equals_uninterrupted(env, offline, reference, monkeypatch):
     """SIGTERM inside the head stage: the step finishes, is saved, the run stops; the same
-    call again runs only the head (from its step 2) and final stages, bit for bit."""
+    call again runs only the head (from its step 2) and final stages, bit for bit. A third
+    call, on the finished run, runs nothing and leaves one 'student' record."""
     workdir = str(env.root / "sigterm")
     real = data_lib.batch_for_step
 
@@ -330,6 +331,11 @@ def test_sigterm_mid_stage_then_rerun_equals_uninterrupted(env, offline, referen
     assert ran == ["head", "final"]
     assert_trees_equal(workdir_lib.load_run(workdir).params, reference.params)
     assert workdir_lib.read_metrics(workdir) == reference.metrics
+    runner.run(offline.config(), workdir, progress=False)  # the finished run, rerun: no stage
+    assert ran == ["head", "final"]
+    metrics = workdir_lib.read_metrics(workdir)
+    assert [m["stage"] for m in metrics].count("student") == 1
+    assert metrics == reference.metrics
 
 
 def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, offline,

@@ -628,7 +628,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                    "teacher_val": val_loss(s.teacher, s.teacher_params, s.data.val, cfg,
                                            s.mesh),
                    "student_val": val_loss(s.student, student, s.data.val, cfg, s.mesh)}
-        if summary["student_val"] is not None:
+        if summary["student_val"] is not None and not student_logged(workdir):
             writer.write(offset, {"stage": "student", **summary["student_val"],
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})
     finally:
@@ -637,6 +637,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
 
 
 # ------------------------------------------------------------------------------ outputs
+
+def student_logged(workdir: str) -> bool:
+    """Whether metrics.jsonl already holds the final student's record (a rerun of a finished
+    run, which must not append it twice)."""
+    return (os.path.exists(os.path.join(workdir, workdir_lib.METRICS_FILE))
+            and any(r.get("stage") == "student" for r in workdir_lib.read_metrics(workdir)))
+
 
 def student_run_config(s: Setup, workdir: str) -> ml_collections.ConfigDict:
     """The final student's config.json: the run's config with the resolved student model,
