@@ -354,7 +354,8 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
         return config, params
 
     monkeypatch.setattr(hf, "load_gpt2", poisoned)
-    with pytest.raises(loop.NonFiniteError, match="stage block_2: loss is nan at step 1; stopped") as e:
+    with pytest.raises(loop.NonFiniteError,
+                       match="stage block_2: loss is nan at step 1; stopped") as e:
         runner.run(offline.config(), workdir, progress=False)
     assert "completed stages are kept" in one_line_error(e)
     monkeypatch.undo()

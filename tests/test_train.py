@@ -245,8 +245,8 @@ def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
 
 def test_a_kill_before_the_first_checkpoint_and_a_stop_mid_window_leave_the_same_records(
         env, tmp_path):
-    """log_every=3, checkpoints every 4 steps, 7 steps: a run killed at step 3 (its record written, no
-    checkpoint yet) is rerun and stopped by SIGTERM at step 5 (inside the window the step-6
+    """log_every=3, checkpoints every 4 steps, 7 steps: a run killed at step 3 (its record
+    written, no checkpoint yet) is rerun and stopped by SIGTERM at step 5 (inside the window the step-6
     record averages: steps 4-6), then finished. metrics.jsonl (all but the timings) and the
     TensorBoard scalars equal the uninterrupted run's, record for record."""
     cfg = make_config(env, **{"train.log_every": 3, "train.num_steps": 7})
@@ -481,7 +481,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path):
     with pytest.raises(loop.NonFiniteError) as e:
         run(cfg, workdir, [poison_at(5)])
     msg = one_line_error(e)
-    assert "training: loss is nan at step 6; stopped" in msg and "checkpoint (step 4) is kept" in msg
+    assert "training: loss is nan at step 6; stopped" in msg
+    assert "checkpoint (step 4) is kept" in msg
     assert checkpoint_steps(workdir) == [2, 4]
     params = params_of(workdir)
     assert all(np.isfinite(v).all() for v in params.values())
