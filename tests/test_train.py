@@ -246,9 +246,9 @@ def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
 def test_a_kill_before_the_first_checkpoint_and_a_stop_mid_window_leave_the_same_records(
         env, tmp_path):
     """log_every=3, checkpoints every 4 steps, 7 steps: a run killed at step 3 (its record
-    written, no checkpoint yet) is rerun and stopped by SIGTERM at step 5 (inside the window the step-6
-    record averages: steps 4-6), then finished. metrics.jsonl (all but the timings) and the
-    TensorBoard scalars equal the uninterrupted run's, record for record."""
+    written, no checkpoint yet) is rerun and stopped by SIGTERM at step 5 (inside the window
+    the step-6 record averages: steps 4-6), then finished. metrics.jsonl (all but the timings)
+    and the TensorBoard scalars equal the uninterrupted run's, record for record."""
     cfg = make_config(env, **{"train.log_every": 3, "train.num_steps": 7})
     run(cfg, tmp_path / "straight")
     workdir = tmp_path / "stopped"
