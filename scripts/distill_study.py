@@ -52,7 +52,7 @@ from cleangpt_jax import workdir as workdir_lib  # noqa: E402
 from cleangpt_jax.config import get_config  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
 from cleangpt_jax.distill import plan as plan_lib  # noqa: E402
-from cleangpt_jax.distill import runner  # noqa: E402
+from cleangpt_jax.distill import runner, stage_step  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,13 +228,13 @@ def time_stages(args, cfg, label: str, vocab_size: int | None = None) -> dict:
     key = jax.random.key(0)
     rows = []
     for stage in [st for st in s.stages if st.kind == "block"]:
-        paths = runner.trainable_paths(tree, stage, s.config, s.student.config.tie_embeddings)
+        paths = stage_step.trainable_paths(tree, stage, s.config, s.student.config.tie_embeddings)
         states = {}
         for truncate in (True, False):
-            c = runner.compiled_step(runner.step_spec(s, stage, paths, truncate=truncate))
-            tr, fr = runner.split(runner.place(tree, s.mesh), paths)
-            tr = runner.place(tr, s.mesh, copy=True)
-            opt = runner.place(c.init(tr), s.mesh)
+            c = stage_step.compiled_step(stage_step.step_spec(s, stage, paths, truncate=truncate))
+            tr, fr = stage_step.split(stage_step.place(tree, s.mesh), paths)
+            tr = stage_step.place(tr, s.mesh, copy=True)
+            opt = stage_step.place(c.init(tr), s.mesh)
             tr, opt, m = c.step(tr, opt, fr, s.teacher_params, batch, key)  # compile
             jax.block_until_ready(m)
             states[truncate] = [c, tr, opt, fr]

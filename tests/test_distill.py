@@ -30,6 +30,7 @@ from cleangpt_jax import hf, loop, optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.distill import runner
+from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
 from helpers import one_line_error, persistent_compile_cache
@@ -373,7 +374,7 @@ def test_a_diverged_update_is_never_saved(env, offline, reference, monkeypatch):
     real = optim.lr_schedule
     monkeypatch.setattr(optim, "lr_schedule", lambda t, n: (
         lambda s: jnp.where(s == n - 1, jnp.nan, real(t, n)(s))))
-    monkeypatch.setattr(runner, "compiled_step", runner.compiled_step.__wrapped__)  # uncached
+    monkeypatch.setattr(stage_step, "compiled_step", stage_step.compiled_step.__wrapped__)  # uncached
     workdir = str(env.root / "diverged")
     with pytest.raises(loop.NonFiniteError) as e:
         runner.run(offline.config(**{"distill.checkpoint_every": 1}), workdir, progress=False)

@@ -12,7 +12,7 @@ import pytest
 from cleangpt_jax import optim
 from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.distill import losses as L
-from cleangpt_jax.distill import plan, runner
+from cleangpt_jax.distill import plan, runner, stage_step
 from cleangpt_jax.distill.config import get_config
 from cleangpt_jax.distill.stitching import Stitch
 from cleangpt_jax.models import get_model
@@ -170,7 +170,7 @@ def _tiny_spec(**changes):
                 loss=L.get_loss("mse"), temperature=1.0,
                 adam=(t.adam_b1, t.adam_b2, t.adam_eps))
     spec.update(changes)
-    return runner.StepSpec(**spec)
+    return stage_step.StepSpec(**spec)
 
 
 def _tiny_models(key, ids):
@@ -188,14 +188,14 @@ def test_truncated_forward_gives_the_full_forward_loss():
     spec = _tiny_spec()
     ids = np.random.default_rng(0).integers(0, 11, size=(2, 8)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    truncated = runner.stage_loss_fn(spec)
-    full = runner.stage_loss_fn(_tiny_spec(truncate=False))
+    truncated = stage_step.stage_loss_fn(spec)
+    full = stage_step.stage_loss_fn(_tiny_spec(truncate=False))
 
     @jax.jit
     def both(key):
         t_params, tree = _tiny_models(key, ids)
         k3 = jax.random.fold_in(key, 3)
-        trainable, frozen = runner.split(tree, spec.trainable)
+        trainable, frozen = stage_step.split(tree, spec.trainable)
         return (truncated(trainable, frozen, t_params, batch, k3),
                 full(trainable, frozen, t_params, batch, k3))
 
@@ -220,10 +220,10 @@ def test_a_stage_step_uses_the_configs_adam_settings():
         cfg.distill.warmup_steps = 0
         setup = types.SimpleNamespace(config=cfg, teacher=types.SimpleNamespace(config=TEACHER),
                                       student=types.SimpleNamespace(config=STUDENT))
-        paths = runner.trainable_paths(tree, stage, cfg, tie_embeddings=False)
-        spec = runner.step_spec(setup, stage, paths)
-        compiled = runner.compiled_step(spec)
-        trainable, frozen = runner.split(tree, paths)
+        paths = stage_step.trainable_paths(tree, stage, cfg, tie_embeddings=False)
+        spec = stage_step.step_spec(setup, stage, paths)
+        compiled = stage_step.compiled_step(spec)
+        trainable, frozen = stage_step.split(tree, paths)
         trainable = jax.tree.map(jnp.copy, trainable)  # donated by the step
         opt_state = compiled.init(trainable)
         for i, batch in enumerate(batches):
@@ -235,9 +235,9 @@ def test_a_stage_step_uses_the_configs_adam_settings():
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
             optax.cosine_decay_schedule(1e-2, 10, alpha=0.1), b1=t.adam_b1, b2=t.adam_b2,
             eps=t.adam_eps, weight_decay=0.1, mask=optim.weight_decay_mask))
-        grad = jax.jit(jax.grad(lambda p, b, r: runner.stage_loss_fn(spec)(
+        grad = jax.jit(jax.grad(lambda p, b, r: stage_step.stage_loss_fn(spec)(
             p, frozen, t_params, b, r)[0]))
-        ref, _ = runner.split(tree, paths)
+        ref, _ = stage_step.split(tree, paths)
         ref_state = jax.jit(tx.init)(ref)
 
         @jax.jit  # one program, not one per eager optax op

@@ -1,6 +1,9 @@
-"""Block-by-block distillation: the stage loop, its jit-compiled steps, checkpoints and resume.
+"""Block-by-block distillation: setup, the stage loop, checkpoints and resume, the student.
 
     summary = run(config, workdir)        # what `python -m cleangpt_jax.distill` runs
+
+Each stage's compiled update (what it trains, its loss, its optimizer) is
+`distill.stage_step`; this module runs the stages and keeps what they leave on disk.
 
 Layout of a distillation workdir:
 
@@ -14,16 +17,6 @@ Layout of a distillation workdir:
     WORKDIR/stages/manifest.json                     the stages completed so far
     WORKDIR/metrics.jsonl, events.out.*              one record per log event, with `stage`
 
-One step of block stage k, with θ_k the parameters `plan.is_trainable` picks:
-
-    target = teacher(ids, num_blocks=map(k)).hidden_states[map(k)]      (no gradient)
-    hidden = student(ids, num_blocks=k).hidden_states[k]                (B, T, d_s)
-    loss   = sum_bt mask * hidden_loss(stitch_k(hidden), target) / sum_bt mask
-
-The teacher runs only map(k) blocks and the student only k; every frozen leaf enters through
-stop_gradient, so the frozen prefix costs its forward pass and no backward work. The head and
-final stages compare logits: logit_weight * logit_loss(T) + lm_weight * LM cross-entropy.
-
 Resume: batches are a pure function of (train.seed, global step), the dropout key is
 fold_in(fold_in(key(seed), 1), global step), and a stage checkpoint holds the whole
 {'student', 'stitch'} tree with the optimizer state. A run killed at any point and rerun
@@ -35,19 +28,16 @@ a second run in one process (a resumed run, a study sweeping variants) compiles 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import traverse_util
 
 from cleangpt_jax import checkpoint as ckpt_lib
 from cleangpt_jax import data as data_lib
@@ -55,12 +45,11 @@ from cleangpt_jax import hf, loop, sharding, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
-from cleangpt_jax.distill.losses import distillation_loss, get_loss
-from cleangpt_jax.distill.stitching import apply_stitch, init_stitching, stitch_name
+from cleangpt_jax.distill import stage_step
+from cleangpt_jax.distill.losses import get_loss
+from cleangpt_jax.distill.stitching import init_stitching, stitch_name
 from cleangpt_jax.loading import load_lm
-from cleangpt_jax.losses import causal_lm_loss
 from cleangpt_jax.models import get_model
-from cleangpt_jax.optim import make_optimizer
 
 MANIFEST = "manifest.json"
 PLAN_FILE = "plan.json"
@@ -156,163 +145,6 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
                if d.block_stages else None)
     return Setup(cfg, get_model(config=t_cfg), t_params, get_model(config=s_cfg), tokenizer,
                  data, mesh, stages, mapping)
-
-
-# ------------------------------------------------------------------------ trainable split
-
-def trainable_paths(tree, stage, cfg, tie_embeddings: bool) -> frozenset:
-    """Paths ('student'|'stitch', ...) of the leaves `stage` trains."""
-    return frozenset(
-        p for p in traverse_util.flatten_dict(tree)
-        if plan_lib.is_trainable(stage, p, tie_embeddings=tie_embeddings,
-                                 freeze_previous_blocks=cfg.distill.freeze_previous_blocks))
-
-
-def split(tree, paths: frozenset):
-    """(trainable, frozen) flat dicts {path: leaf} of the {'student', 'stitch'} tree."""
-    flat = traverse_util.flatten_dict(tree)
-    return ({p: v for p, v in flat.items() if p in paths},
-            {p: v for p, v in flat.items() if p not in paths})
-
-
-def join(trainable, frozen):
-    """The nested tree again (outside jit)."""
-    return traverse_util.unflatten_dict({**frozen, **trainable})
-
-
-def merge(trainable, frozen):
-    """The nested tree inside the loss: frozen leaves under stop_gradient."""
-    return join(trainable, jax.lax.stop_gradient(frozen))
-
-
-def place(tree, mesh, *, copy: bool = False):
-    """Lay a tree out as training does (replicated, or fsdp-sharded); `copy` guarantees fresh
-    buffers, so a donated leaf never aliases a frozen or teacher array."""
-    return jax.device_put(tree, sharding.state_shardings(tree, mesh),
-                          may_alias=False if copy else None)
-
-
-# ------------------------------------------------------------------------------ the steps
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """Everything one stage's compiled step depends on (hashable: the cache key)."""
-
-    teacher: ModelConfig
-    student: ModelConfig
-    stage: plan_lib.Stage
-    trainable: frozenset
-    loss: Callable              # per-token loss from the registry
-    temperature: float
-    adam: tuple[float, float, float]  # AdamW (b1, b2, eps): train.adam_b1/adam_b2/adam_eps
-    logit_weight: float = 1.0
-    lm_weight: float = 0.0
-    stitching: bool = True
-    stitching_bias: bool = True
-    warmup_steps: int = 0
-    truncate: bool = True       # False: both models run every block and their heads (the
-    #                             full-forward baseline scripts/distill_study.py times)
-
-
-def step_spec(s: Setup, stage, paths: frozenset, *, truncate: bool = True) -> StepSpec:
-    d, t = s.config.distill, s.config.train
-    common = dict(teacher=s.teacher.config, student=s.student.config, stage=stage,
-                  trainable=paths,
-                  adam=(float(t.adam_b1), float(t.adam_b2), float(t.adam_eps)),
-                  stitching=bool(d.stitching),
-                  stitching_bias=bool(d.stitching_bias), warmup_steps=int(d.warmup_steps),
-                  truncate=truncate)
-    if stage.kind == "block":
-        return StepSpec(loss=get_loss(d.hidden_loss), temperature=float(d.hidden_temperature),
-                        **common)
-    c = d[stage.kind]
-    return StepSpec(loss=get_loss(c.logit_loss), temperature=float(c.temperature),
-                    logit_weight=float(c.logit_weight), lm_weight=float(c.lm_weight), **common)
-
-
-def stage_optimizer(stage, warmup_steps: int, adam: tuple[float, float, float]):
-    """The training optimizer (AdamW with the run's (b1, b2, eps), decay on >= 2-D weights
-    only, global-norm clipping) for one stage: the stage's learning rate, weight decay and
-    clipping, linear warmup, then cosine decay to 10% of the stage's learning rate."""
-    b1, b2, eps = adam
-    return make_optimizer(ml_collections.ConfigDict(dict(
-        learning_rate=stage.learning_rate, min_lr=0.1 * stage.learning_rate,
-        warmup_steps=min(warmup_steps, stage.steps // 10), lr_schedule="cosine",
-        grad_clip=stage.grad_clip or 0.0, weight_decay=stage.weight_decay,
-        adam_b1=b1, adam_b2=b2, adam_eps=eps)), stage.steps)
-
-
-def stage_loss_fn(spec: StepSpec):
-    """loss(trainable, frozen, teacher_params, batch, rng) -> (loss, aux) for one stage."""
-    teacher, student, stage = get_model(config=spec.teacher), get_model(config=spec.student), \
-        spec.stage
-
-    def forward(trainable, frozen, teacher_params, batch, rng, *, hidden: bool):
-        tree = merge(trainable, frozen)
-        ids = batch["input_ids"]
-        t_blocks = stage.teacher_layer if (hidden and spec.truncate) else None
-        s_blocks = stage.block if (hidden and spec.truncate) else None
-        t_out = teacher.apply({"params": teacher_params}, ids, num_blocks=t_blocks,
-                              output_hidden_states=hidden)
-        s_out = student.apply({"params": tree["student"]}, ids, num_blocks=s_blocks,
-                              output_hidden_states=hidden, deterministic=False,
-                              rngs={"dropout": rng})
-        aux = {}
-        if hidden and not spec.truncate:  # keep the heads alive: XLA would prune them
-            aux = {"teacher_logits_mean": jnp.mean(jax.lax.stop_gradient(t_out.logits)),
-                   "student_logits_mean": jnp.mean(jax.lax.stop_gradient(s_out.logits))}
-        return tree, t_out, s_out, aux
-
-    def block_loss(trainable, frozen, teacher_params, batch, rng):
-        tree, t_out, s_out, aux = forward(trainable, frozen, teacher_params, batch, rng,
-                                          hidden=True)
-        target = jax.lax.stop_gradient(t_out.hidden_states[stage.teacher_layer])
-        pred = apply_stitch(tree.get("stitch") if spec.stitching else None, stage.block,
-                            s_out.hidden_states[stage.block], spec.teacher.n_embd,
-                            spec.stitching_bias)
-        loss = distillation_loss(spec.loss, pred, target, batch["attention_mask"],
-                                 spec.temperature)
-        return loss, aux
-
-    def logit_loss(trainable, frozen, teacher_params, batch, rng):
-        _, t_out, s_out, aux = forward(trainable, frozen, teacher_params, batch, rng,
-                                       hidden=False)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        target = jax.lax.stop_gradient(t_out.logits)
-        loss = spec.logit_weight * distillation_loss(spec.loss, s_out.logits, target, mask,
-                                                     spec.temperature)
-        if spec.lm_weight:
-            loss = loss + spec.lm_weight * causal_lm_loss(s_out.logits, ids, mask)
-        return loss, aux
-
-    return block_loss if stage.kind == "block" else logit_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-    step: Callable      # (trainable, opt_state, frozen, teacher_params, batch, rng)
-    #                     -> (trainable, opt_state, metrics); trainable and opt_state donated
-    init: Callable      # trainable -> opt_state
-    schedule: Callable  # stage step -> learning rate
-
-
-@functools.lru_cache(maxsize=64)
-def compiled_step(spec: StepSpec) -> CompiledStep:
-    """The jit-compiled update of one stage (cached: equal specs share the executable)."""
-    loss_fn = stage_loss_fn(spec)
-    tx, schedule = stage_optimizer(spec.stage, spec.warmup_steps, spec.adam)
-
-    def step(trainable, opt_state, frozen, teacher_params, batch, rng):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, teacher_params, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(trainable), **aux}  # checked before a save
-        return trainable, opt_state, metrics
-
-    return CompiledStep(jax.jit(step, donate_argnums=(0, 1)), jax.jit(tx.init),
-                        jax.jit(schedule))
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -469,32 +301,32 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     (tree, info). Saves every distill.checkpoint_every steps, at the end, and on `stop`."""
     cfg = s.config
     d = cfg.distill
-    paths = trainable_paths(tree, stage, cfg, s.student.config.tie_embeddings)
+    paths = stage_step.trainable_paths(tree, stage, cfg, s.student.config.tie_embeddings)
     if not paths:
         raise ConfigError(f"stage {stage.name} has no trainable parameters")
-    compiled = compiled_step(step_spec(s, stage, paths))
-    trainable, frozen = split(place(tree, s.mesh), paths)
-    trainable = place(trainable, s.mesh, copy=True)
-    opt_state = place(compiled.init(trainable), s.mesh)  # the layout the step returns
+    compiled = stage_step.compiled_step(stage_step.step_spec(s, stage, paths))
+    trainable, frozen = stage_step.split(stage_step.place(tree, s.mesh), paths)
+    trainable = stage_step.place(trainable, s.mesh, copy=True)
+    opt_state = stage_step.place(compiled.init(trainable), s.mesh)  # the layout the step returns
     seed = int(cfg.train.seed)
     ckpt = stage_checkpointer(workdir, stage.name)
     try:
         start, first_loss, last_loss = 0, None, None
         restored = ckpt.restore_latest(
-            params=sharding.abstract_state(join(trainable, frozen), s.mesh),
+            params=sharding.abstract_state(stage_step.join(trainable, frozen), s.mesh),
             opt_state=sharding.abstract_state(opt_state, s.mesh))
         if restored is not None:
             start = restored.step
             first_loss, last_loss = restored.meta.get("first_loss"), restored.meta.get("loss")
-            trainable, frozen = split(restored.params, paths)
+            trainable, frozen = stage_step.split(restored.params, paths)
             # Donated below: fresh buffers, never ones that may alias host memory Orbax read.
-            trainable = place(trainable, s.mesh, copy=True)
-            opt_state = place(restored.opt_state, s.mesh, copy=True)
+            trainable = stage_step.place(trainable, s.mesh, copy=True)
+            opt_state = stage_step.place(restored.opt_state, s.mesh, copy=True)
             if start < stage.steps and jax.process_index() == 0:
                 print(f"Resuming stage {stage.name} from step {start}", flush=True)
 
         def save(step):
-            ckpt.save(step, params=join(trainable, frozen), opt_state=opt_state,
+            ckpt.save(step, params=stage_step.join(trainable, frozen), opt_state=opt_state,
                       meta={"stage": stage.name, "global_step": step_offset + step,
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
 
@@ -546,7 +378,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                                                      "distill.grad_clip, then rerun") from None
     finally:
         ckpt.close()
-    return join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
+    return stage_step.join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
 
 
 def completed_tree(s: Setup, workdir, name):
@@ -570,7 +402,7 @@ def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
     batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
-    return trainer.evaluate(step, place(params, mesh), batches, mesh)
+    return trainer.evaluate(step, stage_step.place(params, mesh), batches, mesh)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
