@@ -1,28 +1,14 @@
-"""Training: the loss strategies, the sharded train and eval steps, and the loop.
+"""Training: a run's setup and the loop, written out.
 
     summary = train_and_evaluate(config, workdir)      what `python -m cleangpt_jax.train` runs
     train_and_evaluate(config, workdir, callbacks=[fn])   fn(event, run) at each event below
 
-The pieces, top to bottom: `STRATEGIES` (loss functions by name, `train.strategy`),
-`create_train_state`, `make_train_step` / `make_eval_step` (jit-compiled, sharded), `evaluate`,
-then `prepare_run` (tokenizer, data, model, restored or fresh state) and `train_and_evaluate`,
-the loop written out. `cleangpt_jax.loop` holds what the loop shares with distillation (lagged
-metric fetch, the non-finite stop, stop agreement, signals, progress bar, metric writer);
-distillation builds its own per-stage step (distill/runner.py) from the same model_init_fn,
-dropout-key rule and eval step.
-
-The loss contract. A strategy's loss_terms(params, batch, *, rng, step, train) returns float32
-scalars (loss_sum, count, extra_sums): the sum of per-token losses, the number of scored tokens
-and a dict of other per-token sums worth reporting. The step divides exactly once:
-
-    loss = sum_micro loss_sum / sum_micro count,    grads = d(sum_micro loss_sum) / sum count
-
-over every micro-batch (gradient accumulation) and every device (the batch is sharded on the
-mesh, XLA inserts the all-reduce), so both equal the token-weighted mean over the global batch.
-
-Randomness: parameters come from fold_in(key(seed), 0); the dropout key of step s is
-fold_in(fold_in(key(seed), 1), s) (and fold_in(., i) for micro-batch i), and batches are a pure
-function of (seed, s): a resumed run repeats the uninterrupted run exactly.
+`prepare_run` builds what the loop needs (tokenizer, data, model, the compiled steps of
+`cleangpt_jax.train_step`, the restored or fresh state); `train_and_evaluate` is the loop.
+`cleangpt_jax.loop` holds what the loop shares with distillation (lagged metric fetch, the
+non-finite stop, stop agreement, signals, progress bar, metric writer). Batches are a pure
+function of (train.seed, step) and the dropout key of a step is fixed by it
+(`train_step.make_train_step`): a resumed run repeats the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -36,179 +22,19 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cleangpt_jax import loop, sharding
+from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, model_config
 from cleangpt_jax.tokenizers import check_vocab
-from cleangpt_jax.losses import causal_lm_loss_terms
 from cleangpt_jax.optim import make_optimizer
-from cleangpt_jax.registry import Registry
-
-PARAMS_SEED_SALT, DROPOUT_SEED_SALT = 0, 1
 
 
-
-# ------------------------------------------------------------------------------ strategies
-LossTerms = Callable[..., tuple]
-# name -> factory(model, config) -> loss_terms; `train.strategy` picks one.
-STRATEGIES = Registry("train.strategy", "strategies")
-register_strategy = STRATEGIES.register
-
-
-def get_strategy(name: str, model, config) -> LossTerms:
-    """The loss_terms of the strategy registered as `name`, built for `model` and `config`."""
-    return STRATEGIES[name](model, config)
-
-
-@register_strategy("lm")
-def lm_strategy(model, config=None) -> LossTerms:
-    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask')."""
-
-    def loss_terms(params, batch, *, rng, step, train):
-        del step
-        out = model.apply({"params": params}, batch["input_ids"], deterministic=not train,
-                          rngs={"dropout": rng} if train else None)
-        total, count = causal_lm_loss_terms(out.logits, batch["input_ids"],
-                                            batch.get("attention_mask"))
-        return total, count, {}
-
-    return loss_terms
-
-
-# ----------------------------------------------------------------------------- train state
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: number of updates applied
-    params: Any
-    opt_state: Any
-
-
-def _initial_state(init_params: Callable[[], Any], optimizer) -> TrainState:
-    params = init_params()
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
-
-def abstract_train_state(init_params: Callable[[], Any], optimizer, mesh):
-    """(TrainState of ShapeDtypeStructs with target shardings, the shardings tree)."""
-    shapes = jax.eval_shape(lambda: _initial_state(init_params, optimizer))
-    return sharding.abstract_state(shapes, mesh), sharding.state_shardings(shapes, mesh)
-
-
-def create_train_state(init_params: Callable[[], Any], optimizer, mesh):
-    """Fresh TrainState built directly in its sharded layout; returns (state, shardings).
-
-    `init_params` is a closure returning the parameter tree (traced under jit, so nothing is
-    materialised on one device first).
-    """
-    _, shardings = abstract_train_state(init_params, optimizer, mesh)
-    state = jax.jit(lambda: _initial_state(init_params, optimizer), out_shardings=shardings)()
-    return state, shardings
-
-
-def model_init_fn(model, seed: int) -> Callable[[], Any]:
-    key = jax.random.fold_in(jax.random.key(seed), PARAMS_SEED_SALT)
-    ids = jnp.zeros((1, model.config.block_size), jnp.int32)
-    return lambda: model.init(key, ids)["params"]
-
-
-# ------------------------------------------------------------------------------ the step
-def loss_and_grads(loss_terms: LossTerms, params, batch, *, rng, step, grad_accum_steps=1,
-                   mesh=None):
-    """(mean loss, {name: mean extra}, grads of the mean) over the whole batch.
-
-    With grad_accum_steps = A the batch (B, ...) is cut into A micro-batches of B / A rows
-    (rows i, i + A, i + 2A, ... form micro-batch i, which keeps each device's rows local) and
-    a lax.scan sums loss_sum, count and the gradient of loss_sum over them.
-    """
-
-    def terms(p, mb, r):
-        total, count, extra = loss_terms(p, mb, rng=r, step=step, train=True)
-        return total, (count, extra)
-
-    grad_fn = jax.value_and_grad(terms, has_aux=True)
-    if grad_accum_steps == 1:
-        (total, (count, extra)), grads = grad_fn(params, batch, rng)
-    else:
-        a = grad_accum_steps
-        micro = jax.tree.map(
-            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
-        if mesh is not None:
-            micro = jax.lax.with_sharding_constraint(
-                micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, params, first, rng)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-        def body(carry, xs):
-            i, mb = xs
-            out = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, out), None
-
-        ((total, (count, extra)), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    return total / denom, {k: v / denom for k, v in extra.items()}, grads
-
-
-def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
-                    grad_accum_steps: int = 1, seed: int = 0):
-    """jit-compiled (state, batch) -> (state, metrics); the input state is donated.
-
-    metrics (replicated float32 scalars): loss (of the parameters before the update), grad_norm
-    (before clipping), param_norm (the global norm of the updated parameters: what
-    `loop.fetch_finite` checks before the state is saved) and the strategy's extras.
-    """
-    dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
-
-    def step_fn(state: TrainState, batch):
-        rng = jax.random.fold_in(dropout_key, state.step)
-        loss, extra, grads = loss_and_grads(loss_terms, state.params, batch, rng=rng,
-                                            step=state.step, grad_accum_steps=grad_accum_steps,
-                                            mesh=mesh)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params), **extra}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)),
-                   donate_argnums=0)
-
-
-def make_eval_step(loss_terms: LossTerms, *, mesh, params_shardings):
-    """jit-compiled (params, batch) -> (loss_sum, count), dropout off."""
-
-    def eval_fn(params, batch):
-        total, count, _ = loss_terms(params, batch, rng=jax.random.key(0), step=0, train=False)
-        return total, count
-
-    return jax.jit(eval_fn, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_step, params, batches: Iterable[dict], mesh) -> dict:
-    """Token-weighted mean loss over `batches` (this process's rows of each global batch):
-    {'val_loss', 'val_ppl', 'val_tokens'}."""
-    total, count = jnp.zeros(()), jnp.zeros(())
-    for batch in batches:
-        t, c = eval_step(params, sharding.global_batch(batch, mesh))
-        total, count = total + t, count + c
-    total, count = float(total), float(count)
-    if count == 0:
-        raise ConfigError("the validation set yielded no tokens to score: lower "
-                          "train.eval_steps' batch or check data.val_fraction")
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
 
 
 # -------------------------------------------------------------------------------- the run
@@ -243,7 +69,7 @@ class TrainRun:
     model: Any
     tokenizer: Any
     mesh: Any
-    state: TrainState
+    state: step_lib.TrainState
     num_steps: int
     steps_per_epoch: int
     schedule: Callable                  # optimizer step s -> learning rate
@@ -324,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def evaluate_now() -> None:
         nonlocal evaluated_at
         notify("eval_begin")
-        metrics = evaluate(run.eval_step, run.state.params, run.eval_batches(), run.mesh)
+        metrics = step_lib.evaluate(run.eval_step, run.state.params, run.eval_batches(), run.mesh)
         if run.best_val_loss is None or metrics["val_loss"] < run.best_val_loss:
             run.best_val_loss = metrics["val_loss"]
         run.last_eval = dict(metrics, best_val_loss=run.best_val_loss)
@@ -569,18 +395,19 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     steps_per_epoch = data_lib.steps_per_epoch(data.train, batch_size, block)
     num_steps = resolve_num_steps(t, steps_per_epoch)
     optimizer, schedule = make_optimizer(t, num_steps)
-    loss_terms = get_strategy(t.strategy, model, config)
-    init_fn = model_init_fn(model, t.seed)
-    abstract, shardings = abstract_train_state(init_fn, optimizer, mesh)
+    loss_terms = step_lib.get_strategy(t.strategy, model, config)
+    init_fn = step_lib.model_init_fn(model, t.seed)
+    abstract, shardings = step_lib.abstract_train_state(init_fn, optimizer, mesh)
 
     checkpointer = workdir_lib.open_checkpointer(workdir, max_to_keep=t.max_checkpoints_to_keep)
     restored = checkpointer.restore_latest(params=abstract.params,
                                            opt_state=abstract.opt_state)
     if restored is None:
-        state, _ = create_train_state(init_fn, optimizer, mesh)
+        state, _ = step_lib.create_train_state(init_fn, optimizer, mesh)
     else:
         step = jax.device_put(jnp.asarray(restored.step, jnp.int32), shardings.step)
-        state = TrainState(step=step, params=restored.params, opt_state=restored.opt_state)
+        state = step_lib.TrainState(step=step, params=restored.params,
+                                    opt_state=restored.opt_state)
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 
@@ -605,9 +432,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     return TrainRun(
         config=config, workdir=workdir, model=model, tokenizer=tokenizer, mesh=mesh,
         state=state, num_steps=num_steps, steps_per_epoch=steps_per_epoch, schedule=schedule,
-        train_step=make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings,
-                                   grad_accum_steps=t.grad_accum_steps, seed=t.seed),
-        eval_step=make_eval_step(loss_terms, mesh=mesh, params_shardings=shardings.params),
+        train_step=step_lib.make_train_step(loss_terms, optimizer, mesh=mesh,
+                                            state_shardings=shardings,
+                                            grad_accum_steps=t.grad_accum_steps, seed=t.seed),
+        eval_step=step_lib.make_eval_step(loss_terms, mesh=mesh,
+                                          params_shardings=shardings.params),
         batch_for_step=batch_for_step,
         eval_batches=(eval_batches if t.eval_every and t.eval_steps and data.val is not None
                       else None),

@@ -12,8 +12,8 @@ model):
   gpt2_124m  GPT-2 124M: 12 layers, 768 wide, 12 heads, block 1024, batch 16, bfloat16 compute
 Flags after --preset override its values (--n_layer, --batch, --dtype, ...).
 
-What is timed. Ours: `trainer.make_train_step` (jit, donated state, AdamW with clipping and the
-weight-decay mask from `optim.make_optimizer`, the registered 'lm' strategy), on one batch
+What is timed. Ours: `train_step.make_train_step` (jit, donated state, AdamW with clipping and
+the weight-decay mask from `optim.make_optimizer`, the registered 'lm' strategy), on one batch
 already on the device. HF: model(ids, labels=ids).loss.backward(), clip_grad_norm_, AdamW step
 (decay on >= 2-D weights, as ours), zero_grad, same threads and precision (bf16: autocast).
 Each repeat runs --steps steps and waits for the result; ours and HF alternate repeat by
@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cleangpt_jax import sharding, trainer  # noqa: E402
+from cleangpt_jax import sharding, train_step  # noqa: E402
 from cleangpt_jax.config import get_config, model_config  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 from cleangpt_jax.optim import make_optimizer  # noqa: E402
@@ -80,11 +80,11 @@ def build_ours(case: dict, seed: int = 0):
     model = get_model(config=mcfg)
     mesh = sharding.create_mesh(1)
     optimizer, _ = make_optimizer(t, t.num_steps)
-    loss_terms = trainer.get_strategy("lm", model, cfg)
-    state, shardings = trainer.create_train_state(trainer.model_init_fn(model, seed), optimizer,
-                                                  mesh)
-    step = trainer.make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings,
-                                   seed=seed)
+    loss_terms = train_step.get_strategy("lm", model, cfg)
+    init = train_step.model_init_fn(model, seed)
+    state, shardings = train_step.create_train_state(init, optimizer, mesh)
+    step = train_step.make_train_step(loss_terms, optimizer, mesh=mesh,
+                                      state_shardings=shardings, seed=seed)
     ids = np.random.default_rng(seed).integers(0, case["vocab_size"],
                                                (case["batch"], case["block_size"]), np.int32)
     batch = sharding.global_batch({"input_ids": ids}, mesh)

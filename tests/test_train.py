@@ -34,6 +34,7 @@ import optax
 import pytest
 
 from cleangpt_jax import loop, optim, trainer
+from cleangpt_jax import train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
@@ -448,20 +449,20 @@ def test_num_epochs_and_a_mixture_from_the_train_config(env, straight, tmp_path)
 STRATEGY_CALLS = []
 
 
-@trainer.register_strategy("Test_Plain_LM")
+@train_step.register_strategy("Test_Plain_LM")
 def plain_lm_strategy(model, config):
     """A user strategy (here the LM loss again, so the run must equal the straight one)."""
     STRATEGY_CALLS.append((model.config.n_embd, config.train.strategy))
-    return trainer.lm_strategy(model, config)
+    return train_step.lm_strategy(model, config)
 
 
 def test_a_registered_strategy_is_picked_by_train_strategy(env, straight, tmp_path):
-    assert {"lm", "test_plain_lm"} <= set(trainer.STRATEGIES.names())
+    assert {"lm", "test_plain_lm"} <= set(train_step.STRATEGIES.names())
     summary = run(make_config(env, **{"train.strategy": "test_plain_lm"}), tmp_path / "run")
     assert STRATEGY_CALLS == [(32, "test_plain_lm")]
     assert summary.train_loss == straight.summary.train_loss
     with pytest.raises(ConfigError, match=r"unknown train.strategy 'nope': registered .*'lm'"):
-        trainer.get_strategy("nope", None, None)
+        train_step.get_strategy("nope", None, None)
 
 
 def poison_at(step):
@@ -710,17 +711,17 @@ def test_optimizer_state_structure_does_not_depend_on_grad_clip():
 def test_gradient_accumulation_equals_the_large_batch(env):
     cfg = make_config(env, **{"model.dropout": 0.0, "model.vocab_size": 50, "model.n_layer": 1})
     model = get_model(config=model_config(cfg.model))
-    params = jax.jit(trainer.model_init_fn(model, 0))()
+    params = jax.jit(train_step.model_init_fn(model, 0))()
     rng = np.random.RandomState(0)
     ids = rng.randint(0, 50, (8, 16)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[[1, 2, 6], 10:] = 0  # ragged rows: micro-batches score different token counts
     batch = {"input_ids": ids, "attention_mask": mask}
-    loss_terms = trainer.get_strategy("lm", model, cfg)
+    loss_terms = train_step.get_strategy("lm", model, cfg)
 
     @jax.jit
     def both(p, b):  # one program: one compilation
-        return [trainer.loss_and_grads(loss_terms, p, b, rng=jax.random.key(0), step=0,
+        return [train_step.loss_and_grads(loss_terms, p, b, rng=jax.random.key(0), step=0,
                                        grad_accum_steps=a) for a in (1, 4)]
 
     (l1, _, g1), (l4, _, g4) = both(params, batch)
@@ -753,7 +754,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_optimizer_state(env, tmp_pat
 SHARDING_SCRIPT = r"""
 import json, os, shutil, sys
 import jax, jax.numpy as jnp, ml_collections, numpy as np
-from cleangpt_jax import data as data_lib, sharding, trainer, workdir as wdl
+from cleangpt_jax import data as data_lib, sharding, train_step, trainer, workdir as wdl
 from cleangpt_jax.checkpoint import Checkpointer, path_str
 from cleangpt_jax.config import model_config
 from cleangpt_jax.models import get_model
@@ -774,13 +775,13 @@ plain = get_model(config=nodrop)
 data = data_lib.load_dataset(cfg, tok)
 batch = data_lib.batch_for_step(data.train, seed=0, step=3, global_batch_size=8,
                                 block_size=16)
-params = jax.device_get(jax.jit(trainer.model_init_fn(plain, 0))())
-loss_terms = trainer.get_strategy("lm", plain, cfg)
+params = jax.device_get(jax.jit(train_step.model_init_fn(plain, 0))())
+loss_terms = train_step.get_strategy("lm", plain, cfg)
 results = {}
 meshes = {"1": sharding.create_mesh(1, jax.devices()[:1]), "8": sharding.create_mesh(1)}
 for name, mesh in meshes.items():
     shard = sharding.state_shardings(params, mesh)
-    f = jax.jit(lambda p, b: trainer.loss_and_grads(loss_terms, p, b, rng=jax.random.key(3),
+    f = jax.jit(lambda p, b: train_step.loss_and_grads(loss_terms, p, b, rng=jax.random.key(3),
                                                     step=3, mesh=mesh),
                 in_shardings=(shard, sharding.batch_sharding(mesh)))
     loss, _, grads = f(jax.device_put(params, shard), sharding.global_batch(batch, mesh))

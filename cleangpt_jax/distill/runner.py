@@ -41,7 +41,7 @@ import numpy as np
 
 from cleangpt_jax import checkpoint as ckpt_lib
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import hf, loop, sharding, trainer
+from cleangpt_jax import hf, loop, sharding, train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -255,7 +255,7 @@ def init_tree(s: Setup, seed: int):
     """{'student': params, 'stitch': {'stitch_k': ...}} at initialisation, one compiled call.
     The student gets the parameters `python -m cleangpt_jax.train` gives it with this seed."""
     c = s.student.config
-    init_student = trainer.model_init_fn(s.student, seed)
+    init_student = train_step.model_init_fn(s.student, seed)
 
     def init():
         tree = {"student": init_student()}
@@ -330,7 +330,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                       meta={"stage": stage.name, "global_step": step_offset + step,
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
 
-        dropout_key = jax.random.fold_in(jax.random.key(seed), trainer.DROPOUT_SEED_SALT)
+        dropout_key = jax.random.fold_in(jax.random.key(seed), train_step.DROPOUT_SEED_SALT)
         bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
                                 leave=False)
         lag = loop.LaggedMetrics()
@@ -397,12 +397,12 @@ def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
     n = cfg.distill.eval_steps
     if tokens is None or not n:
         return None
-    step = trainer.make_eval_step(trainer.lm_strategy(model), mesh=mesh,
+    step = train_step.make_eval_step(train_step.lm_strategy(model), mesh=mesh,
                                   params_shardings=sharding.state_shardings(params, mesh))
     batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
-    return trainer.evaluate(step, stage_step.place(params, mesh), batches, mesh)
+    return train_step.evaluate(step, stage_step.place(params, mesh), batches, mesh)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:

@@ -1,0 +1,196 @@
+"""The training step: loss strategies, the train state, the sharded train and eval steps.
+
+    loss_terms = get_strategy(config.train.strategy, model, config)    # `STRATEGIES` by name
+    state, shardings = create_train_state(model_init_fn(model, seed), optimizer, mesh)
+    train_step = make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings)
+    state, metrics = train_step(state, batch)      # jit-compiled, sharded, state donated
+
+`cleangpt_jax.trainer` builds these from a config and runs the loop; distillation builds its
+own per-stage step (distill/stage_step.py) from the same model_init_fn, dropout-key rule and
+eval step.
+
+The loss contract. A strategy's loss_terms(params, batch, *, rng, step, train) returns float32
+scalars (loss_sum, count, extra_sums): the sum of per-token losses, the number of scored tokens
+and a dict of other per-token sums worth reporting. The step divides exactly once:
+
+    loss = sum_micro loss_sum / sum_micro count,    grads = d(sum_micro loss_sum) / sum count
+
+over every micro-batch (gradient accumulation) and every device (the batch is sharded on the
+mesh, XLA inserts the all-reduce), so both equal the token-weighted mean over the global batch.
+
+Randomness: parameters come from fold_in(key(seed), 0); the dropout key of step s is
+fold_in(fold_in(key(seed), 1), s) (and fold_in(., i) for micro-batch i).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cleangpt_jax import sharding
+from cleangpt_jax.config import ConfigError
+from cleangpt_jax.losses import causal_lm_loss_terms
+from cleangpt_jax.registry import Registry
+
+PARAMS_SEED_SALT, DROPOUT_SEED_SALT = 0, 1
+
+
+# ------------------------------------------------------------------------------ strategies
+LossTerms = Callable[..., tuple]
+# name -> factory(model, config) -> loss_terms; `train.strategy` picks one.
+STRATEGIES = Registry("train.strategy", "strategies")
+register_strategy = STRATEGIES.register
+
+
+def get_strategy(name: str, model, config) -> LossTerms:
+    """The loss_terms of the strategy registered as `name`, built for `model` and `config`."""
+    return STRATEGIES[name](model, config)
+
+
+@register_strategy("lm")
+def lm_strategy(model, config=None) -> LossTerms:
+    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask')."""
+
+    def loss_terms(params, batch, *, rng, step, train):
+        del step
+        out = model.apply({"params": params}, batch["input_ids"], deterministic=not train,
+                          rngs={"dropout": rng} if train else None)
+        total, count = causal_lm_loss_terms(out.logits, batch["input_ids"],
+                                            batch.get("attention_mask"))
+        return total, count, {}
+
+    return loss_terms
+
+
+# ----------------------------------------------------------------------------- train state
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+
+
+def _initial_state(init_params: Callable[[], Any], optimizer) -> TrainState:
+    params = init_params()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+
+def abstract_train_state(init_params: Callable[[], Any], optimizer, mesh):
+    """(TrainState of ShapeDtypeStructs with target shardings, the shardings tree)."""
+    shapes = jax.eval_shape(lambda: _initial_state(init_params, optimizer))
+    return sharding.abstract_state(shapes, mesh), sharding.state_shardings(shapes, mesh)
+
+
+def create_train_state(init_params: Callable[[], Any], optimizer, mesh):
+    """Fresh TrainState built directly in its sharded layout; returns (state, shardings).
+
+    `init_params` is a closure returning the parameter tree (traced under jit, so nothing is
+    materialised on one device first).
+    """
+    _, shardings = abstract_train_state(init_params, optimizer, mesh)
+    state = jax.jit(lambda: _initial_state(init_params, optimizer), out_shardings=shardings)()
+    return state, shardings
+
+
+def model_init_fn(model, seed: int) -> Callable[[], Any]:
+    key = jax.random.fold_in(jax.random.key(seed), PARAMS_SEED_SALT)
+    ids = jnp.zeros((1, model.config.block_size), jnp.int32)
+    return lambda: model.init(key, ids)["params"]
+
+
+# ------------------------------------------------------------------------------ the step
+def loss_and_grads(loss_terms: LossTerms, params, batch, *, rng, step, grad_accum_steps=1,
+                   mesh=None):
+    """(mean loss, {name: mean extra}, grads of the mean) over the whole batch.
+
+    With grad_accum_steps = A the batch (B, ...) is cut into A micro-batches of B / A rows
+    (rows i, i + A, i + 2A, ... form micro-batch i, which keeps each device's rows local) and
+    a lax.scan sums loss_sum, count and the gradient of loss_sum over them.
+    """
+
+    def terms(p, mb, r):
+        total, count, extra = loss_terms(p, mb, rng=r, step=step, train=True)
+        return total, (count, extra)
+
+    grad_fn = jax.value_and_grad(terms, has_aux=True)
+    if grad_accum_steps == 1:
+        (total, (count, extra)), grads = grad_fn(params, batch, rng)
+    else:
+        a = grad_accum_steps
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
+        if mesh is not None:
+            micro = jax.lax.with_sharding_constraint(
+                micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, first, rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(carry, xs):
+            i, mb = xs
+            out = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        ((total, (count, extra)), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    return total / denom, {k: v / denom for k, v in extra.items()}, grads
+
+
+def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
+                    grad_accum_steps: int = 1, seed: int = 0):
+    """jit-compiled (state, batch) -> (state, metrics); the input state is donated.
+
+    metrics (replicated float32 scalars): loss (of the parameters before the update), grad_norm
+    (before clipping), param_norm (the global norm of the updated parameters: what
+    `loop.fetch_finite` checks before the state is saved) and the strategy's extras.
+    """
+    dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
+
+    def step_fn(state: TrainState, batch):
+        rng = jax.random.fold_in(dropout_key, state.step)
+        loss, extra, grads = loss_and_grads(loss_terms, state.params, batch, rng=rng,
+                                            step=state.step, grad_accum_steps=grad_accum_steps,
+                                            mesh=mesh)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params), **extra}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def make_eval_step(loss_terms: LossTerms, *, mesh, params_shardings):
+    """jit-compiled (params, batch) -> (loss_sum, count), dropout off."""
+
+    def eval_fn(params, batch):
+        total, count, _ = loss_terms(params, batch, rng=jax.random.key(0), step=0, train=False)
+        return total, count
+
+    return jax.jit(eval_fn, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step, params, batches: Iterable[dict], mesh) -> dict:
+    """Token-weighted mean loss over `batches` (this process's rows of each global batch):
+    {'val_loss', 'val_ppl', 'val_tokens'}."""
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for batch in batches:
+        t, c = eval_step(params, sharding.global_batch(batch, mesh))
+        total, count = total + t, count + c
+    total, count = float(total), float(count)
+    if count == 0:
+        raise ConfigError("the validation set yielded no tokens to score: lower "
+                          "train.eval_steps' batch or check data.val_fraction")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
