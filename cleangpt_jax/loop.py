@@ -34,7 +34,7 @@ import threading
 import jax
 import numpy as np
 
-from cleangpt_jax.workdir import METRICS_FILE, is_writer
+from cleangpt_jax.workdir import METRICS_FILE, is_writer, write_atomically
 
 TENSORBOARD_PREFIX = "events.out.tfevents"  # the events files tensorboardX writes
 
@@ -189,10 +189,7 @@ class MetricWriter:
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, "".join(keep))
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             if resume_step == 0:

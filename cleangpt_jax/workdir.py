@@ -51,20 +51,25 @@ def save_config(workdir: str, config: ml_collections.ConfigDict, kind: str = "tr
     if is_writer():
         os.makedirs(workdir, exist_ok=True)
         if not os.path.isfile(os.path.join(workdir, KIND_FILE)):
-            _write_atomically(os.path.join(workdir, KIND_FILE), f"{kind}\n")
-        _write_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True,
-                                           default=_json_default) + "\n")
+            write_atomically(os.path.join(workdir, KIND_FILE), f"{kind}\n")
+        write_json(path, config.to_dict())
     return path
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
+    """Replace `path` with `text` in one step (a reader sees the old file or the new one)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 
 
-def _json_default(x):
+def write_json(path: str, obj) -> None:
+    """`obj` as indented, key-sorted JSON at `path`, atomically (`write_atomically`)."""
+    write_atomically(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
+
+
+def json_default(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     if isinstance(x, (set, frozenset)):

@@ -166,9 +166,7 @@ def _write_json(path: str, obj) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=workdir_lib._json_default)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_json(path, obj)
 
 
 def write_manifest(workdir: str, completed: list[dict]) -> None:
@@ -191,7 +189,7 @@ def _plan_record(s: Setup) -> dict:
               "stages": [dataclasses.asdict(st) for st in s.stages]}
     for sec in ("data", "distill"):
         record[sec] = {k: v for k, v in dict(cfg[sec]).items() if k not in drop[sec]}
-    return json.loads(json.dumps(record, default=workdir_lib._json_default))
+    return json.loads(json.dumps(record, default=workdir_lib.json_default))
 
 
 def check_plan(s: Setup, workdir: str, done: list[dict]) -> None:
