@@ -13,24 +13,82 @@ simply lacks the `opt_state` item.
 Restores go into an *abstract* target: ShapeDtypeStructs carrying the shardings wanted now
 (`cleangpt_jax.sharding.abstract_state`), so a checkpoint written on 1 device restores onto 8
 (or onto a different fsdp layout) and vice versa. Orbax writes each step into a temporary
-directory and renames it when complete, so an interrupted save never shows up as a step; a
-step that is present but unreadable (files lost or damaged) is reported by `restore_latest`,
-moved aside to `<directory>_unreadable/<step>` (nothing is deleted) and the previous step used.
+directory and renames it when complete, so an interrupted save never shows up as a step.
+
+Checksums: once a step's files are complete (in Orbax's finalisation, before the rename that
+makes the step visible), `checksums.json` in the step directory records the size and SHA-256
+of every file of its items. A restore verifies the files of the items it reads first, so
+flipped, truncated or deleted bytes are caught before Orbax parses them. A step that fails
+its checksums or cannot be read (files lost or damaged) is reported by `restore_latest`, moved
+aside to `<directory>_unreadable/<step>` (nothing is deleted) and the previous step used. A
+step without `checksums.json` (written before it existed) is restored unverified.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
+import logging as py_logging
 import os
 import shutil
 import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 ITEMS = ("params", "opt_state", "meta")
+CHECKSUMS_FILE = "checksums.json"
+HASH_CHUNK_BYTES = 8 << 20
+
+
+class _DropReadOnlyNotice(py_logging.Filter):
+    """Orbax warns 'Given directory is read only' whenever a manager is opened read-only, which
+    is how every reader here opens a run: not news to the user."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+py_logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
+def _is_abandoned_read(exc_type, exc, tb, obj=None) -> bool:
+    """An error of a read that a failed restore left behind: an Orbax coroutine finalised with
+    its array's read error, or TensorStore calling back into the closed event loop."""
+    code = getattr(obj, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename
+    return False
+
+
+def _silence_abandoned_reads() -> None:
+    """When a restore fails, the reads it started still land, each printing a traceback
+    (hundreds for a large tree) around the one-line message that matters: drop those, and only
+    those, from sys.unraisablehook and sys.excepthook. Installed once, by the first restore."""
+    if getattr(sys.unraisablehook, "_cleangpt_filter", False):
+        return
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def unraisable_filter(u):
+        if not _is_abandoned_read(u.exc_type, u.exc_value, u.exc_traceback, u.object):
+            unraisable(u)
+
+    def excepthook_filter(exc_type, exc, tb):
+        if not _is_abandoned_read(exc_type, exc, tb):
+            excepthook(exc_type, exc, tb)
+
+    unraisable_filter._cleangpt_filter = True
+    sys.unraisablehook, sys.excepthook = unraisable_filter, excepthook_filter
 
 
 class CheckpointError(ValueError):
@@ -61,13 +119,17 @@ class Checkpointer:
         self.read_only = read_only
         self._max_to_keep = max_to_keep
         self._async = async_save
+        self._saving_step: int | None = None  # the step whose save is in flight
         self._manager = self._make_manager()
 
     def _make_manager(self) -> ocp.CheckpointManager:
+        async_options = (ocp.AsyncOptions(post_finalization_callback=self._write_checksums)
+                         if self._async and not self.read_only else None)
         options = ocp.CheckpointManagerOptions(  # (read-only: what Orbax would force anyway)
             max_to_keep=None if self.read_only else self._max_to_keep,
             save_interval_steps=0 if self.read_only else 1, create=not self.read_only,
-            read_only=self.read_only, enable_async_checkpointing=self._async)
+            read_only=self.read_only, enable_async_checkpointing=self._async,
+            async_options=async_options)
         handlers = {"params": ocp.StandardCheckpointHandler(),
                     "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
@@ -94,7 +156,23 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        self._manager.wait_until_finished()  # (Orbax would wait too: one save in flight)
+        self._saving_step = int(step)
+        saved = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        if saved and not self._async:  # (async: Orbax's finalisation calls _write_checksums)
+            self._write_checksums()
+        return saved
+
+    def _write_checksums(self) -> None:
+        """Record the checksums of the step just written (process 0; its files are complete).
+        Async saves run this inside Orbax's finalisation, before the step becomes visible."""
+        step, self._saving_step = self._saving_step, None
+        if step is None or jax.process_index() != 0:
+            return
+        root = epath.Path(self.directory)
+        pending = sorted(root.glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
+        step_dir = pending[-1] if pending else root / str(step)
+        write_checksums(step_dir)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -120,12 +198,14 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}: "
                                   f"available steps are {self.all_steps()}")
         where = f"checkpoint step {step} in {self.directory}"
+        wanted = {"params": params} if opt_state is None else {"params": params,
+                                                                 "opt_state": opt_state}
+        self._verify(step, (*wanted, "meta"), where)
         try:
             stored = self._manager.item_metadata(int(step))
         except Exception as e:
-            raise CheckpointError(f"{where} is unreadable ({_first_line(e)})") from e
-        wanted = {"params": params} if opt_state is None else {"params": params,
-                                                                 "opt_state": opt_state}
+            raise CheckpointError(f"{where} is unreadable ({_first_line(e)})"
+                                  f"{self._other_steps_hint(step)}") from e
         for name, target in wanted.items():
             if stored.get(name) is None:
                 what = ("has no optimizer state (a params-only checkpoint)"
@@ -134,16 +214,36 @@ class Checkpointer:
                 raise CheckpointError(f"{where} {what}")
             _check_fits(getattr(stored[name], "tree", stored[name]), target, name, where)
 
+        _silence_abandoned_reads()  # (a failing read's siblings report before it returns)
         items = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(opt_state)
         try:
             out = self._manager.restore(int(step), args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-            raise CheckpointError(f"{where} is unreadable ({_first_line(e)})") from e
+            raise CheckpointError(f"{where} is unreadable ({_first_line(e)})"
+                                  f"{self._other_steps_hint(step)}") from e
         return Restored(step=int(step), params=out["params"],
                         opt_state=out["opt_state"] if opt_state is not None else None,
                         meta=dict(out["meta"] or {}))
+
+    def _verify(self, step: int, items, where: str) -> None:
+        """Compare the files of `items` with the step's checksums (process 0 reads them; every
+        process gets the verdict); a CheckpointError naming the first bad file."""
+        problem = ""
+        if jax.process_index() == 0:
+            problem = checksum_problem(epath.Path(self.directory) / str(step), items)
+        if jax.process_count() > 1:
+            bad = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
+            problem = problem or ("fails its checksums (see process 0)" if bad else "")
+        if problem:
+            raise CheckpointError(f"{where} {problem}{self._other_steps_hint(step)}")
+
+    def _other_steps_hint(self, step: int) -> str:
+        """For a reader (which never moves a bad step aside): the steps it could use instead."""
+        others = [s for s in self.all_steps() if s != step]
+        return (f"; other steps {others} can be chosen with --step" if self.read_only and others
+                else "")
 
     def restore_latest(self, *, params, opt_state=None) -> Restored | None:
         """The newest readable step, or None when there is no checkpoint at all.
@@ -194,6 +294,69 @@ class Checkpointer:
         out = self._manager.restore(int(step), args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))
         return dict(out["meta"] or {})
+
+
+def _file_digest(path: epath.Path) -> dict:
+    sha, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _files_under(root: epath.Path, relative: str) -> list[str]:
+    """The files below root / relative, as paths relative to root ('/'-separated)."""
+    path = root / relative
+    if not path.is_dir():
+        return [relative]
+    return [name for child in sorted(path.iterdir())
+            for name in _files_under(root, f"{relative}/{child.name}")]
+
+
+def _digests(step_dir: epath.Path, names: list[str]) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of `names` under step_dir, hashed on a few threads
+    (hashlib releases the GIL, so files hash in parallel)."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: _file_digest(step_dir / n), names)))
+
+
+def write_checksums(step_dir) -> None:
+    """Write `checksums.json` into a complete step directory: the size and SHA-256 of every file
+    of its items (the files Orbax writes around them, like _CHECKPOINT_METADATA, are left
+    out: Orbax may still update them)."""
+    step_dir = epath.Path(step_dir)
+    names = sorted(name for item in ITEMS if (step_dir / item).exists()
+                   for name in _files_under(step_dir, item))
+    record = {"algorithm": "sha256", "files": _digests(step_dir, names)}
+    tmp = step_dir / (CHECKSUMS_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.rename(step_dir / CHECKSUMS_FILE)
+
+
+def checksum_problem(step_dir, items) -> str:
+    """'' when the files of `items` match the step's checksums.json (or there is none: a step
+    written before checksums existed); else what is wrong with the first bad file."""
+    step_dir = epath.Path(step_dir)
+    record_file = step_dir / CHECKSUMS_FILE
+    if not record_file.exists():
+        return ""
+    try:
+        expected = json.loads(record_file.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"has an unreadable {CHECKSUMS_FILE} ({type(e).__name__})"
+    # (an item missing as a whole is left to `restore`, which names what the step lacks)
+    names = sorted(n for n in expected if n.split("/")[0] in items
+                   and (step_dir / n.split("/")[0]).exists())
+    missing = [n for n in names if not (step_dir / n).exists()]
+    if missing:
+        return f"fails its checksums: {missing[0]} is missing"
+    actual = _digests(step_dir, names)
+    for name in names:
+        if actual[name] != expected[name]:
+            what = ("size" if actual[name]["size"] != expected[name]["size"] else "content")
+            return f"fails its checksums: {name} has changed ({what})"
+    return ""
 
 
 def path_str(path) -> str:

@@ -566,7 +566,8 @@ def test_unreadable_latest_checkpoint_is_reported_and_the_previous_one_used(
     out, err = capsys.readouterr()
     warning = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and f"checkpoint step {N} in {workdir}" in warning[0]
-    assert "is unreadable" in warning[0] and "using step 8 instead" in warning[0]
+    assert "fails its checksums: params/" in warning[0] and "is missing" in warning[0]
+    assert "using step 8 instead" in warning[0]
     assert "Resuming from step 8" in out
     assert os.path.isdir(workdir / "checkpoints_unreadable" / str(N))  # moved aside, not deleted
     assert summary.step == N
