@@ -230,7 +230,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.eval_every = 250  # 0 = off
     cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
-    cfg.train.max_checkpoints_to_keep = 3
+    cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
     cfg.train.log_every = 50
     cfg.train.seed = 0  # parameters, dropout and batch order
     cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end

@@ -312,10 +312,11 @@ def check_train_config(config) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {v!r}")
     for key in ("eval_every", "eval_steps", "checkpoint_every", "sample_every",
-                "sample_max_new_tokens"):
+                "sample_max_new_tokens", "max_checkpoints_to_keep"):
         v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"train.{key} must be an integer >= 0 (0 = off), got {v!r}")
+            zero = "all" if key == "max_checkpoints_to_keep" else "off"
+            raise ConfigError(f"train.{key} must be an integer >= 0 (0 = {zero}), got {v!r}")
     if config.model.param_dtype != "float32":
         raise ConfigError(f"model.param_dtype={config.model.param_dtype!r}: training keeps "
                           f"float32 master weights and optimizer state; set model.dtype="
@@ -399,7 +400,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     init_fn = step_lib.model_init_fn(model, t.seed)
     abstract, shardings = step_lib.abstract_train_state(init_fn, optimizer, mesh)
 
-    checkpointer = workdir_lib.open_checkpointer(workdir, max_to_keep=t.max_checkpoints_to_keep)
+    checkpointer = workdir_lib.open_checkpointer(
+        workdir, max_to_keep=t.max_checkpoints_to_keep or None)  # (Orbax's 0 would keep none)
     restored = checkpointer.restore_latest(params=abstract.params,
                                            opt_state=abstract.opt_state)
     if restored is None:
