@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Sequence
 
 import flax
@@ -89,6 +90,32 @@ def check_generation_args(max_new_tokens, temperature=1.0, top_k=None, top_p=Non
                           or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p!r}: "
                           f"e.g. top_p=0.9 keeps the tokens holding 90% of the probability")
+
+
+def memory_bytes() -> int:
+    """The memory of the first local device (its allocator's limit), else the host's RAM."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_output_fits(batch: int, prompt_width: int, max_new_tokens: int, logits_width: int):
+    """Refuse, in one line, a max_new_tokens whose outputs the run cannot hold: positions and
+    token indices are int32, and the program's (B, bucket(N)) int32 tokens (plus float32
+    (B, bucket(N), V) logits when returned) must fit in half the device's memory (the rest is
+    the weights', the cache's and the host copy's)."""
+    if bucket(max_new_tokens) > 2**30:  # (prompt_width <= 2**30 too)
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is beyond int32 positions: ask for "
+                          f"at most {2**30}")
+    per_token = batch * 4 * (1 + logits_width)
+    budget = memory_bytes() // 2
+    if bucket(max_new_tokens) * per_token > budget:
+        most = 1 << max(0, (budget // per_token).bit_length() - 1)  # the largest bucket that fits
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} needs {bucket(max_new_tokens) * per_token / 2**30:.1f}"
+            f" GiB for the outputs of {batch} row(s), more than half of this device's "
+            f"{2 * budget / 2**30:.1f} GiB: ask for at most {most}")
 
 
 def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
@@ -143,6 +170,7 @@ def generate(model, params, input_ids, max_new_tokens: int, *, temperature=1.0,
         limit = c.max_position_embeddings
     lengths = np.asarray([len(r) for r in rows])
     width = min(bucket(lengths.max()), limit)
+    check_output_fits(len(rows), width, n_new, c.vocab_size if return_logits else 0)
     prompt = np.full((len(rows), width), pad_token_id, np.int32)
     for b, r in enumerate(rows):
         prompt[b, width - len(r):] = r
