@@ -225,6 +225,9 @@ def _download(repo_id: str, *, tokenizer: bool) -> str:
     """snapshot_download of config + safetensors; pytorch_model.bin only when there are none."""
     from huggingface_hub import snapshot_download
 
+    from cleangpt_jax import hub
+
+    offline = hub.offline_error("model", repo_id)
     extra = list(TOKENIZER_FILES) if tokenizer else []
     try:
         path = snapshot_download(repo_id, allow_patterns=[
@@ -234,7 +237,7 @@ def _download(repo_id: str, *, tokenizer: bool) -> str:
                 CONFIG_FILE, TORCH_FILE, TORCH_INDEX, "pytorch_model-*-of-*.bin", *extra])
     except Exception as e:  # network, auth, missing repo: one line for the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"could not fetch {repo_id!r} from the Hugging Face hub "
+        raise ConfigError(offline or f"could not fetch {repo_id!r} from the Hugging Face hub "
                           f"({type(e).__name__}: {reason}): check the name and the network, or "
                           "pass a local directory") from None
     return path

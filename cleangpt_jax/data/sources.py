@@ -171,6 +171,10 @@ def _load_hf(data):
     else:
         kwargs = {"data_files": expand_globs(data.files)} if data.get("files") else {}
         streaming = bool(data.get("streaming"))
+        from cleangpt_jax import hub
+
+        offline = ("" if os.path.isdir(path) or kwargs  # (a builder reading local files)
+                   else hub.offline_error("dataset", name))
 
         def split(s):
             try:
@@ -178,7 +182,7 @@ def _load_hf(data):
                                              data.get("config_name"), split=s,
                                              streaming=streaming, **kwargs)
             except (OSError, ValueError, KeyError, ImportError) as e:
-                raise ConfigError(f"could not load dataset {name!r} (config_name="
+                raise ConfigError(offline or f"could not load dataset {name!r} (config_name="
                                   f"{data.get('config_name')!r}, split={s!r}): "
                                   f"{_first_line(e)}") from None
 

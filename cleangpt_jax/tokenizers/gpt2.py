@@ -37,6 +37,9 @@ def _load_hf_tokenizer(name_or_path: str, **kwargs):
     elif not _HUB_NAME.fullmatch(name_or_path):
         raise ValueError(f"tokenizer directory {path!r} does not exist: {_EXPECTED}")
     from transformers import AutoTokenizer, GPT2TokenizerFast  # slow import, only when needed
+    from cleangpt_jax import hub
+
+    offline = "" if os.path.isdir(path) else hub.offline_error("tokenizer", name_or_path)
     try:
         if _is_minimal_gpt2_dir(path):  # AutoTokenizer cannot tell it is GPT-2
             return GPT2TokenizerFast(os.path.join(path, "vocab.json"),
@@ -46,8 +49,8 @@ def _load_hf_tokenizer(name_or_path: str, **kwargs):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = ("local directory" if os.path.isdir(path)
                  else "not a local directory; Hugging Face hub lookup")
-        raise ValueError(f"could not load tokenizer {name_or_path!r} ({where} failed: "
-                         f"{reason})") from None
+        raise ValueError(offline or f"could not load tokenizer {name_or_path!r} ({where} "
+                         f"failed: {reason})") from None
 
 
 class GPT2Tokenizer(Tokenizer):
