@@ -259,3 +259,66 @@ def test_a_read_only_workdir_or_output_dir_gets_one_line(runs, tmp_path, monkeyp
             f"{what} cannot be written: the directory {locked!r} is not writable: pass a "
             f"writable directory or fix its permissions")
     assert os.listdir(locked) == []
+
+
+def test_max_new_tokens_is_bounded_by_what_the_run_can_hold(runs, capsys, monkeypatch):
+    """Item 11: beyond int32 positions, or outputs larger than half the device's memory: one
+    line naming the most that fits, before anything is compiled."""
+    from cleangpt_jax import generation
+
+    code, _, err = generate_main([f"--workdir={runs['train']}", "--prompt=abc",
+                                  "--max_new_tokens=10000000000"], capsys)
+    assert code == 1 and err == ("error: max_new_tokens=10000000000 is beyond int32 positions: "
+                                 "ask for at most 1073741824\n")
+    monkeypatch.setattr(generation, "memory_bytes", lambda: 2**30)  # a 1 GiB device
+    code, _, err = generate_main([f"--workdir={runs['train']}", "--prompt=abc",
+                                  "--prompt=bad", f"--max_new_tokens={2**26 + 1}"], capsys)
+    assert code == 1 and err == (  # 2 rows x 2**27 (the bucket) x 4 bytes = 1 GiB > 0.5 GiB
+        f"error: max_new_tokens={2**26 + 1} needs 1.0 GiB for the outputs of 2 row(s), more "
+        f"than half of this device's 1.0 GiB: ask for at most {2**26}\n")
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(runs, monkeypatch, capsys, caplog):
+    """Item 21: with the hub unreachable (here: an endpoint nobody listens on), a hub
+    tokenizer, model or dataset fails at once with one line naming the reason; no retries."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from cleangpt_jax import hub
+    from cleangpt_jax.data import load_documents
+    from cleangpt_jax.tokenizers import create_tokenizer
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for module in (constants, datasets.config):  # restored after the test, with the env
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                  "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    hub.offline_reason.cache_clear()
+    try:
+        reason = "the Hugging Face hub cannot be reached (127.0.0.1:9: Connection refused)"
+        with pytest.raises(ValueError) as e:
+            create_tokenizer("gpt2")
+        assert one_line_error(e) == (f"could not load tokenizer 'gpt2': {reason} and 'gpt2' "
+                                     "is not in the local cache: pass a local directory, or "
+                                     "retry online")
+        code, _, err = generate_main(["--hf=someone/tiny-gpt2", "--prompt=a"], capsys)
+        assert code == 1 and err.startswith("error: could not load model 'someone/tiny-gpt2': "
+                                            f"{reason}"), err
+        section = tiny_config().data
+        section.update(dict(source="hf", name="someone/stories"))
+        with pytest.raises(ConfigError) as e:
+            load_documents(section)
+        assert one_line_error(e).startswith(f"could not load dataset 'someone/stories': {reason}")
+        assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+    finally:
+        hub.offline_reason.cache_clear()
+
+
+def test_reading_a_run_prints_nothing_but_the_output(runs, capsys, caplog):
+    """Item 21: every checkpoint load printed Orbax's 'Given directory is read only'."""
+    code, out, err = generate_main([f"--workdir={runs['train']}", "--prompt=abc",
+                                    "--max_new_tokens=2", "--seed=0"], capsys)
+    assert code == 0 and out.startswith("abc") and err == ""
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
