@@ -21,7 +21,6 @@ a multiple of the 128-wide tile, or a head dim that is not a multiple of 8 in (0
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -51,19 +50,17 @@ def splash_supports(call) -> bool:
             and 0 < call.head_dim <= SPLASH_MAX_HEAD_DIM and call.head_dim % 8 == 0)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(n_head: int, length: int, interpret: bool):
-    """The Splash kernel for H heads of causal (T, T) attention, one sequence at a time. Its
-    block-sparsity tables are concrete arrays even when first built inside a trace, so the
-    cached kernel is valid in every later one."""
+    """The Splash kernel for H heads of causal (T, T) attention, one sequence at a time. Built
+    in every trace: its block-sparsity tables become that trace's constants (splash caches the
+    numpy work of making them)."""
     block = splash_block(length)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * n_head)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block,
                               block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                      interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _batch_spec(batch_size: int, mesh) -> P:
