@@ -16,7 +16,11 @@ What is chosen here, and only here (nothing else in the package reads jax.defaul
     causal_attention         model.attention ('auto' or a name in ATTENTION_KERNELS), the
                              backend and what the call needs pick the implementation
                              (`choose_attention`); `attention_path` says which one a model's
-                             training forward takes
+                             training forward takes. The backend is `target_backend()`: the
+                             platform of the mesh set by jax.set_mesh, else the default one.
+                             A program over several devices runs a Pallas kernel (Splash) only
+                             when traced under jax.set_mesh(mesh), which it is shard_mapped over;
+                             without one it takes the generic path.
     use_decode_layout        whether a generation call reads transposed weight copies
     decode_compiler_options  the XLA options of the generation program
 
@@ -108,7 +112,7 @@ def choose_attention(setting: str, backend: str, call: AttentionCall) -> str:
 def causal_attention(q, k, v, *, implementation: str = "auto", bias=None, mask=None,
                      dropout_rate: float = 0.0, dropout_rng=None):
     """softmax(q k^T / sqrt(D) + bias, causal or `mask`) v per head, softmax in float32, by
-    the implementation `choose_attention` picks for the default backend.
+    the implementation `choose_attention` picks for `target_backend()`.
 
     q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). bias broadcastable to
     (B, H, T, S) or None. mask: None for the plain causal mask (T == S), or a boolean
@@ -145,7 +149,9 @@ def attention_path(config, length: int | None = None, backend: str | None = None
     config: a ModelConfig (its attention setting, position encoding, dropout, head dim and
     compute dtype); length: T (default config.block_size); backend: default `target_backend()`.
     Every architecture's training forward attends with T == S, D == Dv, the ALiBi bias when
-    position_encoding == 'alibi' and dropout when config.dropout > 0.
+    position_encoding == 'alibi' and dropout when config.dropout > 0. Call it under the
+    jax.set_mesh of the program it describes (the mesh decides the backend and whether a
+    Pallas kernel can run).
     """
     call = AttentionCall(square=True, mask=False, bias=config.position_encoding == "alibi",
                          dropout=config.dropout > 0, same_head_dim=True,
@@ -167,6 +173,6 @@ def decode_compiler_options() -> dict:
 
 
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_SETTINGS", "AttentionCall", "AttentionKernel",
-           "DECODE_LAYOUT", "attention_path", "causal_attention", "choose_attention", "cross_entropy",
-           "decode_compiler_options", "decode_layout", "dense_product", "rows_matmul",
-           "standardize", "target_backend", "use_decode_layout"]
+           "DECODE_LAYOUT", "attention_path", "causal_attention", "choose_attention",
+           "cross_entropy", "decode_compiler_options", "decode_layout", "dense_product",
+           "rows_matmul", "standardize", "target_backend", "use_decode_layout"]

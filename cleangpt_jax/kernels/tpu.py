@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 # Tile edges the kernel is compiled with, largest first: the largest that divides T is used.
@@ -53,7 +52,9 @@ def splash_supports(call) -> bool:
 def _splash_kernel(n_head: int, length: int, interpret: bool):
     """The Splash kernel for H heads of causal (T, T) attention, one sequence at a time. Built
     in every trace: its block-sparsity tables become that trace's constants (splash caches the
-    numpy work of making them)."""
+    numpy work of making them). Pallas is imported here, on first use, not with the package."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     block = splash_block(length)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * n_head)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
