@@ -52,6 +52,9 @@ class ModelConfig:
     distillation head stage trains it while the embeddings stay frozen).
     `max_position_embeddings` is the longest sequence the model accepts: block_size for learned
     positions, 4 * block_size by default for ALiBi (which extrapolates).
+    `attention`: 'auto' (per backend: blockwise on CPU, Splash on TPU, cuDNN on GPU for
+    bf16/fp16, else XLA) or one implementation of `kernels.ATTENTION_KERNELS`; a call it cannot
+    serve (ALiBi, dropout, a cache) takes the generic path (`kernels.attention_path` says which).
     The field defaults are the default configuration's: `get_config` builds its model section
     from them.
     """

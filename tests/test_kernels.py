@@ -136,7 +136,8 @@ def test_choose_attention(setting, backend, needs, chosen):
 
 def test_an_unknown_attention_setting_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match=r"unknown model.attention 'flash': choose one of "
-                                          r"\('auto', 'cpu_blockwise', 'xla', 'xla_softmax'\)"
+                                          r"\('auto', 'cpu_blockwise', 'xla', 'xla_softmax', "
+                                          r"'splash', 'splash_interpret', 'cudnn'\)"
                        ) as e:
         model_config(dict(attention="flash"))
     assert "\n" not in str(e.value)
