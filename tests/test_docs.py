@@ -15,7 +15,9 @@ alone. Each sequence is one test that names its failing command. They run throug
 
 The sequences are independent, so they all start at the first sequence test, side by side in
 a thread pool (a command's time is mostly single-threaded compilation); each test then waits
-for its own sequence.
+for its own sequence. A sequence whose first commands are another's, line for line (the
+tutorial repeats the distillation guide's teacher commands and README's `train`), continues
+from a copy of that one's directory after them rather than running them a second time.
 """
 
 from __future__ import annotations
@@ -246,20 +248,68 @@ def test_a_sequence_is_the_commands_that_share_a_run_directory():
     readme = [n for n, _ in SEQUENCES["README.md:27"][1]]
     assert readme == [n for n, _ in doc_commands("README.md")]  # all of them use runs/default
 
-def run_sequence(relpath: str, commands: list[tuple[int, str, str]], cwd, env) -> str | None:
-    """Run one sequence's (line number, line, adapted command)s in order in `cwd`; the first
-    failure's report (later commands depend on it and do not run), or None."""
-    cwd.mkdir()
-    for name in ("configs", "docs", "README.md"):
-        os.symlink(os.path.join(ROOT, name), cwd / name)
-    for lineno, line, command in commands:
+def run_commands(commands: list[tuple[int, str, str]], cwd, env) -> tuple[int, object] | None:
+    """Run (line number, line, adapted command)s in order in `cwd`: (index, process) of the
+    first failure (later commands depend on it and do not run), or None."""
+    for i, (_, _, command) in enumerate(commands):
         proc = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")],
                               cwd=cwd, env=env, input="ROMEO:\nsettings\nexit\n",
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            return (f"{relpath}:{lineno}: {line}\nran: {command}\n{proc.stdout[-1500:]}\n"
-                    f"{proc.stderr[-3000:]}")
+            return i, proc
     return None
+
+
+def failure_report(relpath: str, command: tuple[int, str, str], proc) -> str:
+    lineno, line, adapted = command
+    return (f"{relpath}:{lineno}: {line}\nran: {adapted}\n{proc.stdout[-1500:]}\n"
+            f"{proc.stderr[-3000:]}")
+
+
+def shared_prefix(a: list[tuple[int, str, str]], b: list[tuple[int, str, str]]) -> int:
+    """How many first commands two sequences share (the same adapted command lines)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n][2] == b[n][2]:
+        n += 1
+    return n
+
+
+def run_sequences(host: str, branches: list[tuple[str, int]], plans: dict, root,
+                  env) -> dict[str, str | None]:
+    """Run sequence `host`, and each branch (key, k): a sequence whose first k commands are
+    the host's (the same command lines, both starting from an empty directory), so it continues
+    from a copy of the host's directory taken after them instead of running them again.
+    {key: the first failure's report (naming that sequence's own doc line) or None}."""
+    import shutil
+
+    def directory(key):
+        path = root / re.sub(r"\W", "_", key)
+        path.mkdir()
+        for name in ("configs", "docs", "README.md"):
+            os.symlink(os.path.join(ROOT, name), path / name)
+        return path
+
+    relpath, commands = plans[host]
+    cwd, done, failed, starts = directory(host), 0, None, {}
+    for split in sorted({k for _, k in branches} | {len(commands)}):
+        failed = run_commands(commands[done:split], cwd, env)
+        if failed:
+            failed = (done + failed[0], failed[1])
+            break
+        for key, k in branches:
+            if k == split:
+                starts[key] = root / re.sub(r"\W", "_", key)
+                shutil.copytree(cwd, starts[key], symlinks=True)
+        done = split
+    reports = {host: failed and failure_report(relpath, commands[failed[0]], failed[1])}
+    for key, k in branches:
+        relpath, commands = plans[key]
+        if key not in starts:  # the host failed within the shared commands
+            reports[key] = failure_report(relpath, commands[failed[0]], failed[1])
+            continue
+        rest = run_commands(commands[k:], starts[key], env)
+        reports[key] = rest and failure_report(relpath, commands[k + rest[0]], rest[1])
+    return reports
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +324,9 @@ def doc_env(tmp_path_factory, fast_compile):
 
 @pytest.fixture(scope="module")
 def sequence_runs(request, local_gpt2, local_data, doc_env):
-    """Every selected sequence of SEQUENCES, started now in a thread pool, the longest first:
-    {test id: future of its failure report or None}."""
+    """Every selected sequence of SEQUENCES, started now in a thread pool, the longest first,
+    a sequence that begins with another's commands as a branch of it (run_sequences):
+    {test id: (future of {test id: its failure report or None}, test id)}."""
     from concurrent.futures import ThreadPoolExecutor
 
     root, env = doc_env
@@ -286,16 +337,26 @@ def sequence_runs(request, local_gpt2, local_data, doc_env):
                                        for n, line in SEQUENCES[key][1]])
              for key in selected}
     pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1))
-    order = sorted(plans, key=lambda key: -len(plans[key][1]))
-    futures = {key: pool.submit(run_sequence, *plans[key], root / f"seq{i}", env)
-               for i, key in enumerate(order)}
+    hosts: dict[str, list[tuple[str, int]]] = {}  # host key -> its branches (key, k)
+    for key in sorted(plans, key=lambda key: -len(plans[key][1])):
+        k, host = max(((shared_prefix(plans[h][1], plans[key][1]), h) for h in hosts),
+                      default=(0, None))
+        if k:
+            hosts[host].append((key, k))
+        else:
+            hosts[key] = []
+    jobs = {host: pool.submit(run_sequences, host, branches, plans, root, env)
+            for host, branches in hosts.items()}
+    futures = {key: (job, key) for host, job in jobs.items()
+               for key in [host] + [b for b, _ in hosts[host]]}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.parametrize("sequence", list(SEQUENCES))
 def test_documented_command_sequence_runs(sequence, sequence_runs):
-    report = sequence_runs[sequence].result()
+    job, key = sequence_runs[sequence]
+    report = job.result()[key]
     assert report is None, report
 
 

@@ -16,6 +16,9 @@ from cleangpt_jax.kernels import cpu
 from cleangpt_jax.losses import IGNORE_INDEX, causal_lm_loss_terms
 from cleangpt_jax.models import get_model, layers
 
+# Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

