@@ -10,6 +10,10 @@ stages (vectors of width V):
     kl_div  T^2 * KL(softmax(t / T) || softmax(s / T))     (per token, never summed over time)
     ce      -log softmax(s)[argmax t]                        (cross-entropy on the teacher's argmax)
 
+The logit stages give `logit_loss_terms` the two models' final hidden states and heads instead
+of their logits: it runs both heads on chunks of tokens (cleangpt_jax.losses.chunked_token_sum,
+train.loss_chunk_tokens), so no (B, T, V) logits array exists in either pass.
+
 Add your own (the original tutorial's mixed MSE + cosine, say) and name it in the config:
 
     @register_loss("mse_cosine")
@@ -25,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cleangpt_jax.losses import chunk_positions, chunked_token_sum
 from cleangpt_jax.registry import Registry
 
 LossFn = Callable[[jax.Array, jax.Array, float], jax.Array]
@@ -51,6 +56,31 @@ def distillation_loss(loss: str | LossFn, student, teacher, mask=None,
         return per_token.mean()
     mask = jnp.asarray(mask, jnp.float32)
     return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def logit_loss_terms(loss: str | LossFn, student_head: Callable, student_params,
+                     student_hidden, teacher_head: Callable, teacher_params, teacher_hidden,
+                     mask=None, temperature: float = 1.0, *, chunk_tokens: int = 0):
+    """(sum_bt mask * loss(student logits, teacher logits), sum_bt mask), float32 scalars, where
+    logits = head(head_params, hidden): hidden (B, T, d_s) / (B, T, d_t), heads as
+    models.base.head_fn. Dividing gives `distillation_loss` of the logits. Chunked by the rule
+    of losses.chunk_positions; the teacher side gets no gradient."""
+    fn = get_loss(loss) if isinstance(loss, str) else loss
+    teacher_params, teacher_hidden = jax.lax.stop_gradient((teacher_params, teacher_hidden))
+    weights = (jnp.ones(student_hidden.shape[:2], jnp.float32) if mask is None
+               else jnp.asarray(mask, jnp.float32))
+    count = jnp.sum(weights)
+
+    def per_token(s_params, s_hidden, t_params, t_hidden):
+        return fn(student_head(s_params, s_hidden).astype(jnp.float32),
+                  teacher_head(t_params, t_hidden).astype(jnp.float32), temperature)
+
+    c = chunk_positions(student_hidden.shape[:2], chunk_tokens)
+    if c is None:
+        per = per_token(student_params, student_hidden, teacher_params, teacher_hidden)
+        return jnp.sum(per * weights), count
+    return chunked_token_sum(per_token, student_params, student_hidden, teacher_params,
+                             teacher_hidden, weights, c), count
 
 
 @register_loss("mse")
