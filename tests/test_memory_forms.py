@@ -6,6 +6,7 @@ parameter tree unchanged; a chunked loss never makes a (B, T, V) array."""
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -198,19 +199,11 @@ def test_chunked_lm_loss_never_makes_whole_logits():
 
 
 def _all_vars(jaxpr):
+    """Every variable a jaxpr and its nested jaxprs (scan bodies, custom VJPs) define."""
     for eqn in jaxpr.eqns:
         yield from eqn.outvars
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subs(eqn):
-            yield from _all_vars(sub)
-
-
-def _subs(eqn):
-    for p in eqn.params.values():
-        for x in (p if isinstance(p, (tuple, list)) else (p,)):
-            if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-                yield x.jaxpr
-            elif hasattr(x, "eqns"):
-                yield x
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        yield from _all_vars(sub)
 
 
 TEACHER = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=V, bias=True)
