@@ -145,10 +145,10 @@ def test_chunked_lm_loss_equals_the_plain_loss(arch):
 
 
 def test_chunked_logit_losses_equal_the_plain_losses():
-    """distill.losses.logit_loss_terms over a teacher and an untied student head, for kl_div,
-    ce and mse: chunks of 1 and 2 positions equal the plain form and `distillation_loss` of
-    the full logits, values and gradients (student head parameters and hidden states), with
-    padding."""
+    """distill.losses.logit_stage_loss over a teacher and an untied student head, for kl_div,
+    ce and mse (and kl_div plus the LM term): chunks of 1 and 2 positions equal the plain form
+    and `distillation_loss` (+ `causal_lm_loss`) of the full logits, values and gradients
+    (student head parameters and hidden states), with padding."""
     teacher, student = _model("vanilla", n_embd=24), _model("sasp")
     batch = _batch(2)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -156,30 +156,34 @@ def test_chunked_logit_losses_equal_the_plain_losses():
     s_params = student.init(jax.random.key(1), ids)["params"]
     t_hidden = teacher.apply({"params": t_params}, ids, head=False).last_hidden_state
     s_hidden = student.apply({"params": s_params}, ids, head=False).last_hidden_state
-    names = ("kl_div", "ce", "mse")
+    forms = (("kl_div", 0.0), ("ce", 0.0), ("mse", 0.0), ("kl_div", 0.5))
+    chunks = {form: (5, 8) if form[1] else (8,) for form in forms}  # 1 and 2 positions
 
     @jax.jit
     def all_forms(s_head, s_hidden):
-        def mean(loss, chunk, s_head, s_hidden):
-            total, count = distill_losses.logit_loss_terms(
-                loss, head_fn(student), s_head, s_hidden, head_fn(teacher),
-                head_params(t_params), t_hidden, mask, 2.0, chunk_tokens=chunk)
-            return total / count
+        def stage_loss(form, chunk, s_head, s_hidden):
+            return distill_losses.logit_stage_loss(
+                form[0], head_fn(student), s_head, s_hidden, head_fn(teacher),
+                head_params(t_params), t_hidden, ids, mask, 2.0, logit_weight=0.7,
+                lm_weight=form[1], chunk_tokens=chunk)
 
-        logits = head_fn(student)(s_head, s_hidden), head_fn(teacher)(t_params, t_hidden)
-        return {(loss, chunk): jax.value_and_grad(mean, argnums=(2, 3))(loss, chunk, s_head,
-                                                                         s_hidden)
-                for loss in names for chunk in (0, 5, 8)}, \
-            {loss: distill_losses.distillation_loss(loss, *logits, mask, 2.0) for loss in names}
+        s_logits, t_logits = head_fn(student)(s_head, s_hidden), head_fn(teacher)(t_params,
+                                                                                 t_hidden)
+        reference = {form: 0.7 * distill_losses.distillation_loss(form[0], s_logits, t_logits,
+                                                                  mask, 2.0)
+                     + form[1] * losses.causal_lm_loss(s_logits, ids, mask) for form in forms}
+        return {(form, chunk): jax.value_and_grad(stage_loss, argnums=(2, 3))(
+            form, chunk, s_head, s_hidden) for form in forms for chunk in (0, *chunks[form])}, \
+            reference
 
-    forms, reference = all_forms(head_params(s_params), s_hidden)
-    for loss in names:
-        np.testing.assert_allclose(forms[loss, 0][0], reference[loss], rtol=1e-6)
-        assert float(jnp.abs(forms[loss, 0][1][1]).max()) > 0
-        for chunk in (5, 8):
-            np.testing.assert_allclose(forms[loss, chunk][0], forms[loss, 0][0], rtol=1e-6,
+    out, reference = all_forms(head_params(s_params), s_hidden)
+    for form in forms:
+        np.testing.assert_allclose(out[form, 0][0], reference[form], rtol=1e-6, atol=2e-7)
+        assert float(jnp.abs(out[form, 0][1][1]).max()) > 0
+        for chunk in chunks[form]:
+            np.testing.assert_allclose(out[form, chunk][0], out[form, 0][0], rtol=1e-6,
                                        atol=2e-7)
-            _assert_trees_close(forms[loss, chunk][1], forms[loss, 0][1])
+            _assert_trees_close(out[form, chunk][1], out[form, 0][1])
 
 
 def test_chunked_lm_loss_never_makes_whole_logits():

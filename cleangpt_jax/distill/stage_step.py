@@ -31,9 +31,8 @@ from flax import traverse_util
 from cleangpt_jax import sharding
 from cleangpt_jax.config import ModelConfig, loss_chunk_setting, remat_setting
 from cleangpt_jax.distill import plan as plan_lib
-from cleangpt_jax.distill.losses import distillation_loss, get_loss, logit_loss_terms
+from cleangpt_jax.distill.losses import distillation_loss, get_loss, logit_stage_loss
 from cleangpt_jax.distill.stitching import apply_stitch
-from cleangpt_jax.losses import lm_loss_terms
 from cleangpt_jax.models import get_model
 from cleangpt_jax.models.base import head_fn, head_params
 from cleangpt_jax.optim import make_optimizer
@@ -163,17 +162,12 @@ def stage_loss_fn(spec: StepSpec):
     def logit_loss(trainable, frozen, teacher_params, batch, rng):
         tree, t_out, s_out, aux = forward(trainable, frozen, teacher_params, batch, rng,
                                           hidden=False)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        s_head, s_hidden = head_params(tree["student"]), s_out.last_hidden_state
-        total, count = logit_loss_terms(
-            spec.loss, head_fn(student), s_head, s_hidden, head_fn(teacher),
-            head_params(teacher_params), t_out.last_hidden_state, mask, spec.temperature,
+        loss = logit_stage_loss(
+            spec.loss, head_fn(student), head_params(tree["student"]), s_out.last_hidden_state,
+            head_fn(teacher), head_params(teacher_params), t_out.last_hidden_state,
+            batch["input_ids"], batch["attention_mask"], spec.temperature,
+            logit_weight=spec.logit_weight, lm_weight=spec.lm_weight,
             chunk_tokens=spec.loss_chunk_tokens)
-        loss = spec.logit_weight * total / jnp.maximum(count, 1.0)
-        if spec.lm_weight:
-            total, count = lm_loss_terms(head_fn(student), s_head, s_hidden, ids, mask,
-                                         chunk_tokens=spec.loss_chunk_tokens)
-            loss = loss + spec.lm_weight * total / jnp.maximum(count, 1.0)
         return loss, aux
 
     return block_loss if stage.kind == "block" else logit_loss
