@@ -27,6 +27,8 @@ from cleangpt_jax import kernels
 ACTIVATIONS = ("gelu", "gelu_tanh")
 POSITION_ENCODINGS = ("learned", "alibi")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# train.remat: per-block rematerialisation (the policies: models/base.py's REMAT_POLICIES).
+REMAT_SETTINGS = ("none", "block", "matmuls")
 
 
 class ConfigError(ValueError):
@@ -162,6 +164,24 @@ def _validate(c: ModelConfig) -> None:
         need(not c.llama_mlp, "model.llama_mlp applies to 'sasp' only: set it False")
 
 
+def remat_setting(value) -> str:
+    """train.remat, validated and lower-cased: one of REMAT_SETTINGS."""
+    name = value.lower() if isinstance(value, str) else value
+    if name not in REMAT_SETTINGS:
+        raise ConfigError(f"unknown train.remat {value!r}: choose one of {REMAT_SETTINGS}")
+    return name
+
+
+def loss_chunk_setting(value) -> int:
+    """train.loss_chunk_tokens, validated: an integer >= 0 (None reads as 0, the plain loss)."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"train.loss_chunk_tokens must be an integer >= 0 (0 = the plain "
+                          f"loss over whole logits), got {value!r}")
+    return value
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The default configuration: a small character-level model on the embedded Shakespeare.
 
@@ -230,6 +250,13 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.adam_eps = 1e-8
     cfg.train.grad_clip = 1.0  # global-norm clipping; 0 = off
     cfg.train.grad_accum_steps = 1  # batch_size is split into this many micro-batches
+    # Rematerialise each block in the backward pass: 'none' | 'block' (keep only block inputs)
+    # | 'matmuls' (also keep the dense projections' outputs). Same gradients, less memory.
+    cfg.train.remat = "none"
+    # The LM and distillation logit losses run the head on at most this many tokens at a time
+    # (batch rows x a slice of positions) when the (micro-)batch has more tokens, so no full
+    # (B, T, V) logits array exists in the forward or backward pass; 0 = plain, whole logits.
+    cfg.train.loss_chunk_tokens = 8192
     cfg.train.eval_every = 250  # 0 = off
     cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C

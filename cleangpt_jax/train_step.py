@@ -34,8 +34,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cleangpt_jax import sharding
-from cleangpt_jax.config import ConfigError
-from cleangpt_jax.losses import causal_lm_loss_terms
+from cleangpt_jax.config import ConfigError, get_config, loss_chunk_setting, remat_setting
+from cleangpt_jax.losses import lm_loss_terms
+from cleangpt_jax.models.base import head_fn, head_params
 from cleangpt_jax.registry import Registry
 
 PARAMS_SEED_SALT, DROPOUT_SEED_SALT = 0, 1
@@ -55,14 +56,20 @@ def get_strategy(name: str, model, config) -> LossTerms:
 
 @register_strategy("lm")
 def lm_strategy(model, config=None) -> LossTerms:
-    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask')."""
+    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask'),
+    with config.train's remat and loss_chunk_tokens (the defaults when config is None)."""
+    train_cfg = (config if config is not None else get_config()).train
+    model = model.clone(remat=remat_setting(train_cfg.remat))
+    chunk_tokens = loss_chunk_setting(train_cfg.loss_chunk_tokens)
+    head = head_fn(model)
 
     def loss_terms(params, batch, *, rng, step, train):
         del step
         out = model.apply({"params": params}, batch["input_ids"], deterministic=not train,
-                          rngs={"dropout": rng} if train else None)
-        total, count = causal_lm_loss_terms(out.logits, batch["input_ids"],
-                                            batch.get("attention_mask"))
+                          rngs={"dropout": rng} if train else None, head=False)
+        total, count = lm_loss_terms(head, head_params(params), out.last_hidden_state,
+                                     batch["input_ids"], batch.get("attention_mask"),
+                                     chunk_tokens=chunk_tokens)
         return total, count, {}
 
     return loss_terms

@@ -155,9 +155,10 @@ def check_kind(workdir: str, kind: str, *, source: str | None = None) -> None:
                           f"--workdir (a {kind} run never writes into another kind's)")
 
 
-# Keys that choose how, not what, a model computes (every attention implementation gives the
-# same numbers): a run may change them between a save and its resumption.
-HOW_NOT_WHAT_KEYS = ("attention",)
+# Keys that choose how, not what, a model computes (every attention implementation, remat
+# policy and loss chunking gives the same numbers): a run may change them between a save and
+# its resumption.
+HOW_NOT_WHAT_KEYS = ("attention", "remat", "loss_chunk_tokens")
 
 
 def config_differences(old: Any, new: Any, sections=("model", "tokenizer")) -> list[str]:

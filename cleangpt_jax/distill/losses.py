@@ -10,6 +10,10 @@ stages (vectors of width V):
     kl_div  T^2 * KL(softmax(t / T) || softmax(s / T))     (per token, never summed over time)
     ce      -log softmax(s)[argmax t]                        (cross-entropy on the teacher's argmax)
 
+The logit stages give `logit_stage_loss` the two models' final hidden states and heads instead
+of their logits: it runs both heads on chunks of tokens (cleangpt_jax.losses.chunked_token_sum,
+train.loss_chunk_tokens), so no (B, T, V) logits array exists in either pass.
+
 Add your own (the original tutorial's mixed MSE + cosine, say) and name it in the config:
 
     @register_loss("mse_cosine")
@@ -25,6 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cleangpt_jax.kernels import cross_entropy
+from cleangpt_jax.losses import chunk_positions, chunked_token_sum, next_token_targets
 from cleangpt_jax.registry import Registry
 
 LossFn = Callable[[jax.Array, jax.Array, float], jax.Array]
@@ -51,6 +57,46 @@ def distillation_loss(loss: str | LossFn, student, teacher, mask=None,
         return per_token.mean()
     mask = jnp.asarray(mask, jnp.float32)
     return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def logit_stage_loss(loss: str | LossFn, student_head: Callable, student_params,
+                     student_hidden, teacher_head: Callable, teacher_params, teacher_hidden,
+                     labels, mask=None, temperature: float = 1.0, *, logit_weight: float = 1.0,
+                     lm_weight: float = 0.0, chunk_tokens: int = 0):
+    """The head and final stages' loss, a float32 scalar:
+
+        logit_weight * distillation_loss(loss, s_logits, t_logits, mask, temperature)
+          + lm_weight * causal_lm_loss(s_logits, labels, mask)
+
+    with logits = head(head_params, hidden): hidden (B, T, d_s) / (B, T, d_t), heads as
+    models.base.head_fn, labels (B, T). Both terms are one per-token sum (each token weighted
+    by its term's weight over its term's token count, which no parameter changes), so the
+    student's head runs once per chunk (losses.chunk_positions' rule). The teacher side gets
+    no gradient."""
+    fn = get_loss(loss) if isinstance(loss, str) else loss
+    teacher_params, teacher_hidden = jax.lax.stop_gradient((teacher_params, teacher_hidden))
+    mask = (jnp.ones(student_hidden.shape[:2], jnp.float32) if mask is None
+            else jnp.asarray(mask, jnp.float32))
+    logit_weights = logit_weight * mask / jnp.maximum(jnp.sum(mask), 1.0)
+    targets, lm_weights = next_token_targets(labels, mask)
+    lm_weights = lm_weight * lm_weights / jnp.maximum(jnp.sum(lm_weights), 1.0)
+
+    def per_token(s_params, s_hidden, t_params, rows):
+        t_hidden, targets, logit_weights, lm_weights = rows
+        s_logits = student_head(s_params, s_hidden).astype(jnp.float32)
+        t_logits = teacher_head(t_params, t_hidden).astype(jnp.float32)
+        out = logit_weights * fn(s_logits, t_logits, temperature)
+        if lm_weight:
+            out = out + lm_weights * cross_entropy(s_logits, targets)
+        return out
+
+    rows = (teacher_hidden, targets, logit_weights, lm_weights)
+    ones = jnp.ones(mask.shape, jnp.float32)
+    c = chunk_positions(student_hidden.shape[:2], chunk_tokens)
+    if c is None:
+        return jnp.sum(per_token(student_params, student_hidden, teacher_params, rows))
+    return chunked_token_sum(per_token, student_params, student_hidden, teacher_params, rows,
+                             ones, c)
 
 
 @register_loss("mse")

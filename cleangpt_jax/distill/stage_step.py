@@ -9,7 +9,9 @@ For block stage k, with theta_k the trainable leaves:
     hidden = student(ids, num_blocks=k).hidden_states[k]                (B, T, d_s)
     loss   = sum_bt mask * hidden_loss(stitch_k(hidden), target) / sum_bt mask
 
-The head and final stages compare logits: logit_weight * logit_loss(T) + lm_weight * LM loss.
+The head and final stages compare logits: logit_weight * logit_loss(T) + lm_weight * LM loss,
+both computed from the two models' final hidden states and heads, chunk by chunk
+(train.loss_chunk_tokens). The student's blocks are rematerialised under train.remat.
 `compiled_step(step_spec(...))` is the jitted update; equal specs share one executable.
 `distill.runner.run_stage` is the loop that calls it.
 """
@@ -27,12 +29,12 @@ import optax
 from flax import traverse_util
 
 from cleangpt_jax import sharding
-from cleangpt_jax.config import ModelConfig
+from cleangpt_jax.config import ModelConfig, loss_chunk_setting, remat_setting
 from cleangpt_jax.distill import plan as plan_lib
-from cleangpt_jax.distill.losses import distillation_loss, get_loss
+from cleangpt_jax.distill.losses import distillation_loss, get_loss, logit_stage_loss
 from cleangpt_jax.distill.stitching import apply_stitch
-from cleangpt_jax.losses import causal_lm_loss
 from cleangpt_jax.models import get_model
+from cleangpt_jax.models.base import head_fn, head_params
 from cleangpt_jax.optim import make_optimizer
 
 
@@ -90,6 +92,8 @@ class StepSpec:
     warmup_steps: int = 0
     truncate: bool = True       # False: both models run every block and their heads (the
     #                             full-forward baseline scripts/distill_study.py times)
+    remat: str = "none"         # the student's blocks: train.remat ('none': no remat)
+    loss_chunk_tokens: int = 0  # the logit losses: train.loss_chunk_tokens (0: plain)
 
 
 def step_spec(s, stage, paths: frozenset, *, truncate: bool = True) -> StepSpec:
@@ -101,7 +105,8 @@ def step_spec(s, stage, paths: frozenset, *, truncate: bool = True) -> StepSpec:
                   adam=(float(t.adam_b1), float(t.adam_b2), float(t.adam_eps)),
                   stitching=bool(d.stitching),
                   stitching_bias=bool(d.stitching_bias), warmup_steps=int(d.warmup_steps),
-                  truncate=truncate)
+                  truncate=truncate, remat=remat_setting(t.remat),
+                  loss_chunk_tokens=loss_chunk_setting(t.loss_chunk_tokens))
     if stage.kind == "block":
         return StepSpec(loss=get_loss(d.hidden_loss), temperature=float(d.hidden_temperature),
                         **common)
@@ -124,8 +129,8 @@ def stage_optimizer(stage, warmup_steps: int, adam: tuple[float, float, float]):
 
 def stage_loss_fn(spec: StepSpec):
     """loss(trainable, frozen, teacher_params, batch, rng) -> (loss, aux) for one stage."""
-    teacher, student, stage = get_model(config=spec.teacher), get_model(config=spec.student), \
-        spec.stage
+    teacher, stage = get_model(config=spec.teacher), spec.stage
+    student = get_model(config=spec.student).clone(remat=spec.remat)
 
     def forward(trainable, frozen, teacher_params, batch, rng, *, hidden: bool):
         tree = merge(trainable, frozen)
@@ -133,10 +138,10 @@ def stage_loss_fn(spec: StepSpec):
         t_blocks = stage.teacher_layer if (hidden and spec.truncate) else None
         s_blocks = stage.block if (hidden and spec.truncate) else None
         t_out = teacher.apply({"params": teacher_params}, ids, num_blocks=t_blocks,
-                              output_hidden_states=hidden)
+                              output_hidden_states=hidden, head=hidden)
         s_out = student.apply({"params": tree["student"]}, ids, num_blocks=s_blocks,
                               output_hidden_states=hidden, deterministic=False,
-                              rngs={"dropout": rng})
+                              rngs={"dropout": rng}, head=hidden)
         aux = {}
         if hidden and not spec.truncate:  # keep the heads alive: XLA would prune them
             aux = {"teacher_logits_mean": jnp.mean(jax.lax.stop_gradient(t_out.logits)),
@@ -155,14 +160,14 @@ def stage_loss_fn(spec: StepSpec):
         return loss, aux
 
     def logit_loss(trainable, frozen, teacher_params, batch, rng):
-        _, t_out, s_out, aux = forward(trainable, frozen, teacher_params, batch, rng,
-                                       hidden=False)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        target = jax.lax.stop_gradient(t_out.logits)
-        loss = spec.logit_weight * distillation_loss(spec.loss, s_out.logits, target, mask,
-                                                     spec.temperature)
-        if spec.lm_weight:
-            loss = loss + spec.lm_weight * causal_lm_loss(s_out.logits, ids, mask)
+        tree, t_out, s_out, aux = forward(trainable, frozen, teacher_params, batch, rng,
+                                          hidden=False)
+        loss = logit_stage_loss(
+            spec.loss, head_fn(student), head_params(tree["student"]), s_out.last_hidden_state,
+            head_fn(teacher), head_params(teacher_params), t_out.last_hidden_state,
+            batch["input_ids"], batch["attention_mask"], spec.temperature,
+            logit_weight=spec.logit_weight, lm_weight=spec.lm_weight,
+            chunk_tokens=spec.loss_chunk_tokens)
         return loss, aux
 
     return block_loss if stage.kind == "block" else logit_loss

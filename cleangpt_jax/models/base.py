@@ -4,6 +4,11 @@
     state_i = block_i(state_{i-1}),  i = 1..L
     logits  = LN_f(hidden(state_L)) . wte^T                  (tied head, float32)
 
+`remat` (the `train.remat` setting) rematerialises each block in the backward pass under a
+`jax.checkpoint` policy (`REMAT_POLICIES`); the parameter tree is the same for every setting.
+`head=False` stops before LN_f and the head: the losses then run the head themselves, chunk by
+chunk (`head_fn` / `head_params`, cleangpt_jax.losses), never holding (B, T, V) logits.
+
 An architecture is a block class plus, when its residual stream is not a single array (the
 Token-Factored model keeps (xt, xe)), `init_state` and `hidden`. `hidden_states[i]` is
 `hidden(state_i)`: pre-LN_f, index 0 = embeddings. Labels are never shifted here: logits at t
@@ -26,6 +31,7 @@ being None when it was called without one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import flax
@@ -35,19 +41,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from cleangpt_jax import kernels
-from cleangpt_jax.config import ConfigError, ModelConfig
+from cleangpt_jax.config import ConfigError, ModelConfig, remat_setting
 from cleangpt_jax.models import layers
 
 
 @flax.struct.dataclass
 class ModelOutput:
     """logits (B, T, V) float32 ((B, 1, V) with last_logits_only), or None when only the first
-    k < L blocks ran; hidden_states: tuple of k + 1 arrays (B, T, d), or None when not asked
-    for; cache: the updated `Cache` when one was passed in, else None."""
+    k < L blocks ran or head=False; hidden_states: tuple of k + 1 arrays (B, T, d), or None
+    when not asked for; cache: the updated `Cache` when one was passed in, else None;
+    last_hidden_state: with head=False, hidden(state_k) (B, T, d), the pre-LN_f state after the
+    last block that ran (what `head_fn` takes), else None."""
 
     logits: Any = None
     hidden_states: tuple | None = None
     cache: Any = None
+    last_hidden_state: Any = None
 
 
 @flax.struct.dataclass
@@ -85,8 +94,28 @@ class Block(nn.Module):
     init_cache = staticmethod(layers.init_kv_cache)
 
 
+# train.remat -> the jax.checkpoint policy of each block's backward pass ('none': no remat).
+# 'block' saves nothing: the backward reruns the whole block from its input. 'matmuls' saves
+# the outputs of matmuls without batch dimensions, i.e. the dense projections (q/k/v, output,
+# MLP), which are 2-D (B*T, d) products here, and recomputes the cheap elementwise work and
+# the attention scores and probabilities (batched (B, H, T, S) products, the largest
+# activations at long T); checkpoint_dots would keep those too.
+REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
+                  "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# The top-level parameters `logits` reads (lm_head exists only with an untied head).
+HEAD_PARAMS = ("wte", "ln_f", "lm_head")
+
+
+def _call_block(block, state, attn_bias, deterministic, cache, step):
+    """block(state, ...) with positional arguments, so nn.remat can hold `deterministic`
+    static (jax.checkpoint traces keyword arguments)."""
+    return block(state, attn_bias=attn_bias, deterministic=deterministic, cache=cache,
+                 step=step)
+
+
 class CausalLM(nn.Module):
     config: ModelConfig
+    remat: str = "none"  # a key of REMAT_POLICIES, or 'none'
     block_cls: ClassVar[type[Block]]
 
     def setup(self):
@@ -94,6 +123,9 @@ class CausalLM(nn.Module):
         if c.vocab_size is None:
             raise ConfigError("model.vocab_size is None: set it, or take it from the tokenizer "
                               "(config.model.vocab_size = tokenizer.vocab_size)")
+        remat = remat_setting(self.remat)
+        self.call_block = _call_block if remat == "none" else nn.remat(
+            _call_block, static_argnums=(3,), policy=REMAT_POLICIES[remat])
         # The residual stream stays float32; only matmul inputs are cast to the compute dtype.
         emb = dict(embedding_init=layers.normal_init(), dtype=jnp.float32,
                    param_dtype=c.params_dtype)
@@ -127,12 +159,13 @@ class CausalLM(nn.Module):
     def __call__(self, input_ids, *, deterministic: bool = True,
                  output_hidden_states: bool = False, num_blocks: int | None = None,
                  positions=None, cache: Cache | None = None,
-                 last_logits_only: bool = False) -> ModelOutput:
+                 last_logits_only: bool = False, head: bool = True) -> ModelOutput:
         """input_ids (B, T) integers. `num_blocks=k` runs only the embeddings and the first k
         blocks (no LN_f/head unless k = L). `positions` (T,) or (B, T) default to arange(T)
         (with a cache: slot - cache.start). `cache` (from `init_cache`) makes this a decoding
         call: the T tokens attend to the cached ones and the output carries the updated cache.
-        `last_logits_only` computes the head for the last position only: logits (B, 1, V)."""
+        `last_logits_only` computes the head for the last position only: logits (B, 1, V).
+        `head=False` skips LN_f and the head (logits None; see last_hidden_state)."""
         c = self.config
         check_input_ids(input_ids, c)
         k = c.n_layer if num_blocks is None else num_blocks
@@ -159,22 +192,23 @@ class CausalLM(nn.Module):
         hidden_states = [self.hidden(state)] if output_hidden_states else None
         new_layers = []
         for i, block in enumerate(self.h[:k]):
-            state, layer_cache = block(state, attn_bias=attn_bias, deterministic=deterministic,
-                                       cache=None if cache is None else cache.layers[i],
-                                       step=step)
+            state, layer_cache = self.call_block(
+                block, state, attn_bias, deterministic,
+                None if cache is None else cache.layers[i], step)
             new_layers.append(layer_cache)
             if output_hidden_states:
                 hidden_states.append(self.hidden(state))
 
         logits = None
-        if k == c.n_layer:
+        last_hidden = None if head else self.hidden(state)
+        if k == c.n_layer and head:
             hidden = self.hidden(state)
             logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
         if cache is not None:
             cache = cache.replace(layers=tuple(new_layers), index=cache.index + t, fresh=False)
         return ModelOutput(logits=logits,
                            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-                           cache=cache)
+                           cache=cache, last_hidden_state=last_hidden)
 
     def _decode_step(self, cache: Cache, t: int, positions):
         """The shared `DecodeStep` for T new tokens written at cache.index."""
@@ -207,6 +241,22 @@ class CausalLM(nn.Module):
         w = self.wte.embedding if c.tie_embeddings else self.lm_head
         return kernels.rows_matmul(h, w.astype(c.compute_dtype), w_transposed=True,
                                    preferred_element_type=jnp.float32)
+
+
+def head_params(params) -> dict:
+    """The part of a CausalLM parameter tree that `logits` reads (wte, ln_f, lm_head)."""
+    return {name: params[name] for name in HEAD_PARAMS if name in params}
+
+
+def head_fn(model: CausalLM):
+    """head(head_params(params), hidden (..., d)) = model.logits(hidden) (..., V) float32: the
+    model's head as a pure function of its own parameters (the chunked losses call it per
+    chunk of tokens)."""
+    return functools.partial(_apply_head, model)
+
+
+def _apply_head(model, params, hidden):
+    return model.apply({"params": params}, hidden, method="logits")
 
 
 def check_input_ids(input_ids, config: ModelConfig) -> None:
