@@ -18,6 +18,8 @@ one machine: --config.train.coordinator_address=localhost:12345 --config.train.n
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from typing import Any
@@ -83,6 +85,19 @@ def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
                           f"count {n}")
     return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, devices=devices,
                          axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def traced_under(mesh: Mesh):
+    """Decorator: trace `fn` with `mesh` as the abstract mesh, so that what `fn` calls sees
+    the devices the program is for (`kernels` picks a TPU kernel for a TPU topology's mesh
+    even on a CPU host, and shard_maps it over the mesh)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        return traced
+    return decorate
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -161,6 +161,7 @@ def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
     """
     dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
 
+    @sharding.traced_under(mesh)
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(dropout_key, state.step)
         loss, extra, grads = loss_and_grads(loss_terms, state.params, batch, rng=rng,
@@ -180,6 +181,7 @@ def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
 def make_eval_step(loss_terms: LossTerms, *, mesh, params_shardings):
     """jit-compiled (params, batch) -> (loss_sum, count), dropout off."""
 
+    @sharding.traced_under(mesh)
     def eval_fn(params, batch):
         total, count, _ = loss_terms(params, batch, rng=jax.random.key(0), step=0, train=False)
         return total, count

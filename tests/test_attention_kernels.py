@@ -121,11 +121,11 @@ SPLASH_KERNELS = ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv")
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_auto_compiles_splash_into_a_tpu_training_program():
-    """On a v5e:2x2 mesh (compiled ahead of time, no TPU needed) 'auto' attention is Splash,
-    shard_mapped over the batch, in the forward and backward; ALiBi takes the generic path."""
+    """On a v5e:2x2 mesh (compiled ahead of time, no TPU needed) 'auto' attention in the
+    project's train step is Splash, shard_mapped over the batch, in the forward and backward;
+    ALiBi takes the generic path."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes load it
     from jax.experimental import topologies
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from cleangpt_jax import sharding
 
@@ -133,19 +133,24 @@ def test_auto_compiles_splash_into_a_tpu_training_program():
     mesh = sharding.create_mesh(devices=devices)
 
     def compiled_text(config):
+        """The project's own train step (train_step.make_train_step) for this mesh, compiled."""
+        import optax
+
+        from cleangpt_jax import train_step
+
         model = get_model(config=config)
-        ids = jax.ShapeDtypeStruct((8, config.block_size), jnp.int32,
-                                   sharding=sharding.batch_sharding(mesh))
-        params = jax.eval_shape(model.init, jax.random.key(0), ids)
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                             sharding=NamedSharding(mesh, P())),
-                              params)
-        loss = lambda p, ids: causal_lm_loss(model.apply(p, ids).logits, ids)  # noqa: E731
+        optimizer = optax.adamw(1e-3)
+        state, shardings = train_step.abstract_train_state(
+            train_step.model_init_fn(model, 0), optimizer, mesh)
+        step = train_step.make_train_step(train_step.lm_strategy(model), optimizer, mesh=mesh,
+                                          state_shardings=shardings)
+        batch = {k: jax.ShapeDtypeStruct((8, config.block_size), jnp.int32,
+                                         sharding=sharding.batch_sharding(mesh))
+                 for k in ("input_ids", "attention_mask")}
         with jax.set_mesh(mesh):
             assert kernels.target_backend() == "tpu"
             path = kernels.attention_path(config)
-            text = jax.jit(jax.value_and_grad(loss)).trace(params, ids).lower().compile().as_text()
-        return path, text
+        return path, step.trace(state, batch).lower().compile().as_text()
 
     config = ModelConfig(model_type="vanilla", **TINY, dtype="bfloat16")
     path, text = compiled_text(config)
