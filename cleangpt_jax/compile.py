@@ -302,7 +302,15 @@ def teacher_config(cfg):
         return hf.config_from_hf(json.load(f), dtype=dtype, source=path)
 
 
-def distill_programs(cfg, devices, topology: str) -> list[Report]:
+def distill_stage_steps(cfg, devices, *, for_tpu_target: bool = True
+                        ) -> tuple[Any, list[tuple[Any, Callable, tuple]]]:
+    """(the student's ModelConfig, [(stage, jitted step, abstract arguments)]) for each stage
+    kind of `cfg`'s plan: the last (largest) block stage, then the head and final stages that
+    are enabled. The steps are `distill.stage_step.compiled_step`'s, over a mesh of `devices`;
+    the arguments are what `runner.run_stage` passes: (trainable, opt_state, frozen,
+    teacher_params, batch, rng), as ShapeDtypeStructs with the run's shardings.
+    for_tpu_target=False keeps model.attention as configured (scripts/device_check.sh runs the
+    steps on the machine's own accelerator, whose backend then chooses)."""
     from cleangpt_jax import sharding
     from cleangpt_jax.distill import plan as plan_lib
     from cleangpt_jax.distill import runner, stage_step
@@ -312,8 +320,9 @@ def distill_programs(cfg, devices, topology: str) -> list[Report]:
         raise ValueError("--what=distill needs a distillation config (a distill section), "
                          "e.g. --config=configs/distill_gpt2_vanilla.py")
     runner.check_config(cfg)
-    t_cfg = for_tpu(teacher_config(cfg))
-    s_cfg = for_tpu(runner.student_config(cfg, t_cfg))
+    resolve = for_tpu if for_tpu_target else (lambda c: c)
+    t_cfg = resolve(teacher_config(cfg))
+    s_cfg = resolve(runner.student_config(cfg, t_cfg))
     mesh = sharding.create_mesh(int(cfg.train.fsdp), devices=devices)
     sharding.check_batch_size(cfg.train.batch_size, mesh)
     stages = plan_lib.build_stages(cfg.distill, s_cfg.n_layer, t_cfg.n_layer, steps_per_epoch=1)
@@ -326,20 +335,24 @@ def distill_programs(cfg, devices, topology: str) -> list[Report]:
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=sharding.replicated(mesh))
     blocks = [st for st in stages if st.kind == "block"]
-    chosen = blocks[-1:] + [st for st in stages if st.kind != "block"]
-    reports = []
-    for stage in chosen:
+    steps = []
+    for stage in blocks[-1:] + [st for st in stages if st.kind != "block"]:
         paths = stage_step.trainable_paths(tree, stage, cfg, s_cfg.tie_embeddings)
         compiled = stage_step.compiled_step(stage_step.step_spec(setup, stage, paths))
         trainable, frozen = stage_step.split(tree, paths)
         opt_state = sharding.abstract_state(jax.eval_shape(compiled.init, trainable), mesh)
-        args = (trainable, opt_state, frozen, teacher_params, batch, rng)
-        reports.append(measure(
-            lambda: compiled.step.trace(*args).lower(), topology=topology,
-            num_devices=len(devices), what="distill", program=stage.name,
-            program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-            attention=s_cfg.attention, flops_estimate=None))
-    return reports
+        steps.append((stage, compiled.step,
+                      (trainable, opt_state, frozen, teacher_params, batch, rng)))
+    return s_cfg, steps
+
+
+def distill_programs(cfg, devices, topology: str) -> list[Report]:
+    s_cfg, steps = distill_stage_steps(cfg, devices)
+    return [measure(lambda: step.trace(*args).lower(), topology=topology,
+                    num_devices=len(devices), what="distill", program=stage.name,
+                    program_devices=len(devices), capacity=hbm_capacity(devices[0]),
+                    attention=s_cfg.attention, flops_estimate=None)
+            for stage, step, args in steps]
 
 
 def generate_program(cfg, devices, topology: str, *, batch_size: int, prompt_length: int,
