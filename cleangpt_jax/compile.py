@@ -57,7 +57,7 @@ from cleangpt_jax import cli
 FLAGS = flags.FLAGS
 WHAT = ("train", "distill", "generate")
 GiB = 1024 ** 3
-# Usable HBM per chip (what JAX reports as bytes_limit), by the device_kind libtpu gives.
+# HBM per chip (Cloud TPU documentation), by the device_kind libtpu reports.
 HBM_CAPACITY_BYTES = {
     "TPU v4": 32 * GiB,
     "TPU v5 lite": 16 * GiB,    # v5e

@@ -168,7 +168,7 @@ EOF
 fi
 
 # 5. distillation stages: the block stage and the head stage, real steps on this device.
-KEEP="step|stage" part distill_stages "${LIMITS[4]}" "$PY" - $DISTILL_SHAPE <<'EOF'
+KEEP="step|stage|teacher" part distill_stages "${LIMITS[4]}" "$PY" - $DISTILL_SHAPE <<'EOF'
 import sys, time
 import jax, jax.numpy as jnp
 from cleangpt_jax import compile as compile_lib
