@@ -431,8 +431,10 @@ def main(argv):
     if FLAGS["config"].value is None:
         cli.die("--config is required: the run's config file, e.g. "
                 "--config=configs/gpt2_124m.py", 2)
-    # Compile only: never take this machine's accelerator (a TPU VM's chips stay free).
+    # Compile only: never take this machine's accelerator (a TPU VM's chips stay free), and
+    # write nothing (no persistent compilation cache entries either).
     jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_enable_compilation_cache", False)
     cfg = cli.config_flag_value()
     for report in compile_programs(cfg, FLAGS.topology, FLAGS.what,
                                    batch_size=FLAGS.batch_size,
