@@ -90,7 +90,8 @@ class Report:
     temp_bytes: int | None
     code_bytes: int | None
     hbm_bytes_per_device: int | None  # argument + output - alias + temp + code; when out of
-    #                                   memory, what the compiler's message says it needs
+    #                                   memory, the bytes the compiler's message names (its
+    #                                   temporaries, a lower bound of the total)
     hbm_capacity_bytes: int
     fits: bool
     flops_per_device: float | None
@@ -109,8 +110,8 @@ class Report:
         where = (f"{self.topology} ({self.num_devices} devices) {self.program}"
                  f"{'' if self.program_devices == self.num_devices else ' on 1 chip'}")
         if self.out_of_memory is not None:
-            return (f"{where}: DOES NOT FIT, needs about {gib(self.hbm_bytes_per_device)} of "
-                    f"{gib(self.hbm_capacity_bytes)} HBM per device (compiler: "
+            return (f"{where}: DOES NOT FIT, needs at least {gib(self.hbm_bytes_per_device)} "
+                    f"of {gib(self.hbm_capacity_bytes)} HBM per device (compiler: "
                     f"{self.out_of_memory}); {self.compile_seconds:.1f}s; attention "
                     f"{self.attention}")
         return (f"{where}: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
