@@ -4,13 +4,16 @@ with --vs-hf, Hugging Face's PyTorch GPT2LMHeadModel timed side by side in the s
     python scripts/bench_train.py --vs-hf                          # char and gpt2vocab on CPU
     python scripts/bench_train.py --vs-hf --threads 1              # both on one thread
     python scripts/bench_train.py --preset gpt2_124m --peak_tflops 989   # H100 bf16 dense peak
+    python scripts/bench_train.py --preset gpt2_124m --peak_tflops 989 --attention xla \
+        --json out.json                      # one attention implementation; results as JSON
 
 Presets (GPT-2 flavoured Vanilla: bias, tanh-GELU, tied head, dropout 0, so HF runs the same
 model):
   char       6 layers, 384 wide, 6 heads, block 256, batch 8, 65-symbol vocabulary, float32
   gpt2vocab  the same with GPT-2's 50257-token vocabulary
   gpt2_124m  GPT-2 124M: 12 layers, 768 wide, 12 heads, block 1024, batch 16, bfloat16 compute
-Flags after --preset override its values (--n_layer, --batch, --dtype, ...).
+Flags after --preset override its values (--n_layer, --batch, --dtype, ...); --attention sets
+model.attention ('auto' or a name in kernels.ATTENTION_KERNELS, e.g. 'xla').
 
 What is timed. Ours: `train_step.make_train_step` (jit, donated state, AdamW with clipping and
 the weight-decay mask from `optim.make_optimizer`, the registered 'lm' strategy), on one batch
@@ -34,6 +37,7 @@ accounting of the compiled step (arguments + temporaries).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -70,6 +74,7 @@ def build_ours(case: dict, seed: int = 0):
     m = cfg.model
     m.update(model_type="vanilla", bias=True, activation="gelu_tanh", dropout=0.0,
              tie_embeddings=True, dtype=case["dtype"], param_dtype="float32",
+             attention=case.get("attention", "auto"),
              **{k: case[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
                                      "vocab_size")})
     t = cfg.train
@@ -248,6 +253,10 @@ def main():
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch"):
         ap.add_argument(f"--{key}", type=int, default=None)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    ap.add_argument("--attention", default="auto",
+                    help="model.attention: 'auto' or an implementation of "
+                         "kernels.ATTENTION_KERNELS")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -275,6 +284,7 @@ def main():
     for n in names:
         case = dict(PRESETS[n])
         case.update({k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None})
+        case["attention"] = args.attention
         cases.append((n, case))
 
     backend = jax.default_backend()
@@ -299,6 +309,10 @@ def main():
         print(f"| {r['case']} | {r['ours_tps']:.0f} | {hf} | {ratio} | {r['ours_step'] * 1e3:.1f}"
               f" | {r['compile_s']:.1f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.2f} GiB "
               f"{r['mem_kind']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "backend": backend,
+                       "jax": jax.__version__, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
