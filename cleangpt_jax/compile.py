@@ -26,7 +26,7 @@ arguments + outputs - donated aliases + temporaries + code), the chip's HBM capa
 the total fits it, the compiler's FLOPs per device (compiled.cost_analysis()) next to the
 estimate (training: (6 N + 12 L H Q T) per token, N the parameter count, L layers, H heads,
 Q head size, T context, times the device's B T / n_devices tokens), the compile time, and the
-attention implementation the model's training forward takes on TPU (`attention_on_tpu`).
+attention implementation the model's training forward takes there (`attention_under`).
 XLA:TPU refuses to compile a program that needs more HBM than the chip has: such a program is
 reported with fits false, the bytes the compiler's message names and the message itself.
 
@@ -161,23 +161,14 @@ def hbm_capacity(device) -> int:
     return HBM_CAPACITY_BYTES[kind]
 
 
-def attention_on_tpu(model_cfg) -> str:
-    """The attention implementation `model.attention` takes for the training forward (square,
-    causal, no explicit mask) on TPU: kernels.choose_attention's answer for backend 'tpu'."""
+def attention_under(mesh, model_cfg) -> str:
+    """The attention implementation the model's training forward takes in a program traced
+    under `mesh` (kernels.attention_path: on a TPU topology's mesh, 'auto' is Splash where the
+    kernel can serve the model, the generic XLA path where it cannot, e.g. ALiBi)."""
     from cleangpt_jax import kernels
 
-    call = kernels.AttentionCall(square=True, mask=False,
-                                 bias=model_cfg.position_encoding == "alibi",
-                                 dropout=model_cfg.dropout > 0.0, same_head_dim=True)
-    return kernels.choose_attention(model_cfg.attention, "tpu", call)
-
-
-def for_tpu(model_cfg):
-    """`model_cfg` with 'auto' attention resolved as on TPU. The programs are traced on this
-    machine, whose default backend (CPU) would otherwise pick CPU-tuned paths."""
-    if model_cfg.attention != "auto":
-        return model_cfg
-    return model_cfg.replace(attention=attention_on_tpu(model_cfg))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return kernels.attention_path(model_cfg)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -262,7 +253,7 @@ def train_programs(cfg, devices, topology: str) -> list[Report]:
     from cleangpt_jax.optim import make_optimizer
 
     t = cfg.train
-    model_cfg = for_tpu(model_config(cfg.model, vocab_size=vocab_size(cfg)))
+    model_cfg = model_config(cfg.model, vocab_size=vocab_size(cfg))
     mesh = sharding.create_mesh(int(t.fsdp), devices=devices)
     sharding.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
     model = get_model(config=model_cfg)
@@ -280,7 +271,7 @@ def train_programs(cfg, devices, topology: str) -> list[Report]:
     return [measure(lambda: step.trace(state, batch).lower(), topology=topology,
                     num_devices=len(devices), what="train", program="train",
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=model_cfg.attention, flops_estimate=estimate)]
+                    attention=attention_under(mesh, model_cfg), flops_estimate=estimate)]
 
 
 def teacher_config(cfg):
@@ -303,15 +294,15 @@ def teacher_config(cfg):
         return hf.config_from_hf(json.load(f), dtype=dtype, source=path)
 
 
-def distill_stage_steps(cfg, devices, *, for_tpu_target: bool = True
-                        ) -> tuple[Any, list[tuple[Any, Callable, tuple]]]:
-    """(the student's ModelConfig, [(stage, jitted step, abstract arguments)]) for each stage
+def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callable, tuple]]]:
+    """(the student's ModelConfig, the mesh, [(stage, jitted step, abstract arguments)]) for
+    each stage
     kind of `cfg`'s plan: the last (largest) block stage, then the head and final stages that
     are enabled. The steps are `distill.stage_step.compiled_step`'s, over a mesh of `devices`;
     the arguments are what `runner.run_stage` passes: (trainable, opt_state, frozen,
-    teacher_params, batch, rng), as ShapeDtypeStructs with the run's shardings.
-    for_tpu_target=False keeps model.attention as configured (scripts/device_check.sh runs the
-    steps on the machine's own accelerator, whose backend then chooses)."""
+    teacher_params, batch, rng), as ShapeDtypeStructs with the run's shardings. The steps are
+    traced under the mesh, so 'auto' attention takes the devices' platform: TPU here, the
+    machine's own accelerator in scripts/device_check.sh."""
     from cleangpt_jax import sharding
     from cleangpt_jax.distill import plan as plan_lib
     from cleangpt_jax.distill import runner, stage_step
@@ -321,9 +312,8 @@ def distill_stage_steps(cfg, devices, *, for_tpu_target: bool = True
         raise ValueError("--what=distill needs a distillation config (a distill section), "
                          "e.g. --config=configs/distill_gpt2_vanilla.py")
     runner.check_config(cfg)
-    resolve = for_tpu if for_tpu_target else (lambda c: c)
-    t_cfg = resolve(teacher_config(cfg))
-    s_cfg = resolve(runner.student_config(cfg, t_cfg))
+    t_cfg = teacher_config(cfg)
+    s_cfg = runner.student_config(cfg, t_cfg)
     mesh = sharding.create_mesh(int(cfg.train.fsdp), devices=devices)
     sharding.check_batch_size(cfg.train.batch_size, mesh)
     stages = plan_lib.build_stages(cfg.distill, s_cfg.n_layer, t_cfg.n_layer, steps_per_epoch=1)
@@ -339,20 +329,20 @@ def distill_stage_steps(cfg, devices, *, for_tpu_target: bool = True
     steps = []
     for stage in blocks[-1:] + [st for st in stages if st.kind != "block"]:
         paths = stage_step.trainable_paths(tree, stage, cfg, s_cfg.tie_embeddings)
-        compiled = stage_step.compiled_step(stage_step.step_spec(setup, stage, paths))
+        compiled = stage_step.compiled_step(stage_step.step_spec(setup, stage, paths), mesh)
         trainable, frozen = stage_step.split(tree, paths)
         opt_state = sharding.abstract_state(jax.eval_shape(compiled.init, trainable), mesh)
         steps.append((stage, compiled.step,
                       (trainable, opt_state, frozen, teacher_params, batch, rng)))
-    return s_cfg, steps
+    return s_cfg, mesh, steps
 
 
 def distill_programs(cfg, devices, topology: str) -> list[Report]:
-    s_cfg, steps = distill_stage_steps(cfg, devices)
+    s_cfg, mesh, steps = distill_stage_steps(cfg, devices)
     return [measure(lambda: step.trace(*args).lower(), topology=topology,
                     num_devices=len(devices), what="distill", program=stage.name,
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=s_cfg.attention, flops_estimate=None)
+                    attention=attention_under(mesh, s_cfg), flops_estimate=None)
             for stage, step, args in steps]
 
 
@@ -362,12 +352,12 @@ def generate_program(cfg, devices, topology: str, *, batch_size: int, prompt_len
     the static settings `generation.generate` derives (sampling with top_k 50)."""
     from jax.sharding import SingleDeviceSharding
 
-    from cleangpt_jax import generation
+    from cleangpt_jax import generation, sharding
     from cleangpt_jax.config import model_config
     from cleangpt_jax.models import get_model
     from cleangpt_jax.train_step import model_init_fn
 
-    model_cfg = for_tpu(model_config(cfg.model, vocab_size=vocab_size(cfg)))
+    model_cfg = model_config(cfg.model, vocab_size=vocab_size(cfg))
     generation.check_generation_args(max_new_tokens)
     model = get_model(config=model_cfg)
     on_chip = SingleDeviceSharding(devices[0])
@@ -389,11 +379,15 @@ def generate_program(cfg, devices, topology: str, *, batch_size: int, prompt_len
     static = dict(model=model, cache_len=cache_len, steps=steps,
                   windowed=learned and width + steps > model_cfg.block_size, top_k=50,
                   greedy_only=False, return_logits=False, decode_layout=False)
-    program = generation.program()
-    return [measure(lambda: program.trace(*args, **static).lower(), topology=topology,
-                    num_devices=len(devices), what="generate", program="generate",
-                    program_devices=1, capacity=hbm_capacity(devices[0]),
-                    attention=model_cfg.attention, flops_estimate=None)]
+    program, chip = generation.program(), sharding.create_mesh(devices=devices[:1])
+
+    def lower():
+        with jax.sharding.use_abstract_mesh(chip.abstract_mesh):  # (the chip's platform)
+            return program.trace(*args, **static).lower()
+
+    return [measure(lower, topology=topology, num_devices=len(devices), what="generate",
+                    program="generate", program_devices=1, capacity=hbm_capacity(devices[0]),
+                    attention=attention_under(chip, model_cfg), flops_estimate=None)]
 
 
 def compile_programs(cfg: ml_collections.ConfigDict, topology: str, what: str = "train", *,

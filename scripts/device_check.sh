@@ -25,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-CUDNN_ATTENTION="gpu_cudnn"   # model.attention's name for jax.nn.dot_product_attention(cudnn)
+CUDNN_ATTENTION="cudnn"   # model.attention's name for jax.nn.dot_product_attention(cudnn)
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 WHEELS="${DEVICE_WHEELS:-$REPO/device_wheels}"
@@ -188,7 +188,7 @@ if vocab != 50257:  # smoke: a tiny GPT-2-shaped teacher described by its config
         json.dump(dict(model_type="gpt2", n_layer=2 * layers, n_head=heads, n_embd=width,
                        n_positions=block_size, vocab_size=vocab), f)
 cfg.distill.final.enabled = False
-_, steps = compile_lib.distill_stage_steps(cfg, jax.devices(), for_tpu_target=False)
+_, _, steps = compile_lib.distill_stage_steps(cfg, jax.devices())
 print(f"teacher {cfg.distill.teacher}, student {layers} x {width}, T={block_size}, "
       f"batch {batch}, {jax.devices()[0].device_kind}")
 

@@ -231,7 +231,8 @@ def time_stages(args, cfg, label: str, vocab_size: int | None = None) -> dict:
         paths = stage_step.trainable_paths(tree, stage, s.config, s.student.config.tie_embeddings)
         states = {}
         for truncate in (True, False):
-            c = stage_step.compiled_step(stage_step.step_spec(s, stage, paths, truncate=truncate))
+            c = stage_step.compiled_step(stage_step.step_spec(s, stage, paths, truncate=truncate),
+                                         s.mesh)
             tr, fr = stage_step.split(stage_step.place(tree, s.mesh), paths)
             tr = stage_step.place(tr, s.mesh, copy=True)
             opt = stage_step.place(c.init(tr), s.mesh)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from cleangpt_jax import kernels, trainer
+from cleangpt_jax import trainer
 from cleangpt_jax.config import get_config, model_config
 from cleangpt_jax.distill import config as distill_config
 
@@ -91,9 +91,7 @@ def test_train_step_compiles_for_every_generation(compile_lib, topology):
                                            + report.code_bytes) > 0
     assert report.alias_bytes > 0  # the donated train state is updated in place
     assert 0.5 < report.flops_per_device / report.flops_estimate_per_device < 2.5
-    c = model_config(tiny_train_config().model)
-    assert report.attention == compile_lib.attention_on_tpu(c) != "cpu_blockwise"
-    assert report.attention in kernels.ATTENTION_KERNELS
+    assert report.attention == "xla"  # TPU's generic path: Splash needs T % 128 == 0 (T = 16)
 
 
 @needs_libtpu

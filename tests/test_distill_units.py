@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from cleangpt_jax import optim
+from cleangpt_jax import optim, sharding
 from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.distill import losses as L
 from cleangpt_jax.distill import plan, runner, stage_step
@@ -222,7 +222,7 @@ def test_a_stage_step_uses_the_configs_adam_settings():
                                       student=types.SimpleNamespace(config=STUDENT))
         paths = stage_step.trainable_paths(tree, stage, cfg, tie_embeddings=False)
         spec = stage_step.step_spec(setup, stage, paths)
-        compiled = stage_step.compiled_step(spec)
+        compiled = stage_step.compiled_step(spec, sharding.create_mesh())
         trainable, frozen = stage_step.split(tree, paths)
         trainable = jax.tree.map(jnp.copy, trainable)  # donated by the step
         opt_state = compiled.init(trainable)

@@ -302,7 +302,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     paths = stage_step.trainable_paths(tree, stage, cfg, s.student.config.tie_embeddings)
     if not paths:
         raise ConfigError(f"stage {stage.name} has no trainable parameters")
-    compiled = stage_step.compiled_step(stage_step.step_spec(s, stage, paths))
+    compiled = stage_step.compiled_step(stage_step.step_spec(s, stage, paths), s.mesh)
     trainable, frozen = stage_step.split(stage_step.place(tree, s.mesh), paths)
     trainable = stage_step.place(trainable, s.mesh, copy=True)
     opt_state = stage_step.place(compiled.init(trainable), s.mesh)  # the layout the step returns

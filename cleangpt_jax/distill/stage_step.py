@@ -12,7 +12,7 @@ For block stage k, with theta_k the trainable leaves:
 The head and final stages compare logits: logit_weight * logit_loss(T) + lm_weight * LM loss,
 both computed from the two models' final hidden states and heads, chunk by chunk
 (train.loss_chunk_tokens). The student's blocks are rematerialised under train.remat.
-`compiled_step(step_spec(...))` is the jitted update; equal specs share one executable.
+`compiled_step(step_spec(...), mesh)` is the jitted update; equal specs share one executable.
 `distill.runner.run_stage` is the loop that calls it.
 """
 
@@ -182,11 +182,14 @@ class CompiledStep:
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_step(spec: StepSpec) -> CompiledStep:
-    """The jit-compiled update of one stage (cached: equal specs share the executable)."""
+def compiled_step(spec: StepSpec, mesh: jax.sharding.Mesh) -> CompiledStep:
+    """The jit-compiled update of one stage for arrays laid out over `mesh` (cached: equal
+    specs share the executable). The step is traced under the mesh, so that kernels' 'auto'
+    sees the platform the program is for."""
     loss_fn = stage_loss_fn(spec)
     tx, schedule = stage_optimizer(spec.stage, spec.warmup_steps, spec.adam)
 
+    @sharding.traced_under(mesh)
     def step(trainable, opt_state, frozen, teacher_params, batch, rng):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, frozen, teacher_params, batch, rng)
