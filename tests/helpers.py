@@ -1,10 +1,10 @@
 """Helpers shared by the test modules.
 
 run_tool: a tool's command line run in-process (its own flag parsing, errors and exit code,
-without a subprocess's seconds of imports). persistent_compile_cache: compiling, not running, is what the tiny runs in these tests cost;
-with one persistent XLA cache per module each program compiles once, in the test process or
-in any CLI subprocess. one_line_error: the message of a raised project error, checked to be
-the one line the standards ask for.
+without a subprocess's seconds of imports). persistent_compile_cache: compiling, not running,
+is what the tiny runs in these tests cost; with one persistent XLA cache per module each
+program compiles once, in the test process or in any CLI subprocess. one_line_error: the
+message of a raised project error, checked to be the one line the standards ask for.
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def one_line_error(excinfo) -> str:
 def run_tool(run, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """`run` (a tool's `python -m` entry point, e.g. cleangpt_jax.train.run) in-process on the
     command line `argv` (argv[0] the program), its flags on a private FlagValues (`cli.run`):
-    (exit code, stdout, stderr). The log verbosity the tool sets is restored afterwards."""
+    (exit code, stdout, stderr). The log verbosity and the environment variables the tool sets
+    (hub.offline_reason's HF_HUB_OFFLINE) are restored afterwards."""
     from absl import flags, logging
 
     monkeypatch.setattr(sys, "argv", list(argv))
-    verbosity = logging.get_verbosity()
+    environ, verbosity = dict(os.environ), logging.get_verbosity()
     capsys.readouterr()
     code = 0
     try:
@@ -76,5 +77,7 @@ def run_tool(run, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
         code = 0 if e.code is None else e.code
     finally:
         logging.set_verbosity(verbosity)
+        os.environ.clear()
+        os.environ.update(environ)
     out = capsys.readouterr()
     return code, out.out, out.err
