@@ -35,8 +35,6 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
 
 
 def run(flag_values: flags.FlagValues | None = None):
-    """`python -m cleangpt_jax.export_hf`; a test passes private `flag_values` to run it
-    in-process on `sys.argv` (`cli.run`)."""
     cli.run(main, define_flags=define_flags, flag_values=flag_values)
 
 

@@ -30,14 +30,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS):
 def main(argv, flag_values: flags.FlagValues = FLAGS):
     from cleangpt_jax.loading import import_to_workdir  # after flags: keeps --help fast
 
-    workdir = import_to_workdir(flag_values.name_or_path, flag_values.workdir,
-                                dtype=flag_values.dtype)
-    print(f"Imported {flag_values.name_or_path} into {workdir}")
+    name = flag_values.name_or_path
+    workdir = import_to_workdir(name, flag_values.workdir, dtype=flag_values.dtype)
+    print(f"Imported {name} into {workdir}")
 
 
 def run(flag_values: flags.FlagValues | None = None):
-    """`python -m cleangpt_jax.import_hf`; a test passes private `flag_values` to run it
-    in-process on `sys.argv` (`cli.run`)."""
     cli.run(main, define_flags=define_flags, flag_values=flag_values)
 
 
