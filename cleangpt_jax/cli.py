@@ -54,11 +54,12 @@ def flag_error(e: Exception, argv: list[str] | None = None,
     die(f"{type(e).__name__}: {e}", 2)
 
 
-def flags_parser(key_hint: str = CONFIG_KEY_HINT):
+def flags_parser(key_hint: str = CONFIG_KEY_HINT,
+                 flag_values: flags.FlagValues = flags.FLAGS):
     """A `flags_parser` for absl's app.run that turns every parsing failure into one line."""
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
+            return flag_values(argv)
         except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
             flag_error(e, argv, key_hint)
     return parse
@@ -88,29 +89,38 @@ def tool(*, usage: str, errors: tuple[type[Exception], ...] = (ValueError,)):
     return decorate
 
 
-def config_flag_value(name: str = "config"):
+def config_flag_value(name: str = "config", flag_values: flags.FlagValues = flags.FLAGS):
     """The ConfigDict of a config_flags file flag; a config file that failed to load exits (2)
     with one line naming it."""
     from ml_collections import config_flags
 
     try:
-        config = flags.FLAGS[name].value
+        config = flag_values[name].value
         config.get("model")  # a config file that failed to load raises here
     except (IOError, OSError) as e:
-        path = config_flags.get_config_filename(flags.FLAGS[name])
+        path = config_flags.get_config_filename(flag_values[name])
         die(f"cannot load --{name}={path}: {e.__cause__ or e}", 2)
     return config
 
 
 def run(main: Callable, *, define_flags: Callable | None = None,
-        key_hint: str = CONFIG_KEY_HINT) -> None:
+        key_hint: str = CONFIG_KEY_HINT, flag_values: flags.FlagValues | None = None) -> None:
     """Start a tool: define its flags (config_flags applies --config.x=y overrides while
     defining the config flag, so a wrong key fails there), then parse them and call `main`,
     every failure as one line. Tools define their flags here, not at import, so that any of
-    them can be imported next to the others."""
+    them can be imported next to the others.
+
+    `define_flags(flag_values)` defines them, `main(argv, flag_values=...)` reads them. By
+    default on absl's FLAGS through `app.run`; with a private `flag_values` (a test running a
+    tool in-process on `sys.argv`) the same definition, parsing and errors, then `main`,
+    without absl's process set-up."""
+    values = flags.FLAGS if flag_values is None else flag_values
     if define_flags is not None:
         try:
-            define_flags()
+            define_flags(values)
         except Exception as e:  # noqa: BLE001 -- a bad --config.x=y override
             flag_error(e, key_hint=key_hint)
-    app.run(main, flags_parser=flags_parser(key_hint))
+    if flag_values is None:
+        app.run(main, flags_parser=flags_parser(key_hint))
+    else:
+        sys.exit(main(flags_parser(key_hint, values)(sys.argv), flag_values=values))

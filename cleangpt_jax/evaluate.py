@@ -31,20 +31,21 @@ from cleangpt_jax import workdir as workdir_lib
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
     """--workdir, --teacher, --output_dir, --step, and --config.data.* / --config.eval.*.
     config_flags applies the overrides while defining the flag (a wrong key raises there),
     hence a function called under `cli.run`'s error handling."""
-    flags.DEFINE_string("workdir", None, "The student: a training or distillation run.")
+    d = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "The student: a training or distillation run.", **d)
     flags.DEFINE_string("teacher", None, "HF hub name, HF GPT-2 directory or workdir "
-                        "(default: the run's distill.teacher; 'none': no teacher).")
-    flags.DEFINE_string("output_dir", None, "Where the outputs go (default WORKDIR/eval).")
-    flags.DEFINE_integer("step", None, "Checkpoint step of the student (default: latest).")
+                        "(default: the run's distill.teacher; 'none': no teacher).", **d)
+    flags.DEFINE_string("output_dir", None, "Where the outputs go (default WORKDIR/eval).", **d)
+    flags.DEFINE_integer("step", None, "Checkpoint step of the student (default: latest).", **d)
     default = ml_collections.ConfigDict({"data": config_lib.get_config().data,
                                          "eval": evaluation.get_eval_config()})
     return config_flags.DEFINE_config_dict(
         "config", default, "Overrides: --config.data.key=value (the run's data section) and "
-        "--config.eval.key=value (what is measured).")
+        "--config.eval.key=value (what is measured).", **d)
 
 
 _KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* " \
@@ -52,16 +53,17 @@ _KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* "
 
 
 @cli.tool(usage="--workdir=DIR --teacher=gpt2")
-def main(argv):
-    if not FLAGS.workdir:
+def main(argv, flag_values: flags.FlagValues = FLAGS):
+    if not flag_values.workdir:
         cli.die("--workdir is required: the training or distillation run to evaluate", 2)
-    out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
+    out = flag_values.output_dir or os.path.join(flag_values.workdir, "eval")
     workdir_lib.check_output_dir(out, "--output_dir")  # before the work, not after it
-    overrides = config_flags.get_override_values(FLAGS["config"])
+    overrides = config_flags.get_override_values(flag_values["config"])
     data = {k: v for k, v in overrides.items() if k.startswith("data.")}
     summary = evaluation.evaluate_workdir(
-        FLAGS.workdir, teacher=FLAGS.teacher, data=data, eval_config=FLAGS.config.eval,
-        output_dir=FLAGS.output_dir, step=FLAGS.step)
+        flag_values.workdir, teacher=flag_values.teacher, data=data,
+        eval_config=flag_values.config.eval, output_dir=flag_values.output_dir,
+        step=flag_values.step)
     ppl = summary["perplexity"]
     line = f"student perplexity {ppl['student']:.4f}"
     if ppl["teacher"] is not None:
@@ -71,5 +73,9 @@ def main(argv):
         print(f"report: {os.path.join(out, summary['files']['report'])}")
 
 
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, key_hint=_KEY_HINT, flag_values=flag_values)
+
+
 if __name__ == "__main__":
-    cli.run(main, define_flags=define_flags, key_hint=_KEY_HINT)
+    run()

@@ -15,21 +15,28 @@ from cleangpt_jax import cli
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    flags.DEFINE_string("workdir", None, "Training run to export (its latest checkpoint).")
-    flags.DEFINE_string("out", None, "Output directory (new or empty, unless --overwrite).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export instead of the latest.")
-    flags.DEFINE_bool("overwrite", False, "Replace the files of a non-empty --out directory.")
-    flags.mark_flags_as_required(["workdir", "out"])
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    d = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "Training run to export (its latest checkpoint).", **d)
+    flags.DEFINE_string("out", None, "Output directory (new or empty, unless --overwrite).", **d)
+    flags.DEFINE_integer("step", None, "Checkpoint step to export instead of the latest.", **d)
+    flags.DEFINE_bool("overwrite", False, "Replace the files of a non-empty --out directory.",
+                      **d)
+    flags.mark_flags_as_required(["workdir", "out"], **d)
 
 
 @cli.tool(usage="--workdir=DIR --out=DIR")
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = FLAGS):
     from cleangpt_jax import hf  # after flags: keeps --help fast
 
-    out = hf.export_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, overwrite=FLAGS.overwrite)
-    print(f"Exported {FLAGS.workdir} as GPT-2 to {out}")
+    out = hf.export_run(flag_values.workdir, flag_values.out, step=flag_values.step,
+                        overwrite=flag_values.overwrite)
+    print(f"Exported {flag_values.workdir} as GPT-2 to {out}")
+
+
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, flag_values=flag_values)
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags=define_flags)
+    run()

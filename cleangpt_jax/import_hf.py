@@ -16,22 +16,28 @@ from cleangpt_jax.config import DTYPES
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    d = {"flag_values": flag_values}
     flags.DEFINE_string("name_or_path", "gpt2",
-                        "Hub name (gpt2, distilgpt2, org/name) or directory.")
-    flags.DEFINE_string("workdir", None, "Workdir to create (new or empty).")
+                        "Hub name (gpt2, distilgpt2, org/name) or directory.", **d)
+    flags.DEFINE_string("workdir", None, "Workdir to create (new or empty).", **d)
     flags.DEFINE_enum("dtype", "float32", list(DTYPES),
-                      "Parameter dtype of the converted weights.")
-    flags.mark_flag_as_required("workdir")
+                      "Parameter dtype of the converted weights.", **d)
+    flags.mark_flag_as_required("workdir", **d)
 
 
 @cli.tool(usage="--name_or_path=gpt2 --workdir=DIR")
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = FLAGS):
     from cleangpt_jax.loading import import_to_workdir  # after flags: keeps --help fast
 
-    workdir = import_to_workdir(FLAGS.name_or_path, FLAGS.workdir, dtype=FLAGS.dtype)
-    print(f"Imported {FLAGS.name_or_path} into {workdir}")
+    name = flag_values.name_or_path
+    workdir = import_to_workdir(name, flag_values.workdir, dtype=flag_values.dtype)
+    print(f"Imported {name} into {workdir}")
+
+
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, flag_values=flag_values)
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags=define_flags)
+    run()

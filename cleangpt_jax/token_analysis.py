@@ -327,34 +327,40 @@ def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
 
 # ------------------------------------------------------------------------------ the CLI
 
-def run():
+def run(flag_values=None):
     """`python -m cleangpt_jax.token_analysis`: flags are defined here, not at import, so the
-    library can be imported next to other CLIs."""
+    library can be imported next to other CLIs. A test passes private `flag_values` to run it
+    in-process on `sys.argv` (`cli.run`)."""
     from absl import flags
     from ml_collections import config_flags
 
     from cleangpt_jax import cli
     from cleangpt_jax import config as config_lib
 
-    def define_config():
+    values = flags.FLAGS if flag_values is None else flag_values
+    d = {"flag_values": values}
+
+    def define_config(values):
         return config_flags.DEFINE_config_file(
             "config", default=config_lib.__file__, lock_config=True,
             help_string="Config file with get_config() (default: cleangpt_jax/config.py); its "
                         "data and tokenizer sections are used. Override with "
-                        "--config.data.key=value.")
+                        "--config.data.key=value.", flag_values=values)
 
     tok_flag = flags.DEFINE_string("tokenizer", None, "'character' (built from the data), a "
                                    "directory (workdir, saved or HF tokenizer) or a hub name "
-                                   "such as 'gpt2' (default: the config's tokenizer section).")
-    out_flag = flags.DEFINE_string("output_dir", "token_analysis", "Where the outputs go.")
+                                   "such as 'gpt2' (default: the config's tokenizer section).", **d)
+    out_flag = flags.DEFINE_string("output_dir", "token_analysis", "Where the outputs go.", **d)
     prune_flag = flags.DEFINE_float("prune", None, "Build a pruned tokenizer keeping the most "
-                                    "frequent tokens that cover this share of the data, e.g. 0.95.")
-    top_flag = flags.DEFINE_integer("top_n", 20, "How many of the most frequent tokens to list.")
+                                    "frequent tokens that cover this share of the data, e.g. 0.95.",
+                                    **d)
+    top_flag = flags.DEFINE_integer("top_n", 20, "How many of the most frequent tokens to list.",
+                                   **d)
 
     @cli.tool(usage="--tokenizer=gpt2 --config.data.max_samples=1000",
               errors=(ValueError, OSError))  # project errors are ValueErrors with the fix in them
-    def main(argv):
-        config = cli.config_flag_value()
+    def main(argv, flag_values=values):
+        config = cli.config_flag_value(flag_values=flag_values)
         tokenizer = resolve_tokenizer(tok_flag.value, config)
         result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
                                  top_n=top_flag.value,
@@ -369,7 +375,7 @@ def run():
                   f"{os.path.join(out_flag.value, p['directory'])}")
         print(f"outputs: {out_flag.value}")
 
-    cli.run(main, define_flags=define_config)
+    cli.run(main, define_flags=define_config, flag_values=flag_values)
 
 
 if __name__ == "__main__":

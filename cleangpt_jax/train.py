@@ -23,16 +23,18 @@ from ml_collections import config_flags
 from cleangpt_jax import cli
 from cleangpt_jax import config as config_lib
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     """--workdir and --config (defaulting to cleangpt_jax/config.py so overrides work without a
     file). config_flags applies --config.x=y overrides while defining the flag, hence a
     function, called under `cli.run`'s error handling."""
     flags.DEFINE_string("workdir", None,
-                        "Run directory (default: runs/<config file name>); rerun to resume.")
+                        "Run directory (default: runs/<config file name>); rerun to resume.",
+                        flag_values=flag_values)
     return config_flags.DEFINE_config_file(
         "config", default=config_lib.__file__,
         help_string="Config file with get_config() (default: cleangpt_jax/config.py); "
-                    "override keys with --config.section.key=value.", lock_config=True)
+                    "override keys with --config.section.key=value.", lock_config=True,
+        flag_values=flag_values)
 
 
 def config_name(path: str | None) -> str:
@@ -46,10 +48,10 @@ def default_workdir(path: str | None) -> str:
 
 
 @cli.tool(usage="--config=FILE --config.train.num_steps=100 --workdir=DIR")
-def main(argv):
-    config = cli.config_flag_value()
-    workdir = flags.FLAGS.workdir or default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"]))
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+    config = cli.config_flag_value(flag_values=flag_values)
+    workdir = flag_values.workdir or default_workdir(
+        config_flags.get_config_filename(flag_values["config"]))
 
     from cleangpt_jax import loop  # after flags: keeps --help fast
     from cleangpt_jax.trainer import train_and_evaluate
@@ -63,5 +65,9 @@ def main(argv):
         sys.exit(loop.exit_status(summary.stop_signal))
 
 
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, flag_values=flag_values)
+
+
 if __name__ == "__main__":
-    cli.run(main, define_flags=define_flags)
+    run()

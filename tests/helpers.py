@@ -1,15 +1,17 @@
 """Helpers shared by the test modules.
 
-persistent_compile_cache: compiling, not running, is what the tiny runs in these tests cost;
-with one persistent XLA cache per module each program compiles once, in the test process or
-in any CLI subprocess. one_line_error: the message of a raised project error, checked to be
-the one line the standards ask for.
+run_tool: a tool's command line run in-process (its own flag parsing, errors and exit code,
+without a subprocess's seconds of imports). persistent_compile_cache: compiling, not running,
+is what the tiny runs in these tests cost; with one persistent XLA cache per module each
+program compiles once, in the test process or in any CLI subprocess. one_line_error: the
+message of a raised project error, checked to be the one line the standards ask for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -56,3 +58,26 @@ def one_line_error(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg, msg
     return msg
+
+
+def run_tool(run, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`run` (a tool's `python -m` entry point, e.g. cleangpt_jax.train.run) in-process on the
+    command line `argv` (argv[0] the program), its flags on a private FlagValues (`cli.run`):
+    (exit code, stdout, stderr). The log verbosity and the environment variables the tool sets
+    (hub.offline_reason's HF_HUB_OFFLINE) are restored afterwards."""
+    from absl import flags, logging
+
+    monkeypatch.setattr(sys, "argv", list(argv))
+    environ, verbosity = dict(os.environ), logging.get_verbosity()
+    capsys.readouterr()
+    code = 0
+    try:
+        run(flag_values=flags.FlagValues())
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code
+    finally:
+        logging.set_verbosity(verbosity)
+        os.environ.clear()
+        os.environ.update(environ)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -33,7 +33,7 @@ from cleangpt_jax.distill import runner
 from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
-from helpers import one_line_error, persistent_compile_cache
+from helpers import one_line_error, persistent_compile_cache, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_CONFIG = "configs/distill_shakespeare_offline.py"
@@ -452,19 +452,22 @@ def test_bad_setups_get_one_line_errors_and_write_nothing(gpt2_teacher, tmp_path
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_teacher_directory_without_weights_is_a_one_line_cli_error(env, tmp_path):
+def test_teacher_directory_without_weights_is_a_one_line_cli_error(tmp_path, capsys,
+                                                                   monkeypatch):
     empty = tmp_path / "no_weights"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(
         {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32,
          "vocab_size": 300}))
-    out = subprocess.run([sys.executable, "-m", "cleangpt_jax.distill",
-                          f"--workdir={tmp_path / 'run'}", f"--config.distill.teacher={empty}"],
-                         cwd=REPO, env=env.sub_env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [
+    from cleangpt_jax.distill.__main__ import run
+
+    monkeypatch.chdir(REPO)
+    code, _, err = run_tool(run, ["distill", f"--workdir={tmp_path / 'run'}",
+                                  f"--config.distill.teacher={empty}"], capsys, monkeypatch)
+    assert code != 0
+    assert err.strip().splitlines() == [
         f"error: no weights in '{empty}': expected model.safetensors (or "
-        f"model.safetensors.index.json) or pytorch_model.bin next to config.json"], out.stderr
+        f"model.safetensors.index.json) or pytorch_model.bin next to config.json"], err
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -36,6 +36,7 @@ DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 INVOCATION = re.compile(r"python -m (cleangpt_jax(?:\.\w+)+)")
+WARM_PYTHON = os.path.join(ROOT, "tests", "warm_python.py")
 
 _MODEL = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.block_size=32"]
@@ -250,9 +251,13 @@ def test_a_sequence_is_the_commands_that_share_a_run_directory():
 
 def run_commands(commands: list[tuple[int, str, str]], cwd, env) -> tuple[int, object] | None:
     """Run (line number, line, adapted command)s in order in `cwd`: (index, process) of the
-    first failure (later commands depend on it and do not run), or None."""
+    first failure (later commands depend on it and do not run), or None. `python` is the
+    warm stand-in (tests/warm_python.py) when env names its server, else this interpreter."""
+    python = sys.executable
+    if env.get("WARM_PYTHON_SOCKET"):
+        python = f"{sys.executable} {WARM_PYTHON} {env['WARM_PYTHON_SOCKET']}"
     for i, (_, _, command) in enumerate(commands):
-        proc = subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")],
+        proc = subprocess.run(["bash", "-c", command.replace("python ", f"{python} ")],
                               cwd=cwd, env=env, input="ROMEO:\nsettings\nexit\n",
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -323,13 +328,37 @@ def doc_env(tmp_path_factory, fast_compile):
 
 
 @pytest.fixture(scope="module")
-def sequence_runs(request, local_gpt2, local_data, doc_env):
+def warm_env(doc_env):
+    """doc_env's environment for the commands, naming a warm_python server started with that
+    same environment (plus the names of its socket and of its environment's file); the
+    environment alone when the server says it cannot be a clean stand-in. The server runs
+    until the module's commands are done and is waited for."""
+    import json
+
+    root, env = doc_env
+    socket_path, env_file = str(root / "warm.sock"), str(root / "warm_env.json")
+    with open(env_file, "w") as f:
+        json.dump(env, f)
+    server = subprocess.Popen([sys.executable, WARM_PYTHON, "serve", socket_path], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    state = server.stdout.readline().strip()
+    if state != "ready":
+        server.wait()
+        yield env
+        return
+    yield dict(env, WARM_PYTHON_SOCKET=socket_path, WARM_PYTHON_ENV=env_file)
+    server.terminate()
+    server.wait(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sequence_runs(request, local_gpt2, local_data, doc_env, warm_env):
     """Every selected sequence of SEQUENCES, started now in a thread pool, the longest first,
     a sequence that begins with another's commands as a branch of it (run_sequences):
     {test id: (future of {test id: its failure report or None}, test id)}."""
     from concurrent.futures import ThreadPoolExecutor
 
-    root, env = doc_env
+    root, env = doc_env[0], warm_env
     selected = [item.callspec.params["sequence"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_documented_command_sequence_runs"]
     # Adapting imports config files: do it here, not in the threads (concurrent imports).

@@ -28,6 +28,7 @@ from cleangpt_jax.loading import LM
 from cleangpt_jax.distill import init_stitching
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
+from helpers import run_tool
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -121,11 +122,11 @@ def run_cli(env, module, *args, devices=1):
                           env=env, timeout=300)
 
 
-def one_line_error(proc):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
+def one_line_error(returncode, stderr):
+    assert returncode != 0
+    assert "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-2000:]
     return errors[0]
 
 
@@ -395,7 +396,7 @@ def test_cli_writes_report_json_and_plots(setup, fast_compile):
 
 # ------------------------------------------------------------------------------ bad input
 
-def test_cli_without_checkpoint_prints_one_line(tmp_path, fast_compile):
+def test_cli_without_checkpoint_prints_one_line(tmp_path, capsys, monkeypatch):
     """A run killed before its first checkpoint: config.json and tokenizer/, no checkpoints/."""
     from cleangpt_jax.config import get_config
     from cleangpt_jax.workdir import save_config
@@ -404,8 +405,10 @@ def test_cli_without_checkpoint_prints_one_line(tmp_path, fast_compile):
     save_config(str(run), get_config())
     create_tokenizer("character", text="abc").save_pretrained(run / "tokenizer")
     before = sorted(p.name for p in run.iterdir())
-    proc = run_cli(fast_compile, "cleangpt_jax.evaluate", f"--workdir={run}")
-    assert "no checkpoint" in one_line_error(proc)
+    from cleangpt_jax import evaluate
+
+    code, _, err = run_tool(evaluate.run, ["evaluate", f"--workdir={run}"], capsys, monkeypatch)
+    assert "no checkpoint" in one_line_error(code, err)
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written or removed
 
 

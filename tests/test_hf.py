@@ -28,6 +28,7 @@ from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.hf import config_from_hf, export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
+from helpers import run_tool
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -468,9 +469,13 @@ def test_export_refusals(gpt2_tokenizer_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- the CLIs
 
-def run_cli(env, module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+def run_cli(module, *args, capsys, monkeypatch):
+    """`python -m cleangpt_jax.<module> args` in-process (`run_tool`): (exit code, stdout,
+    stderr)."""
+    import importlib
+
+    run = importlib.import_module(f"cleangpt_jax.{module}").run
+    return run_tool(run, [module, *args], capsys, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -491,15 +496,15 @@ def trained_run(tmp_path_factory):
     return str(root / "run")
 
 
-def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path,
-                                                         fast_compile):
+def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path, capsys,
+                                                         monkeypatch):
     from cleangpt_jax.workdir import load_run
 
     run = load_run(trained_run)
     assert run.step == 3
-    proc = run_cli(fast_compile, "cleangpt_jax.export_hf", f"--workdir={trained_run}",
-                   f"--out={tmp_path / 'hf'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = run_cli("export_hf", f"--workdir={trained_run}", f"--out={tmp_path / 'hf'}",
+                           capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 0, err[-2000:]
 
     # transformers runs the exported model and gives our logits; our tokenizer is saved alongside.
     ids = np.asarray([run.tokenizer.encode("ROMEO: What, ho!")[:16]], np.int32)
@@ -509,9 +514,10 @@ def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path,
     assert load_tokenizer(tmp_path / "hf").encode("ROMEO:") == run.tokenizer.encode("ROMEO:")
 
     # ... and converts back into a workdir holding exactly the trained params.
-    proc = run_cli(fast_compile, "cleangpt_jax.import_hf",
-                   f"--name_or_path={tmp_path / 'hf'}", f"--workdir={tmp_path / 'imported'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = run_cli("import_hf", f"--name_or_path={tmp_path / 'hf'}",
+                           f"--workdir={tmp_path / 'imported'}", capsys=capsys,
+                           monkeypatch=monkeypatch)
+    assert code == 0, err[-2000:]
     again = load_run(str(tmp_path / "imported"))
     assert again.model_config == run.model_config
     assert again.tokenizer.encode("ROMEO: What") == run.tokenizer.encode("ROMEO: What")
@@ -521,15 +527,16 @@ def test_export_and_import_clis_round_trip_a_trained_run(trained_run, tmp_path,
         np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(a[path]), err_msg=path)
 
 
-def test_clis_fail_with_one_line(trained_run, tmp_path, fast_compile):
-    proc = run_cli(fast_compile, "cleangpt_jax.export_hf",
-                   f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: workdir")
+def test_clis_fail_with_one_line(trained_run, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli("export_hf", f"--workdir={tmp_path / 'missing'}",
+                           f"--out={tmp_path / 'out'}", capsys=capsys, monkeypatch=monkeypatch)
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: workdir")
     assert not (tmp_path / "out").exists()
 
-    proc = run_cli(fast_compile, "cleangpt_jax.import_hf",  # an existing run is never touched
-                   f"--name_or_path={tmp_path / 'nope'}", f"--workdir={trained_run}")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    code, _, err = run_cli("import_hf",  # an existing run is never touched
+                           f"--name_or_path={tmp_path / 'nope'}", f"--workdir={trained_run}",
+                           capsys=capsys, monkeypatch=monkeypatch)
+    assert code != 0 and "Traceback" not in err
     assert re.match(r"error: workdir .* already exists and is not empty",
-                    proc.stderr.strip().splitlines()[-1])
+                    err.strip().splitlines()[-1])

@@ -2,8 +2,6 @@
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from PIL import Image
 from cleangpt_jax import token_analysis as ta
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.tokenizers import PrunedTokenizer, create_tokenizer, load_tokenizer
+from helpers import run_tool
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -188,15 +187,15 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------ the CLI
 
-def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path, fast_compile):
+def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path, capsys, monkeypatch):
+    """The command line in-process (`run_tool`: its own flag parsing, errors, exit code)."""
     out = tmp_path / "analysis"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cleangpt_jax.token_analysis", "--tokenizer=character",
-         "--config.data.source=text", f"--config.data.files={corpus['path']}",
-         f"--config.data.cache_dir={tmp_path / 'cache'}", "--prune=0.9", "--top_n=5",
-         f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=300, env=fast_compile)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, stderr = run_tool(
+        ta.run, ["token_analysis", "--tokenizer=character",
+                 "--config.data.source=text", f"--config.data.files={corpus['path']}",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}", "--prune=0.9", "--top_n=5",
+                 f"--output_dir={out}"], capsys, monkeypatch)
+    assert code == 0, stderr[-3000:]
     result = json.loads((out / ta.JSON_FILE).read_text())
     assert tuple(result) == ta.RESULT_KEYS
     text = corpus["path"].read_text()
@@ -228,4 +227,4 @@ def test_cli_writes_json_plots_and_a_pruned_tokenizer(corpus, tmp_path, fast_com
     covered = " ".join(w for w in text.split() if set(w) <= set(kept))
     assert covered and pruned.decode(pruned.encode(covered)) == covered
     assert pruned.decode(pruned.encode(text)) != text  # what was pruned is lost
-    assert f"{result['total_tokens']} tokens" in proc.stdout
+    assert f"{result['total_tokens']} tokens" in stdout

@@ -189,6 +189,44 @@ def test_gpt2_minimal_dir_of_vocab_and_merges_loads_like_the_full_one(gpt2_token
         assert minimal.decode(minimal.encode(text)) == gpt2_tok.decode(gpt2_tok.encode(text))
 
 
+def test_local_gpt2_directories_load_like_autotokenizer_without_it(gpt2_tokenizer_dir,
+                                                                     gpt2_tok, tmp_path):
+    """A local directory loads with the class AutoTokenizer would pick, named directly (not
+    AutoTokenizer, which imports torch): the fixture, a save_pretrained copy, the same next to
+    a GPT-2 model config, a character tokenizer's HF export. Same class, ids, specials and
+    decoding as AutoTokenizer.from_pretrained gives."""
+    from cleangpt_jax.tokenizers.gpt2 import _local_tokenizer_class
+
+    saved = gpt2_tok.save_pretrained(tmp_path / "saved")
+    with_model = shutil.copytree(gpt2_tokenizer_dir, tmp_path / "with_model")
+    transformers.GPT2Config(vocab_size=300, n_layer=1, n_embd=8, n_head=2).save_pretrained(
+        with_model)
+    char = CharacterTokenizer.from_text("".join(TEXTS))
+    char.to_hf_tokenizer().save_pretrained(tmp_path / "char_hf")
+    texts = TEXTS + [f"two{EOT}docs", " leading space", "unseen \u00e9\u4e2d"]
+    for directory in (gpt2_tokenizer_dir, saved, with_model, tmp_path / "char_hf"):
+        directory = str(directory)
+        assert _local_tokenizer_class(directory) is not transformers.AutoTokenizer, directory
+        auto = transformers.AutoTokenizer.from_pretrained(directory)
+        mine = GPT2Tokenizer(directory)
+        hf = mine.hf_tokenizer
+        assert type(hf) is type(auto), directory
+        assert len(hf) == len(auto) and hf.get_vocab() == auto.get_vocab()
+        assert hf.model_max_length == auto.model_max_length
+        for name in ("bos", "eos", "unk", "pad"):
+            assert getattr(hf, f"{name}_token_id") == getattr(auto, f"{name}_token_id") or (
+                name == "pad" and auto.pad_token_id is None
+                and hf.pad_token_id == auto.eos_token_id), (directory, name)
+        for text in texts:
+            ids = auto.encode(text, add_special_tokens=False)
+            assert hf.encode(text, add_special_tokens=False) == ids, (directory, text)
+            assert hf.encode(text) == auto.encode(text)
+            for skip in (True, False):
+                assert mine.decode(ids, skip_special_tokens=skip) == auto.decode(
+                    ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert _local_tokenizer_class("gpt2") is transformers.AutoTokenizer  # a hub name
+
+
 def test_load_tokenizer_falls_back_to_gpt2_without_marker(gpt2_tokenizer_dir):
     assert not os.path.exists(os.path.join(gpt2_tokenizer_dir, MARKER_FILE))
     assert isinstance(load_tokenizer(gpt2_tokenizer_dir), GPT2Tokenizer)

@@ -40,7 +40,7 @@ from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
-from helpers import one_line_error, persistent_compile_cache
+from helpers import one_line_error, persistent_compile_cache, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, HALF = 12, 6  # steps of the short runs; the interrupted run stops at HALF
@@ -353,19 +353,23 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
     assert last_val < first_loss - 0.8, (first_loss, last_val)
 
 
-def cli_error(*args, env) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "cleangpt_jax.train", *args], cwd=REPO,
-                          env=env.sub_env, capture_output=True, text=True, timeout=120)
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
-    assert not proc.stdout
-    return proc.returncode, proc.stderr.strip()
+def cli_error(*args, capsys, monkeypatch) -> tuple[int, str]:
+    """The train command line in-process (`run_tool`), from the repository root."""
+    from cleangpt_jax import train
+
+    monkeypatch.chdir(REPO)
+    code, out, err = run_tool(train.run, ["train", *args], capsys, monkeypatch)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert not out
+    return code, err.strip()
 
 
-def test_cli_unknown_config_file_and_key(env, tmp_path):
-    rc, msg = cli_error("--config=configs/no_such_config.py", f"--workdir={tmp_path}/a", env=env)
+def test_cli_unknown_config_file_and_key(tmp_path, capsys, monkeypatch):
+    rc, msg = cli_error("--config=configs/no_such_config.py", f"--workdir={tmp_path}/a",
+                        capsys=capsys, monkeypatch=monkeypatch)
     assert rc == 2 and "configs/no_such_config.py" in msg
     rc, msg = cli_error("--config=configs/shakespeare_char.py", "--config.train.nmu_steps=3",
-                        f"--workdir={tmp_path}/b", env=env)
+                        f"--workdir={tmp_path}/b", capsys=capsys, monkeypatch=monkeypatch)
     assert rc == 2 and "unknown config key '--config.train.nmu_steps'" in msg
     assert 'Did you mean "num_steps"' in msg  # ml_collections' suggestion is kept
     assert not os.listdir(tmp_path)

@@ -17,21 +17,22 @@ from ml_collections import config_flags
 from cleangpt_jax import cli
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     """--workdir and --config, defaulting to cleangpt_jax/distill/config.py (see `cli.run`)."""
     flags.DEFINE_string("workdir", None,
-                        "Directory for stage checkpoints, metrics and the student.")
+                        "Directory for stage checkpoints, metrics and the student.",
+                        flag_values=flag_values)
     return config_flags.DEFINE_config_file(
         "config", _DEFAULT, "Distillation config file (get_config()); override keys with "
-        "--config.distill.key=value.", lock_config=True)
+        "--config.distill.key=value.", lock_config=True, flag_values=flag_values)
 
 
 @cli.tool(usage="--config=FILE --config.distill.teacher=DIR --workdir=DIR")
-def main(argv):
-    if not flags.FLAGS.workdir:
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+    if not flag_values.workdir:
         cli.die("--workdir is required: the directory for the stages and the distilled "
                 "student", 2)
-    config = cli.config_flag_value()
+    config = cli.config_flag_value(flag_values=flag_values)
     if "distill" not in config:
         cli.die("the config has no `distill` section: start it from "
                 "cleangpt_jax.distill.config.get_config()", 2)
@@ -40,7 +41,7 @@ def main(argv):
     from cleangpt_jax.distill import runner
 
     try:
-        summary = runner.run(config, flags.FLAGS.workdir)
+        summary = runner.run(config, flag_values.workdir)
     except KeyboardInterrupt as e:
         print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr, flush=True)
         sys.exit(loop.exit_status(getattr(e, "signum", None)))
@@ -54,8 +55,8 @@ def main(argv):
     print(f"Student written to {summary['workdir']} (generate / evaluate take --workdir).")
 
 
-def run():
-    cli.run(main, define_flags=define_flags)
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, flag_values=flag_values)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """GPT-2 byte-level BPE tokenizer: a thin wrapper over a Hugging Face fast tokenizer."""
 
+import json
 import os
 import re
 
@@ -24,6 +25,37 @@ def _is_minimal_gpt2_dir(path) -> bool:
             and not has("tokenizer.json") and not has("tokenizer_config.json"))
 
 
+def _local_tokenizer_class(path):
+    """The class `transformers.AutoTokenizer` picks for `path`, imported without AutoTokenizer
+    where that is certain: AutoTokenizer imports torch (through the model configs), seconds of
+    start-up that reading a tokenizer does not need. A local directory whose
+    tokenizer_config.json names a GPT-2 or plain fast tokenizer class, without remote code,
+    next to no model config or a GPT-2 one, loads with that class (AutoTokenizer resolves it
+    to the same class); anything else, hub names included, goes through AutoTokenizer."""
+    def read_json(name):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    tokenizer_config = read_json("tokenizer_config.json") if os.path.isdir(path) else None
+    model_config = read_json("config.json") if os.path.isfile(
+        os.path.join(path, "config.json")) else {"model_type": "gpt2"}
+    if (isinstance(tokenizer_config, dict) and "auto_map" not in tokenizer_config
+            and isinstance(model_config, dict) and model_config.get("model_type") == "gpt2"
+            and "tokenizer_class" not in model_config and "auto_map" not in model_config):
+        named = tokenizer_config.get("tokenizer_class")
+        if named in ("GPT2Tokenizer", "GPT2TokenizerFast"):
+            from transformers import GPT2TokenizerFast
+            return GPT2TokenizerFast
+        if named in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer  # slow import (torch), only when needed
+    return AutoTokenizer
+
+
 def _load_hf_tokenizer(name_or_path: str, **kwargs):
     """`transformers.AutoTokenizer.from_pretrained`, failing with a one-line ValueError. A
     directory holding only vocab.json + merges.txt (the minimal GPT-2 form) is read as
@@ -36,15 +68,16 @@ def _load_hf_tokenizer(name_or_path: str, **kwargs):
         raise ValueError(f"{path!r} is a file: {_EXPECTED}, or a Hugging Face hub name like 'gpt2'")
     elif not _HUB_NAME.fullmatch(name_or_path):
         raise ValueError(f"tokenizer directory {path!r} does not exist: {_EXPECTED}")
-    from transformers import AutoTokenizer, GPT2TokenizerFast  # slow import, only when needed
     from cleangpt_jax import hub
 
     offline = "" if os.path.isdir(path) else hub.offline_error("tokenizer", name_or_path)
     try:
         if _is_minimal_gpt2_dir(path):  # AutoTokenizer cannot tell it is GPT-2
+            from transformers import GPT2TokenizerFast
+
             return GPT2TokenizerFast(os.path.join(path, "vocab.json"),
                                      os.path.join(path, "merges.txt"), **kwargs)
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return _local_tokenizer_class(path).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = ("local directory" if os.path.isdir(path)
