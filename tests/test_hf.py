@@ -316,7 +316,12 @@ def test_hub_repo_without_safetensors_falls_back_to_pytorch_bin(gpt2_dirs, tmp_p
 
 
 def test_hub_failure_is_one_line(monkeypatch):
+    """A hub that answers but fails the download (the unreachable hub is test_reliability's)."""
     import huggingface_hub
+
+    from cleangpt_jax import hub
+
+    monkeypatch.setattr(hub, "offline_reason", lambda: "")
 
     def offline(repo_id, **kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError(
