@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -173,10 +174,10 @@ class MetricWriter:
 
     `resume_step` is the step the run restarts from (its restored checkpoint's; 0 for a run
     that restored nothing). Records past it, left by a run that died after its last checkpoint
-    (or before its first), are dropped from metrics.jsonl (rewritten atomically), and so are
-    their TensorBoard scalars: TensorBoard purges the older files' events past `resume_step`,
-    and a run that restarts from 0 deletes the older events files. A killed and rerun run's
-    records thus equal an uninterrupted run's, record for record.
+    (or before its first), are dropped from metrics.jsonl and from the older TensorBoard events
+    files (each rewritten atomically; a file left with no scalars is deleted), and the new
+    events file asks TensorBoard to purge them too. A killed and rerun run's records thus equal
+    an uninterrupted run's, record for record, in the files and in TensorBoard.
     """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
@@ -192,10 +193,9 @@ class MetricWriter:
             write_atomically(self.path, "".join(keep))
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            if resume_step == 0:
-                for name in os.listdir(workdir):
-                    if name.startswith(TENSORBOARD_PREFIX):
-                        os.remove(os.path.join(workdir, name))
+            for name in os.listdir(workdir):
+                if name.startswith(TENSORBOARD_PREFIX):
+                    _drop_events_after(os.path.join(workdir, name), resume_step)
             self._tb = _summary_writer(workdir,
                                        purge_step=resume_step + 1 if resume_step else None)
 
@@ -221,16 +221,54 @@ class MetricWriter:
                 self._tb.close()
 
 
-def _summary_writer(logdir: str, purge_step: int | None = None):
-    """tensorboardX.SummaryWriter without importing torch: tensorboardX imports torch whenever it
-    is installed (for torch.Tensor inputs, which scalars never are), a few seconds per run. Torch
-    is hidden during that import unless something already loaded it."""
+def _drop_events_after(path: str, step: int) -> None:
+    """Rewrite the TensorBoard events file `path` without its scalar events past `step`
+    (deleted when no scalar is left). A file is TFRecords: an 8-byte little-endian length, a
+    4-byte CRC of it, the Event proto, a 4-byte CRC of that; kept records are copied as they
+    are, so their CRCs stay valid. A record cut short by a kill ends the file."""
+    with _torch_hidden():
+        from tensorboardX.proto import event_pb2
+
+    data, pos, kept, scalars = open(path, "rb").read(), 0, [], 0
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        has_scalars = bool(event.summary.value)
+        if not has_scalars or event.step <= step:
+            kept.append(data[pos:end])
+            scalars += has_scalars
+        pos = end
+    if not scalars:
+        os.remove(path)
+    elif sum(map(len, kept)) != len(data):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(kept))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _torch_hidden():
+    """Import tensorboardX without torch: it imports torch whenever it is installed (for
+    torch.Tensor inputs, which scalars never are), a few seconds per run. Torch is hidden
+    meanwhile unless something already loaded it."""
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
     try:
-        from tensorboardX import SummaryWriter
+        yield
     finally:
         if hide:
             del sys.modules["torch"]
-    return SummaryWriter(logdir=logdir, purge_step=purge_step)
+
+
+def _summary_writer(logdir: str, purge_step: int | None = None):
+    with _torch_hidden():
+        from tensorboardX import SummaryWriter
+    # (the file is named by the second it starts in: a nanosecond suffix keeps two writers
+    # started in the same second, a run and its quick rerun, out of one file, in their order)
+    return SummaryWriter(logdir=logdir, purge_step=purge_step,
+                         filename_suffix=f".{time.time_ns()}")

@@ -322,3 +322,26 @@ def test_reading_a_run_prints_nothing_but_the_output(runs, capsys, caplog):
                                     "--max_new_tokens=2", "--seed=0"], capsys)
     assert code == 0 and out.startswith("abc") and err == ""
     assert not [r for r in caplog.records if "read only" in r.getMessage()]
+
+
+def test_a_resumed_writer_leaves_each_scalar_once_in_the_events_files(tmp_path):
+    """Item 7: a run killed after logging past its last checkpoint, then resumed from it,
+    leaves events files whose scalars (read raw, not through TensorBoard's purge) equal an
+    uninterrupted run's, as metrics.jsonl's records do."""
+    from cleangpt_jax.loop import MetricWriter
+    from test_train import tensorboard_scalars
+
+    def log(workdir, steps, resume_step=0):
+        writer = MetricWriter(str(workdir), resume_step=resume_step)
+        for step in steps:
+            writer.write(step, {"train_loss": 1.0 / step})
+        writer.close()
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    log(straight, range(1, 9))
+    log(resumed, range(1, 7))            # killed after step 6; its last checkpoint was step 4
+    log(resumed, range(5, 8), resume_step=4)  # killed again after step 7, no new checkpoint
+    log(resumed, range(5, 9), resume_step=4)
+    assert tensorboard_scalars(resumed) == tensorboard_scalars(straight) == {
+        "train_loss": list(range(1, 9))}
+    assert workdir_lib.read_metrics(str(resumed)) == workdir_lib.read_metrics(str(straight))
