@@ -407,16 +407,17 @@ def compile_programs(cfg: ml_collections.ConfigDict, topology: str, what: str = 
 
 # ------------------------------------------------------------------------------ the tool
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+    d = dict(flag_values=flag_values)
     config_flags.DEFINE_config_file("config", None, "The run's config file (FILE.py or "
-                                    "FILE.py:preset); --config.a.b=v overrides as in a run.")
+                                    "FILE.py:preset); --config.a.b=v overrides as in a run.", **d)
     flags.DEFINE_string("topology", None, "TPU slice, GENERATION:SHAPE, e.g. v5e:2x2, v4:2x2x2, "
-                        "v5p:2x2x1, v6e:2x2, v5e:4x4 (16 chips, 4 hosts).")
-    flags.DEFINE_enum("what", "train", list(WHAT), "The program(s) to compile.")
-    flags.DEFINE_bool("json", False, "One JSON object per program instead of a line.")
-    flags.DEFINE_integer("batch_size", 1, "--what=generate: prompts per call.")
-    flags.DEFINE_integer("prompt_length", 64, "--what=generate: tokens per prompt.")
-    flags.DEFINE_integer("max_new_tokens", 256, "--what=generate: new tokens per prompt.")
+                        "v5p:2x2x1, v6e:2x2, v5e:4x4 (16 chips, 4 hosts).", **d)
+    flags.DEFINE_enum("what", "train", list(WHAT), "The program(s) to compile.", **d)
+    flags.DEFINE_bool("json", False, "One JSON object per program instead of a line.", **d)
+    flags.DEFINE_integer("batch_size", 1, "--what=generate: prompts per call.", **d)
+    flags.DEFINE_integer("prompt_length", 64, "--what=generate: tokens per prompt.", **d)
+    flags.DEFINE_integer("max_new_tokens", 256, "--what=generate: new tokens per prompt.", **d)
 
 
 @cli.tool(usage="--config=FILE --topology=v5e:2x2 --what=train")

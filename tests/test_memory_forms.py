@@ -65,7 +65,8 @@ def _train_config(**train):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_remat_keeps_the_parameters_and_the_gradients(arch):
-    """train.remat 'block' and 'matmuls' init the same parameter tree (same paths, same values)
+    """train.remat 'block' and 'matmuls' init the same parameter tree (same paths, the same
+    values up to float32 rounding)
     and give the 'lm' strategy's loss and gradients of remat 'none', dropout included."""
     model = _model(arch, dropout=0.1)
     batch = _batch()
@@ -86,7 +87,9 @@ def test_remat_keeps_the_parameters_and_the_gradients(arch):
     for remat in ("block", "matmuls"):
         rematted = model.clone(remat=remat).init(jax.random.key(0), batch["input_ids"])
         assert set(traverse_util.flatten_dict(rematted["params"])) == paths
-        _assert_trees_close(rematted["params"], params, atol=0.0)
+        # (init under nn.remat runs as one traced computation: the same draws, rounded once
+        # differently at most)
+        _assert_trees_close(rematted["params"], params, atol=1e-7)
         np.testing.assert_allclose(out[remat][0], out["none"][0], rtol=1e-6)
         _assert_trees_close(out[remat][1], out["none"][1])
 
