@@ -2,11 +2,12 @@
 
 One offline teacher (configs/gpt2_teacher_shakespeare.py, tiny, trained a few steps and exported
 with export_hf: the recipe of the HF-bridge issue) and one uninterrupted reference run of
-configs/distill_shakespeare_offline.py (tiny) serve most tests: the real CLI killed (SIGKILL)
-mid-stage and rerun must reproduce the reference bit for bit, so must an in-process run stopped
-by SIGTERM, and the reference's stage checkpoints show what each stage trains. A random
-transformers GPT-2 with a BPE tokenizer is the teacher of the loss-type runs and the error
-checks. A persistent compilation cache lets the CLI reuse the in-process compilations.
+configs/distill_shakespeare_offline.py (tiny) serve most tests: an in-process run stopped by
+SIGTERM and rerun must reproduce the reference bit for bit, and the reference's stage
+checkpoints show what each stage trains (the real CLI killed with SIGKILL in every stage kind
+is tests/test_fault_injection.py's). A random transformers GPT-2 with a BPE tokenizer is the
+teacher of the loss-type runs and the error checks. A persistent compilation cache lets the
+CLI reuse the in-process compilations.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -47,18 +46,6 @@ OFFLINE = {"data.max_samples": 3, "model.model_type": "vanilla", "model.n_layer"
            "distill.eval_steps": 2, "distill.head.steps": 3, "distill.head.learning_rate": 3e-3,
            "distill.final.steps": 3, "distill.final.logit_loss": "ce"}
 STAGES = ["block_1", "block_2", "head", "final"]
-KILLER = """
-import os, signal, sys
-from cleangpt_jax import data as data_lib
-real = data_lib.batch_for_step
-def batch_for_step(tokens, *, step, **kw):
-    if step == int(os.environ["KILL_AT_STEP"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a preempted VM
-    return real(tokens, step=step, **kw)
-data_lib.batch_for_step = batch_for_step
-from cleangpt_jax.distill.__main__ import run
-run()
-"""
 TEXT = ("Once upon a time there was a little fox who liked to read. The fox read books about "
         "the sea, the stars and the old oak tree. ") * 40
 
@@ -96,24 +83,6 @@ def assert_trees_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def diverging_stages(offline, workdir_a, workdir_b) -> list[str]:
-    """'stage@step' of every stage checkpoint present in both runs whose trees differ."""
-    s = runner.setup(ml_collections.ConfigDict(offline.config().to_dict()))
-    template = runner.sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(s, 0)),
-                                              s.mesh)
-    out = []
-    for name in STAGES:
-        a = runner.stage_checkpointer(workdir_a, name, read_only=True)
-        b = runner.stage_checkpointer(workdir_b, name, read_only=True)
-        for step in sorted(set(a.all_steps()) & set(b.all_steps())):
-            ta, tb = (flat(c.restore(step, params=template).params) for c in (a, b))
-            if any(not np.array_equal(ta[k], tb[k]) for k in ta):
-                out.append(f"{name}@{step}")
-        a.close()
-        b.close()
-    return out
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -209,45 +178,6 @@ def test_offline_teacher_recipe_gives_a_gpt2_directory(offline_teacher):
     tok = load_lm(offline_teacher.hf_dir).tokenizer  # its character tokenizer
     assert tok.tokenizer_type == "character" and tok.encode("ROMEO:") == \
         run.tokenizer.encode("ROMEO:")
-
-
-def test_cli_killed_mid_stage_resumes_to_the_uninterrupted_result(env, offline, reference,
-                                                                  tmp_path):
-    """SIGKILL while block_2 runs (its step-2 checkpoint saved, step 3 lost), rerun the same
-    command: block_1 is not redone, block_2 resumes at step 2, and the final student, the
-    metrics and everything else equal the uninterrupted run's, bit for bit."""
-    workdir = str(tmp_path / "run")
-    args = [f"--config={OFFLINE_CONFIG}", f"--workdir={workdir}",
-            *cli_flags(offline.overrides)]
-    kill_env = dict(env.sub_env, KILL_AT_STEP="7")  # global step 7 = block_2's 4th batch
-    killed = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=REPO, env=kill_env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-3000:]
-    assert [m["name"] for m in runner.read_manifest(workdir)] == ["block_1"]
-    block_1 = os.path.join(workdir, "stages", "block_1")
-    before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-              for d, _, files in os.walk(block_1) for f in files}
-
-    again = subprocess.run([sys.executable, "-m", "cleangpt_jax.distill", *args], cwd=REPO,
-                           env=env.sub_env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Completed stages ['block_1']; continuing with block_2" in again.stdout, again.stdout
-    assert "Resuming stage block_2 from step 2" in again.stdout, again.stdout
-    assert "Stage block_1" not in again.stdout, again.stdout
-    after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-             for d, _, files in os.walk(block_1) for f in files}
-    assert after == before  # the completed stage was not touched
-    assert "validation perplexity: teacher" in again.stdout
-
-    assert not diverging_stages(offline, workdir, reference.workdir), again.stdout
-    assert_trees_equal(workdir_lib.load_run(workdir).params, reference.params)
-    metrics = workdir_lib.read_metrics(workdir)
-    assert metrics == reference.metrics  # the log reads as one uninterrupted run
-    assert [m["step"] for m in metrics[:-1]] == list(range(1, 15))
-    assert [m["stage"] for m in metrics] == ["block_1"] * 4 + ["block_2"] * 4 + ["head"] * 3 \
-        + ["final"] * 3 + ["student"]
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-    assert runner.read_manifest(workdir) == runner.read_manifest(reference.workdir)
 
 
 def test_the_final_student_is_a_model_workdir_and_a_gpt2_export(reference, offline_teacher):

@@ -159,17 +159,27 @@ def same_steps(directory, reference_directory, chosen) -> bool:
     return True
 
 
-def kill_chain(env, module, args, kills, directories: dict[str, tuple[str, str]]):
+def mtimes(directories) -> dict[str, int]:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for top in directories for d, _, files in os.walk(top) for f in files}
+
+
+def kill_chain(env, module, args, kills, directories: dict[str, tuple[str, str]],
+               finished=lambda: []):
     """Run the command once per kill point (each killed there), then once to the end. A kill
     counts as recovered when every checkpoint step the next process saved (in each of
     `directories`: name -> (this run's, the reference's)) that the reference kept equals the
-    reference's bitwise."""
+    reference's bitwise. `finished()`: directories no later process may touch (a
+    distillation's completed stages)."""
     def saved():
         return {name: steps(mine) for name, (mine, _) in directories.items()}
 
     before, outputs = saved(), []
     for i, kill in enumerate([*kills, None]):
+        finished_dirs = finished()
+        finished_files = mtimes(finished_dirs)
         done = run_cli(env, module, args, kill)
+        assert mtimes(finished_dirs) == finished_files, "a finished stage was written again"
         outputs.append(done.stdout + done.stderr)
         assert done.returncode == (-9 if kill else 0), (kill, outputs[-1][-3000:])
         after = saved()
@@ -241,8 +251,9 @@ def distill_reference(env, gpt2_tokenizer_dir):
 
 def test_distillation_killed_in_every_stage_kind_resumes_bitwise(env, distill_reference):
     """A kill in a block stage, in the head stage and in the final stage, one of them inside a
-    stage checkpoint's save: every rerun resumes the stage it was in, and the stage checkpoints,
-    the final student and metrics.jsonl equal the uninterrupted run's."""
+    stage checkpoint's save: every rerun resumes the stage it was in (and says so) without
+    touching a completed stage, and the stage checkpoints, the final student, metrics.jsonl
+    and the manifest equal the uninterrupted run's."""
     rng = env.rng
     in_save = rng.randrange(len(DISTILL_STAGES) - 1)  # which kind gets killed inside a save
     kills = []
@@ -256,7 +267,12 @@ def test_distillation_killed_in_every_stage_kind_resumes_bitwise(env, distill_re
     args = [f"--workdir={workdir}", *flags(distill_reference.overrides)]
     stages = lambda w: {n: str(w / "stages" / n) for n, _, _ in DISTILL_STAGES}  # noqa: E731
     mine, theirs = stages(workdir), stages(distill_reference.workdir)
-    kill_chain(env, "cleangpt_jax.distill", args, kills, {n: (mine[n], theirs[n]) for n in mine})
+    completed = lambda: [mine[m["name"]] for m in runner.read_manifest(workdir)]  # noqa: E731
+    outputs = kill_chain(env, "cleangpt_jax.distill", args, kills,
+                         {n: (mine[n], theirs[n]) for n in mine}, finished=completed)
+    for before, output in zip(kills, outputs[1:]):  # each rerun says where it continues
+        assert "Completed stages [" in output or "Resuming stage" in output, (before, output)
+    assert "validation perplexity: teacher" in outputs[-1]
     for name in mine:
         assert steps(mine[name]) == steps(theirs[name]), name
     assert same_steps(workdir / "checkpoints", distill_reference.workdir / "checkpoints",
