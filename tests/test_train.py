@@ -244,39 +244,6 @@ def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
             config_json.stat().st_ino) == before  # the same bytes, not rewritten
 
 
-def test_a_kill_before_the_first_checkpoint_and_a_stop_mid_window_leave_the_same_records(
-        env, tmp_path):
-    """log_every=3, checkpoints every 4 steps, 7 steps: a run killed at step 3 (its record
-    written, no checkpoint yet) is rerun and stopped by SIGTERM at step 5 (inside the window
-    the step-6 record averages: steps 4-6), then finished. metrics.jsonl (all but the timings)
-    and the TensorBoard scalars equal the uninterrupted run's, record for record."""
-    cfg = make_config(env, **{"train.log_every": 3, "train.num_steps": 7})
-    run(cfg, tmp_path / "straight")
-    workdir = tmp_path / "stopped"
-
-    def kill_at_3(event, train_run):
-        if event == "step_end" and train_run.step == 3:
-            raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run(cfg, workdir, [kill_at_3])
-    assert [r["step"] for r in workdir_lib.read_metrics(str(workdir))] == [3]
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert run(cfg, workdir, [sigterm_at(5)]).step == 5
-        run(cfg, workdir)
-    assert checkpoint_steps(workdir) == [4, 5, 7]
-
-    def records(w):
-        return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
-                for r in workdir_lib.read_metrics(str(w))]
-
-    assert records(workdir) == records(tmp_path / "straight")
-    assert [r["step"] for r in records(workdir) if "train_loss" in r] == [3, 6, 7]
-    assert tensorboard_scalars(workdir) == tensorboard_scalars(tmp_path / "straight")
-    # The killed run's events file is gone; the two runs since wrote one each.
-    assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 2
-
-
 def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight, tmp_path):
     again = run(make_config(env), tmp_path / "again")
     assert losses(tmp_path / "again") == straight.losses
