@@ -23,6 +23,8 @@ from helpers import REPO, one_line_error
 from test_generation import cli_main as generate_main
 from test_train import tree_digest as snapshot  # sha256 of every file under a directory
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # (the programs' numbers, not their speed)
+
 
 def tiny_config():
     cfg = get_config()

@@ -244,10 +244,9 @@ def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
             config_json.stat().st_ino) == before  # the same bytes, not rewritten
 
 
-def test_determinism_same_seed_same_losses_other_seed_other_losses(env, straight, tmp_path):
-    again = run(make_config(env), tmp_path / "again")
-    assert losses(tmp_path / "again") == straight.losses
-    assert again.train_loss == straight.summary.train_loss
+def test_another_seed_gives_other_losses_and_weights(env, straight, tmp_path):
+    """(The same seed giving the same run, bit for bit, is what every resume test checks, and
+    tests/test_fault_injection.py across processes.)"""
     other = run(make_config(env, **{"train.seed": 1}), tmp_path / "seed1")
     other_losses = [r for r in losses(tmp_path / "seed1") if r[1][0] == "train_loss"]
     mine = [r for r in straight.losses if r[1][0] == "train_loss"]
