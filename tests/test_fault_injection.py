@@ -4,8 +4,8 @@ tool. Nothing may be lost, and what survives must be what an uninterrupted run h
     python -m pytest tests/test_fault_injection.py -q              # prints its counts at the end
     FAULT_SEED=7 python -m pytest tests/test_fault_injection.py -q # other kill points
 
-Kills: a training run and a distillation (a block, the head and the final stage) are each run as a
-chain of CLI processes killed with SIGKILL (no cleanup, as a preempted VM) at points drawn from
+Kills: a training run and a distillation (a block, the head and the final stage) are each run as
+a chain of CLI processes killed with SIGKILL (no cleanup, as a preempted VM) at points drawn from
 FAULT_SEED: at the batch of a chosen step, or inside a checkpoint save (its files written, the
 step not yet visible). Each process reruns the same command; after every rerun, the checkpoints
 it wrote must equal the uninterrupted run's bit for bit, and at the end so must the parameters,
@@ -205,15 +205,15 @@ def train_reference(env):
 
 
 def test_training_killed_anywhere_resumes_bitwise(env, train_reference):
-    """Three kills: at a batch before the first checkpoint, inside a checkpoint save, at a
-    later batch. Each rerun continues where the last checkpoint left it; what it saves, its
-    metrics records and TensorBoard scalars equal the uninterrupted run's."""
+    """Two kills: at a batch before the first checkpoint, and inside a later checkpoint's save
+    (the step before it was saved inside a log_every=3 window, so the rerun resumes mid-window).
+    Each rerun continues where the last checkpoint left it; what it saves, its metrics records
+    and TensorBoard scalars equal the uninterrupted run's."""
     from test_train import tensorboard_scalars
 
     rng = env.rng
     kills = [{"KILL_AT_BATCH": str(rng.randrange(0, 2))},                   # before step 2's save
-             {"KILL_IN_SAVE": f"checkpoints/{rng.choice([4, 6])}"},
-             {"KILL_AT_BATCH": str(rng.randrange(7, 10))}]
+             {"KILL_IN_SAVE": f"checkpoints/{rng.choice([4, 6, 8])}"}]  # (resumes mid-window)
     workdir = env.root / "train_killed"
     args = [f"--workdir={workdir}", *flags(train_reference.overrides)]
     kill_chain(env, "cleangpt_jax.train", args, kills, {"checkpoints": (
@@ -302,8 +302,6 @@ CORRUPTIONS = {  # what is done to which item of the newest step
     "params truncated": ("params", truncate),
     "params file deleted": ("params", os.remove),
     "optimizer state bit flip": ("opt_state", flip_byte),
-    "optimizer state truncated": ("opt_state", truncate),
-    "meta bit flip": ("meta", flip_byte),
 }
 
 
