@@ -61,7 +61,8 @@ def main(argv=None):
     ap.add_argument("--batch_per_device", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attention", default="xla",
-                    help="model.attention ('auto' would choose by this process's backend, CPU)")
+                    help="model.attention (default xla, to see remat and chunking alone; "
+                         "'auto' is Splash on the TPU mesh)")
     ap.add_argument("--forms", default="none:0,none:8192,block:0,block:8192,matmuls:0,"
                                        "matmuls:8192",
                     help="comma-separated remat:loss_chunk_tokens pairs")
