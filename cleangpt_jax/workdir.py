@@ -32,7 +32,7 @@ from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 
 CONFIG_FILE = "config.json"
 KIND_FILE = "kind.txt"
-DISTILL_STAGES_DIR = "stages"  # a distillation's stage checkpoints (distill.runner.stages_dir)
+DISTILL_STAGES_DIR = "stages"  # a distillation's stage checkpoints (distill.records.stages_dir)
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"

@@ -52,7 +52,7 @@ from cleangpt_jax import workdir as workdir_lib  # noqa: E402
 from cleangpt_jax.config import get_config  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
 from cleangpt_jax.distill import plan as plan_lib  # noqa: E402
-from cleangpt_jax.distill import runner, stage_step  # noqa: E402
+from cleangpt_jax.distill import records, runner, stage_step  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +183,7 @@ def stage_val(args, cfg, workdir, stage_name) -> dict:
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
     tree = runner.completed_tree(s, workdir, stage_name)
     val = runner.val_loss(s.student, tree["student"], s.data.val, s.config, s.mesh)
-    losses = {m["name"]: m["final_loss"] for m in runner.read_manifest(workdir)}
+    losses = {m["name"]: m["final_loss"] for m in records.read_manifest(workdir)}
     return {"val_ppl": val["val_ppl"], "val_loss": val["val_loss"], "final_losses": losses}
 
 

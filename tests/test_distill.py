@@ -28,7 +28,7 @@ from cleangpt_jax import data as data_lib
 from cleangpt_jax import hf, loop, optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
-from cleangpt_jax.distill import runner
+from cleangpt_jax.distill import records, runner
 from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
@@ -187,7 +187,7 @@ def test_the_final_student_is_a_model_workdir_and_a_gpt2_export(reference, offli
     assert run.model_config.vocab_size == teacher_cfg.vocab_size
     assert run.step == 14 and run.tokenizer.tokenizer_type == "character"
     assert run.config.distill.layer_map == [2, 4] and run.config.distill.teacher_n_layer == 4
-    stitching = runner.load_stitching(reference.workdir)
+    stitching = records.load_stitching(reference.workdir)
     assert sorted(stitching) == ["stitch_1", "stitch_2"]
     assert stitching["stitch_2"]["kernel"].shape == (16, TEACHER_WIDTH)
     val = reference.summary["student_val"]
@@ -251,7 +251,7 @@ def test_sigterm_mid_stage_then_rerun_equals_uninterrupted(env, offline, referen
         runner.run(offline.config(), workdir, progress=False)
     monkeypatch.undo()
     assert loop.exit_status(e.value.signum) == 143  # what the CLI exits with, as train does
-    assert [m["name"] for m in runner.read_manifest(workdir)] == ["block_1", "block_2"]
+    assert [m["name"] for m in records.read_manifest(workdir)] == ["block_1", "block_2"]
 
     ran = []
     real_run_stage = runner.run_stage
@@ -290,7 +290,7 @@ def test_nan_loss_stops_keeps_the_good_stages_and_a_fixed_rerun_finishes(env, of
         runner.run(offline.config(), workdir, progress=False)
     assert "completed stages are kept" in one_line_error(e)
     monkeypatch.undo()
-    assert [m["name"] for m in runner.read_manifest(workdir)] == ["block_1"]
+    assert [m["name"] for m in records.read_manifest(workdir)] == ["block_1"]
     block_2 = os.path.join(workdir, "stages", "block_2")
     assert not [d for d in os.listdir(block_2) if d.isdigit()]  # nothing saved after the NaN
     runner.run(offline.config(), workdir, progress=False)
@@ -315,7 +315,7 @@ def test_a_diverged_update_is_never_saved(env, offline, reference, monkeypatch):
     s = runner.setup(offline.config())
     template = runner.sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(s, 0)),
                                               s.mesh)
-    c = runner.stage_checkpointer(workdir, "block_1", read_only=True)
+    c = records.stage_checkpointer(workdir, "block_1", read_only=True)
     assert c.all_steps() == [2, 3]  # max_to_keep=2
     assert all(np.isfinite(v).all() for v in flat(c.restore(3, params=template).params).values())
     c.close()

@@ -36,7 +36,7 @@ from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CHECKSUMS_FILE, CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.distill import config as distill_config
-from cleangpt_jax.distill import runner
+from cleangpt_jax.distill import records, runner
 from helpers import REPO, one_line_error, persistent_compile_cache
 
 SEED = int(os.environ.get("FAULT_SEED", "0"))
@@ -125,7 +125,7 @@ def run_cli(env, module: str, args: list[str], kill: dict | None = None):
                           capture_output=True, text=True, timeout=300)
 
 
-def records(workdir) -> list[dict]:
+def metric_records(workdir) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
     return [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "seconds")}
             for r in workdir_lib.read_metrics(str(workdir))]
@@ -219,7 +219,7 @@ def test_training_killed_anywhere_resumes_bitwise(env, train_reference):
     kill_chain(env, "cleangpt_jax.train", args, kills, {"checkpoints": (
         str(workdir / "checkpoints"), str(train_reference.workdir / "checkpoints"))})
     assert steps(workdir / "checkpoints") == steps(train_reference.workdir / "checkpoints")
-    assert records(workdir) == records(train_reference.workdir)
+    assert metric_records(workdir) == metric_records(train_reference.workdir)
     assert tensorboard_scalars(workdir) == tensorboard_scalars(train_reference.workdir)
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(workdir / "checkpoints"))
 
@@ -266,7 +266,7 @@ def test_distillation_killed_in_every_stage_kind_resumes_bitwise(env, distill_re
     args = [f"--workdir={workdir}", *flags(distill_reference.overrides)]
     stages = lambda w: {n: str(w / "stages" / n) for n, _, _ in DISTILL_STAGES}  # noqa: E731
     mine, theirs = stages(workdir), stages(distill_reference.workdir)
-    completed = lambda: [mine[m["name"]] for m in runner.read_manifest(workdir)]  # noqa: E731
+    completed = lambda: [mine[m["name"]] for m in records.read_manifest(workdir)]  # noqa: E731
     outputs = kill_chain(env, "cleangpt_jax.distill", args, kills,
                          {n: (mine[n], theirs[n]) for n in mine}, finished=completed)
     for before, output in zip(kills, outputs[1:]):  # each rerun says where it continues
@@ -276,8 +276,8 @@ def test_distillation_killed_in_every_stage_kind_resumes_bitwise(env, distill_re
         assert steps(mine[name]) == steps(theirs[name]), name
     assert same_steps(workdir / "checkpoints", distill_reference.workdir / "checkpoints",
                       steps(distill_reference.workdir / "checkpoints"))
-    assert records(workdir) == records(distill_reference.workdir)
-    assert runner.read_manifest(workdir) == runner.read_manifest(distill_reference.workdir)
+    assert metric_records(workdir) == metric_records(distill_reference.workdir)
+    assert records.read_manifest(workdir) == records.read_manifest(distill_reference.workdir)
 
 
 # ------------------------------------------------------------------------------ corruption

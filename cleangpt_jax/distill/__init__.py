@@ -7,23 +7,28 @@
 
 `plan` decides what each stage trains, for how long, against which teacher layer; `losses`
 holds the loss registry (add one with `register_loss` and name it in the config); `stitching`
-the stitching layers; `runner` the stage loop: truncated jit-compiled steps, per-stage Orbax
-checkpoints, resume, and the final student written as a model workdir.
+the stitching layers; `stage_step` one stage's compiled update; `runner` the run: setup and
+the stage loop with resume; `records` what it leaves on disk (per-stage Orbax checkpoints, the
+manifest and plan, the final student written as a model workdir).
 """
 
 from cleangpt_jax.distill.losses import LOSSES, distillation_loss, get_loss, register_loss
 from cleangpt_jax.distill.plan import Stage, build_stages, layer_map
 from cleangpt_jax.distill.stitching import Stitch, apply_stitch, init_stitching
 
-_RUNNER = ("layer_map_from_config", "load_stitching", "run")
+_RECORDS = ("layer_map_from_config", "load_stitching")
 
 
 def __getattr__(name):
-    # The runner pulls in the data and HF stacks; import it only when it is asked for.
-    if name in _RUNNER:
+    # The runner and its records pull in the data and HF stacks; import them when asked for.
+    if name in _RECORDS:
+        from cleangpt_jax.distill import records
+
+        return getattr(records, name)
+    if name == "run":
         from cleangpt_jax.distill import runner
 
-        return getattr(runner, name)
+        return runner.run
     raise AttributeError(name)
 
 

@@ -3,19 +3,10 @@
     summary = run(config, workdir)        # what `python -m cleangpt_jax.distill` runs
 
 Each stage's compiled update (what it trains, its loss, its optimizer) is
-`distill.stage_step`; this module runs the stages and keeps what they leave on disk.
+`distill.stage_step`; this module sets the run up and runs the stages.
 
-Layout of a distillation workdir:
-
-    WORKDIR/config.json, tokenizer/, checkpoints/   the final student, a normal model workdir
-                                                     (generate / evaluate --workdir take it)
-    WORKDIR/hf/                                      Vanilla students in Hugging Face format
-    WORKDIR/stitching/                               the trained stitching layers (Orbax)
-    WORKDIR/stages/plan.json                         the run's settings, checked on resume
-    WORKDIR/stages/<stage>/                          Orbax steps of one stage: params =
-                                                     {'student', 'stitch'}, opt_state, meta
-    WORKDIR/stages/manifest.json                     the stages completed so far
-    WORKDIR/metrics.jsonl, events.out.*              one record per log event, with `stage`
+What the run leaves on disk (the layout, the manifest, the plan, the student) is
+`distill.records`.
 
 Resume: batches are a pure function of (train.seed, global step), the dropout key is
 fold_in(fold_in(key(seed), 1), global step), and a stage checkpoint holds the whole
@@ -28,7 +19,6 @@ a second run in one process (a resumed run, a study sweeping variants) compiles 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -37,31 +27,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from cleangpt_jax import checkpoint as ckpt_lib
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import hf, loop, sharding, train_step
+from cleangpt_jax import loop, sharding, train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
+from cleangpt_jax.distill import records
 from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill.losses import get_loss
 from cleangpt_jax.distill.stitching import init_stitching, stitch_name
 from cleangpt_jax.loading import load_lm
 from cleangpt_jax.models import get_model
 
-MANIFEST = "manifest.json"
-PLAN_FILE = "plan.json"
-STITCHING_DIR = "stitching"
-HF_DIR = "hf"
 STITCH_SEED_SALT = 2
-# Settings that may change between a run and its resumption without changing any result.
-_RESUMABLE_KEYS = {"distill": ("log_every", "checkpoint_every", "eval_steps"),
-                   "data": ("cache_dir", "num_proc")}
-# Settings of single stages (recorded per stage in the plan instead).
-_STAGE_KEYS = ("steps_per_block", "epochs_per_block", "learning_rate", "weight_decay",
-               "grad_clip", "head", "final")
 
 
 
@@ -147,106 +126,6 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
                  data, mesh, stages, mapping)
 
 
-# ------------------------------------------------------------------------ checkpoints
-
-def stages_dir(workdir: str) -> str:
-    return os.path.join(workdir, workdir_lib.DISTILL_STAGES_DIR)
-
-
-def read_manifest(workdir: str) -> list[dict]:
-    """The completed stages, in order: [{'name', 'steps', 'first_loss', 'final_loss'}]."""
-    path = os.path.join(stages_dir(workdir), MANIFEST)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)["completed"]
-
-
-def _write_json(path: str, obj) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    workdir_lib.write_json(path, obj)
-
-
-def write_manifest(workdir: str, completed: list[dict]) -> None:
-    _write_json(os.path.join(stages_dir(workdir), MANIFEST), {"completed": completed})
-
-
-def stage_checkpointer(workdir, stage_name, *, read_only: bool = False) -> ckpt_lib.Checkpointer:
-    return ckpt_lib.Checkpointer(os.path.join(stages_dir(workdir), stage_name), max_to_keep=2,
-                                 async_save=False, read_only=read_only)
-
-
-def _plan_record(s: Setup) -> dict:
-    """What the completed stages' results depend on: the resolved models, the data, the seed
-    and batch, the global distill settings, and every stage's own settings."""
-    cfg = s.config.to_dict()
-    drop = {"data": _RESUMABLE_KEYS["data"], "distill": _RESUMABLE_KEYS["distill"] + _STAGE_KEYS}
-    record = {"student": s.student.config.to_dict(), "teacher": s.teacher.config.to_dict(),
-              "train": {k: cfg["train"][k] for k in ("seed", "batch_size", "adam_b1",
-                                                     "adam_b2", "adam_eps")},
-              "stages": [dataclasses.asdict(st) for st in s.stages]}
-    for sec in ("data", "distill"):
-        record[sec] = {k: v for k, v in dict(cfg[sec]).items() if k not in drop[sec]}
-    return json.loads(json.dumps(record, default=workdir_lib.json_default))
-
-
-def check_plan(s: Setup, workdir: str, done: list[dict]) -> None:
-    """Record the run's settings; on a rerun refuse settings that would change what the
-    completed stages computed. Stages not completed yet may change (e.g. a lower learning
-    rate after a NaN stop)."""
-    path = os.path.join(stages_dir(workdir), PLAN_FILE)
-    now = _plan_record(s)
-    n = len(done)
-    names = [st["name"] for st in now["stages"]]
-    if names[:n] != [m["name"] for m in done]:
-        raise ConfigError(f"{workdir} lists completed stages {[m['name'] for m in done]} that "
-                          f"are not this plan's {names}: use a new --workdir")
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        diff = workdir_lib.config_differences(
-            before, now, sections=("student", "teacher", "train", "data", "distill"))
-        for a, b in zip(before["stages"][:n], now["stages"][:n]):
-            if a != b:
-                diff.append(f"completed stage {a['name']}: {a} -> {b}")
-        if diff:
-            raise ConfigError(f"{workdir} holds a distillation with other settings "
-                              f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}): "
-                              f"rerun with the original config to resume, or use a new "
-                              f"--workdir")
-        if before["stages"] != now["stages"] and jax.process_index() == 0:
-            print("note: settings of stages not completed yet changed; they apply from the "
-                  "stage's last checkpoint on", flush=True)
-    _write_json(path, now)
-
-
-def load_stitching(workdir: str) -> dict | None:
-    """The trained stitching layers of a distillation run ({'stitch_<k>': Dense params}), or
-    None when the run has none (a training run, or stitching off)."""
-    directory = os.path.join(workdir, STITCHING_DIR)
-    if not os.path.isdir(directory):
-        return None
-    c = ckpt_lib.Checkpointer(directory, read_only=True)
-    try:
-        if c.latest_step() is None:
-            return None
-        meta = c.read_meta()
-        abstract = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                                meta["shapes"], is_leaf=lambda x: isinstance(x, list))
-        return c.restore(params=abstract).params
-    finally:
-        c.close()
-
-
-def layer_map_from_config(config) -> list[int]:
-    """The run's layer map (teacher block for student blocks 1..L_s), as its final config
-    records it (`write_student` stores the resolved list and the teacher's depth)."""
-    d = config.distill
-    return plan_lib.layer_map(list(d.layer_map), config.model.n_layer, d.teacher_n_layer)
-
-
 # ------------------------------------------------------------------------------ the loop
 
 def init_tree(s: Setup, seed: int):
@@ -307,7 +186,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     trainable = stage_step.place(trainable, s.mesh, copy=True)
     opt_state = stage_step.place(compiled.init(trainable), s.mesh)  # the layout the step returns
     seed = int(cfg.train.seed)
-    ckpt = stage_checkpointer(workdir, stage.name)
+    ckpt = records.stage_checkpointer(workdir, stage.name)
     try:
         start, first_loss, last_loss = 0, None, None
         restored = ckpt.restore_latest(
@@ -382,7 +261,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
 def completed_tree(s: Setup, workdir, name):
     """The {'student', 'stitch'} tree a completed stage ended with."""
     template = jax.eval_shape(lambda: init_tree(s, 0))  # traces only
-    c = stage_checkpointer(workdir, name, read_only=True)
+    c = records.stage_checkpointer(workdir, name, read_only=True)
     try:
         return c.restore(params=sharding.abstract_state(template, s.mesh)).params
     finally:
@@ -412,8 +291,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # a private, resolved copy
     s = setup(cfg)
     workdir = os.path.abspath(workdir)
-    done = read_manifest(workdir)
-    check_plan(s, workdir, done)
+    done = records.read_manifest(workdir)
+    records.check_plan(s, workdir, done)
     names = [st.name for st in s.stages]
     tree = (completed_tree(s, workdir, done[-1]["name"]) if done
             else init_tree(s, int(cfg.train.seed)))
@@ -421,7 +300,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     remaining = s.stages[len(done):]
     mid = 0
     if remaining:
-        c = stage_checkpointer(workdir, remaining[0].name)
+        c = records.stage_checkpointer(workdir, remaining[0].name)
         mid = c.latest_step() or 0
         c.close()
     if done and jax.process_index() == 0:
@@ -441,7 +320,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                     print(f"Stage {stage.name} ({names.index(stage.name) + 1}/{len(names)}): "
                           f"{target}, {stage.steps} steps", flush=True)
                 if stage.kind == "head" and cfg.distill.head.init_from_teacher:
-                    c = stage_checkpointer(workdir, stage.name)
+                    c = records.stage_checkpointer(workdir, stage.name)
                     fresh = c.latest_step() is None
                     c.close()
                     if fresh:
@@ -450,15 +329,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                                        writer=writer, stop=stop, progress=progress)
                 offset += stage.steps
                 done.append(info)
-                write_manifest(workdir, done)
+                records.write_manifest(workdir, done)
                 logging.info("stage %s done: %s", stage.name, info)
-        write_student(s, tree, workdir, step=offset)
+        records.write_student(s, tree, workdir, step=offset)
         student = sharding.to_host(tree["student"])
         summary = {"stages": done, "layer_map": s.layer_map, "workdir": workdir,
                    "teacher_val": val_loss(s.teacher, s.teacher_params, s.data.val, cfg,
                                            s.mesh),
                    "student_val": val_loss(s.student, student, s.data.val, cfg, s.mesh)}
-        if summary["student_val"] is not None and not student_logged(workdir):
+        if summary["student_val"] is not None and not records.student_logged(workdir):
             writer.write(offset, {"stage": "student", **summary["student_val"],
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})
     finally:
@@ -466,47 +345,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     return summary
 
 
-# ------------------------------------------------------------------------------ outputs
 
-def student_logged(workdir: str) -> bool:
-    """Whether metrics.jsonl already holds the final student's record (a rerun of a finished
-    run, which must not append it twice)."""
-    return (os.path.exists(os.path.join(workdir, workdir_lib.METRICS_FILE))
-            and any(r.get("stage") == "student" for r in workdir_lib.read_metrics(workdir)))
-
-
-def student_run_config(s: Setup, workdir: str) -> ml_collections.ConfigDict:
-    """The final student's config.json: the run's config with the resolved student model,
-    the layer map as a list, the teacher's depth and the saved tokenizer."""
-    cfg = ml_collections.ConfigDict(s.config.to_dict(), type_safe=False)
-    cfg.model = ml_collections.ConfigDict(s.student.config.to_dict())
-    teacher = cfg.distill.teacher
-    cfg.distill.teacher = os.path.abspath(teacher) if os.path.isdir(teacher) else teacher
-    cfg.distill.layer_map = None if s.layer_map is None else list(s.layer_map)
-    cfg.distill.teacher_n_layer = s.teacher.config.n_layer
-    cfg.tokenizer.type = s.tokenizer.tokenizer_type
-    cfg.tokenizer.name_or_path = os.path.join(workdir, workdir_lib.TOKENIZER_DIR)
-    return cfg
-
-
-def write_student(s: Setup, tree, workdir: str, step: int) -> None:
-    """The final student as a model workdir (+ stitching layers, + HF export for Vanilla).
-    Each piece is written once; a rerun after a kill writes only the missing ones."""
-    written = workdir_lib.open_checkpointer(workdir, async_save=False)
-    have = step in written.all_steps()
-    written.close()
-    params = sharding.to_host(tree["student"])
-    if not have:
-        workdir_lib.write_model_workdir(workdir, student_run_config(s, workdir), s.tokenizer,
-                                        params, step=step, meta={"distilled": True})
-    if "stitch" in tree:
-        c = ckpt_lib.Checkpointer(os.path.join(workdir, STITCHING_DIR), async_save=False)
-        shapes = jax.tree.map(lambda x: list(np.shape(x)), tree["stitch"])
-        c.save(0, params=tree["stitch"], meta={"shapes": shapes})  # no-op when present
-        c.close()
-    c = s.student.config
-    out = os.path.join(workdir, HF_DIR)
-    complete = all(os.path.isfile(os.path.join(out, f))
-                   for f in (hf.CONFIG_FILE, hf.SAFETENSORS_FILE))
-    if c.model_type == "vanilla" and c.position_encoding == "learned" and not complete:
-        hf.export_gpt2(c, params, out, tokenizer=s.tokenizer, overwrite=True)
