@@ -99,6 +99,9 @@ class Report:
     compile_seconds: float
     attention: str
     out_of_memory: str | None = None  # the compiler's message when it ran out of HBM
+    # True with model.scan_layers: XLA's cost analysis counts a loop body once, so
+    # flops_per_device then leaves out all but one block's FLOPs (the estimate does not).
+    flops_count_one_block: bool = False
 
     def line(self) -> str:
         def gib(n):
@@ -118,6 +121,7 @@ class Report:
                 f"temporaries {gib(self.temp_bytes)}, total {gib(self.hbm_bytes_per_device)} "
                 f"of {gib(self.hbm_capacity_bytes)} HBM per device: "
                 f"{'fits' if self.fits else 'DOES NOT FIT'}; FLOPs per device {flops}"
+                f"{' (scanned blocks counted once)' if self.flops_count_one_block else ''}"
                 f"{estimate}; compiled in {self.compile_seconds:.1f}s; attention "
                 f"{self.attention}")
 
@@ -182,13 +186,15 @@ def _cost_flops(compiled) -> float | None:
 
 def measure(lower: Callable[[], Any], *, topology: str, num_devices: int, what: str,
             program: str, program_devices: int, capacity: int, attention: str,
-            flops_estimate: float | None) -> Report:
-    """Compile `lower()` (a jax.stages.Lowered) and read its per-device memory and FLOPs."""
+            flops_estimate: float | None, scanned: bool = False) -> Report:
+    """Compile `lower()` (a jax.stages.Lowered) and read its per-device memory and FLOPs;
+    `scanned`: the program runs its blocks as one lax.scan (model.scan_layers)."""
     t0 = time.perf_counter()
     lowered = lower()
     common = dict(topology=topology, num_devices=num_devices, what=what, program=program,
                   program_devices=program_devices, hbm_capacity_bytes=capacity,
-                  flops_estimate_per_device=flops_estimate, attention=attention)
+                  flops_estimate_per_device=flops_estimate, attention=attention,
+                  flops_count_one_block=scanned)
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 -- JaxRuntimeError; only running out of HBM is ours
@@ -271,7 +277,8 @@ def train_programs(cfg, devices, topology: str) -> list[Report]:
     return [measure(lambda: step.trace(state, batch).lower(), topology=topology,
                     num_devices=len(devices), what="train", program="train",
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=attention_under(mesh, model_cfg), flops_estimate=estimate)]
+                    attention=attention_under(mesh, model_cfg), flops_estimate=estimate,
+                    scanned=model_cfg.scan_layers)]
 
 
 def teacher_config(cfg):
@@ -342,7 +349,8 @@ def distill_programs(cfg, devices, topology: str) -> list[Report]:
     return [measure(lambda: step.trace(*args).lower(), topology=topology,
                     num_devices=len(devices), what="distill", program=stage.name,
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=attention_under(mesh, s_cfg), flops_estimate=None)
+                    attention=attention_under(mesh, s_cfg), flops_estimate=None,
+                    scanned=s_cfg.scan_layers)
             for stage, step, args in steps]
 
 

@@ -57,6 +57,8 @@ class ModelConfig:
     `attention`: 'auto' (per backend: blockwise on CPU, Splash on TPU, cuDNN on GPU for
     bf16/fp16, else XLA) or one implementation of `kernels.ATTENTION_KERNELS`; a call it cannot
     serve (ALiBi, dropout, a cache) takes the generic path (`kernels.attention_path` says which).
+    `scan_layers`: run the blocks as one `lax.scan` (one block compiled instead of n_layer;
+    under FSDP one block's weights gathered at a time); same parameter tree and results.
     The field defaults are the default configuration's: `get_config` builds its model section
     from them.
     """
@@ -80,6 +82,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -142,6 +145,8 @@ def _validate(c: ModelConfig) -> None:
          f"unknown model.param_dtype {c.param_dtype!r}: choose one of {tuple(DTYPES)}")
     need(c.attention in kernels.ATTENTION_SETTINGS,
          f"unknown model.attention {c.attention!r}: choose one of {kernels.ATTENTION_SETTINGS}")
+    need(isinstance(c.scan_layers, bool),
+         f"model.scan_layers must be True or False, got {c.scan_layers!r}")
     need(c.layer_norm_epsilon > 0, "model.layer_norm_epsilon must be positive")
     need(isinstance(c.max_position_embeddings, int) and c.max_position_embeddings > 0,
          f"model.max_position_embeddings must be a positive integer, "

@@ -26,7 +26,9 @@ Presets (the text after ':' in --config=FILE:PRESET): 'small' (the default, 124M
 (24 x 1024, 16 heads, 350M), 'large' (36 x 1280, 20 heads, 774M), 'xl' (48 x 1600, 25 heads,
 1.56B), with the GPT-3 paper's learning rates for those sizes (3e-4, 2.5e-4, 2e-4). The larger
 ones need more memory per chip than a v5e-8 holds as replicas: shard parameters and optimizer
-state with --config.train.fsdp=8 (ZeRO-3 style, cleangpt_jax/sharding.py).
+state with --config.train.fsdp=8 (ZeRO-3 style, cleangpt_jax/sharding.py). 'xl' also recomputes each
+block in the backward pass (train.remat='block') and runs its 48 blocks as one lax.scan
+(model.scan_layers): then 4 sequences per chip fit a v5e chip with fsdp=8 (docs/benchmarks.md).
 """
 
 from cleangpt_jax import config as base
@@ -62,4 +64,7 @@ def get_config(preset=None):
                      grad_clip=1.0, eval_every=500, eval_steps=20, checkpoint_every=1000,
                      log_every=10, sample_every=2000, sample_prompts=("The meaning of life",),
                      sample_max_new_tokens=100)
+    if name == "xl":
+        cfg.model.scan_layers = True
+        cfg.train.remat = "block"
     return cfg

@@ -1,7 +1,8 @@
 """The memory-saving forms compute what the plain forms compute: per-block remat (train.remat)
 and the vocabulary-chunked LM and distillation logit losses (train.loss_chunk_tokens), values
 and gradients within float32 rounding, for all three architectures; remat leaves the
-parameter tree unchanged; a chunked loss never makes a (B, T, V) array."""
+parameter tree unchanged; a chunked loss never makes a (B, T, V) array. The blocks as one
+lax.scan (model.scan_layers) compute what the unrolled blocks compute, on the same tree."""
 
 from __future__ import annotations
 
@@ -96,6 +97,44 @@ def test_remat_keeps_the_parameters_and_the_gradients(arch):
         _assert_trees_close(rematted["params"], params, atol=1e-7)
         np.testing.assert_allclose(out[remat][0], out["none"][0], rtol=1e-6)
         _assert_trees_close(out[remat][1], out["none"][1])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_scanned_blocks_equal_unrolled_blocks(arch):
+    """model.scan_layers: the same parameter tree (init runs the blocks unrolled); the same
+    logits, hidden states and 'lm' gradients within float32 rounding, with and without remat;
+    with dropout on, the scanned blocks do drop (training differs from deterministic)."""
+    unrolled = _model(arch, n_layer=3, dropout=0.1)
+    scanned = _model(arch, n_layer=3, dropout=0.1, scan_layers=True)
+    batch = _batch()
+    params = unrolled.init(jax.random.key(0), batch["input_ids"])["params"]
+    _assert_trees_close(scanned.init(jax.random.key(0), batch["input_ids"])["params"], params,
+                        atol=0)
+    remats = ("none", "block") if arch == "vanilla" else ("block",)
+
+    @jax.jit
+    def forward_and_grads(params):
+        out = {}
+        for name, model in (("unrolled", unrolled), ("scanned", scanned)):
+            o = model.apply({"params": params}, batch["input_ids"], output_hidden_states=True)
+            out[name] = {"logits": o.logits, "hidden": o.hidden_states}
+            for remat in remats:
+                terms = train_step.lm_strategy(model, _train_config(remat=remat))
+                out[name][remat] = jax.value_and_grad(lambda p: terms(
+                    p, batch, rng=jax.random.key(1), step=0, train=False)[0])(params)
+        train_terms = train_step.lm_strategy(scanned, _train_config())
+        out["dropped"] = train_terms(params, batch, rng=jax.random.key(1), step=0, train=True)[0]
+        return out
+
+    out = forward_and_grads(params)
+    assert len(out["scanned"]["hidden"]) == 4
+    _assert_trees_close(out["scanned"]["logits"], out["unrolled"]["logits"])
+    _assert_trees_close(out["scanned"]["hidden"], out["unrolled"]["hidden"])
+    for remat in remats:
+        np.testing.assert_allclose(out["scanned"][remat][0], out["unrolled"][remat][0],
+                                   rtol=1e-6)
+        _assert_trees_close(out["scanned"][remat][1], out["unrolled"][remat][1])
+    assert abs(float(out["dropped"]) - float(out["scanned"][remats[0]][0])) > 1e-4
 
 
 def test_bad_memory_settings_are_one_line_config_errors():

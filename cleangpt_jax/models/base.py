@@ -5,7 +5,9 @@
     logits  = LN_f(hidden(state_L)) . wte^T                  (tied head, float32)
 
 `remat` (the `train.remat` setting) rematerialises each block in the backward pass under a
-`jax.checkpoint` policy (`REMAT_POLICIES`); the parameter tree is the same for every setting.
+`jax.checkpoint` policy (`REMAT_POLICIES`); `config.scan_layers` runs blocks 1..k as one
+`lax.scan` over their stacked parameters (`_scan_blocks`). The parameter tree is the same for
+every setting (one subtree h_i per block).
 `head=False` stops before LN_f and the head: the losses then run the head themselves, chunk by
 chunk (`head_fn` / `head_params`, cleangpt_jax.losses), never holding (B, T, V) logits.
 
@@ -191,13 +193,19 @@ class CausalLM(nn.Module):
 
         hidden_states = [self.hidden(state)] if output_hidden_states else None
         new_layers = []
-        for i, block in enumerate(self.h[:k]):
-            state, layer_cache = self.call_block(
-                block, state, attn_bias, deterministic,
-                None if cache is None else cache.layers[i], step)
-            new_layers.append(layer_cache)
+        if c.scan_layers and cache is None and k > 1 and not self.is_initializing():
+            state, states = self._scan_blocks(state, attn_bias, deterministic, k)
             if output_hidden_states:
-                hidden_states.append(self.hidden(state))
+                hidden_states += [self.hidden(jax.tree.map(lambda a: a[i], states))
+                                  for i in range(k)]
+        else:
+            for i, block in enumerate(self.h[:k]):
+                state, layer_cache = self.call_block(
+                    block, state, attn_bias, deterministic,
+                    None if cache is None else cache.layers[i], step)
+                new_layers.append(layer_cache)
+                if output_hidden_states:
+                    hidden_states.append(self.hidden(state))
 
         logits = None
         last_hidden = None if head else self.hidden(state)
@@ -209,6 +217,30 @@ class CausalLM(nn.Module):
         return ModelOutput(logits=logits,
                            hidden_states=tuple(hidden_states) if output_hidden_states else None,
                            cache=cache, last_hidden_state=last_hidden)
+
+    def _scan_blocks(self, state, attn_bias, deterministic: bool, k: int):
+        """Blocks 1..k as one `lax.scan` (model.scan_layers): XLA compiles one block instead of
+        k, and under FSDP gathers one block's weights at a time. The parameters stay one
+        subtree per block (h_0, h_1, ...); they are stacked here, (k, ...) per leaf, and their
+        gradients flow back through the stack. Returns (state_k, the states after each block
+        stacked on a leading axis of k). Dropout draws block i's masks from
+        fold_in(rng, i), not from the unrolled form's per-block streams."""
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *(self.h[i].variables["params"] for i in range(k)))
+        block = self.block_cls(self.config, parent=None)
+        rng = None if deterministic else self.make_rng("dropout")
+
+        def body(carry, xs):
+            params, i = xs
+            rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, i)}
+            carry, _ = block.apply({"params": params}, carry, attn_bias=attn_bias,
+                                   deterministic=deterministic, rngs=rngs)
+            return carry, carry
+
+        remat = remat_setting(self.remat)
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return jax.lax.scan(body, state, (stacked, jnp.arange(k)))
 
     def _decode_step(self, cache: Cache, t: int, positions):
         """The shared `DecodeStep` for T new tokens written at cache.index."""
