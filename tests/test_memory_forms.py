@@ -99,11 +99,12 @@ def test_remat_keeps_the_parameters_and_the_gradients(arch):
         _assert_trees_close(out[remat][1], out["none"][1])
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", ["vanilla", "factored"])
 def test_scanned_blocks_equal_unrolled_blocks(arch):
     """model.scan_layers: the same parameter tree (init runs the blocks unrolled); the same
     logits, hidden states and 'lm' gradients within float32 rounding, with and without remat;
-    with dropout on, the scanned blocks do drop (training differs from deterministic)."""
+    with dropout on, the scanned blocks do drop (training differs from deterministic). The
+    scan calls any block class the same way; Factored's carry is a pair (xt, xe)."""
     unrolled = _model(arch, n_layer=3, dropout=0.1)
     scanned = _model(arch, n_layer=3, dropout=0.1, scan_layers=True)
     batch = _batch()
