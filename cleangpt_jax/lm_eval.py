@@ -30,7 +30,7 @@ What each request returns (the semantics of `lm_eval.api.model.LM` and its `hf` 
     generate_until(ctx, kw)    the KV-cache generator (`cleangpt_jax.generation.generate`):
                                greedy unless kw's do_sample, at most kw's max_gen_toks (256)
                                new tokens after the last L - max_gen_toks context tokens, cut at
-                               the first of kw's `until` strings (default: the EOS text)
+                               the first of kw's `until` strings; the EOS token ends a row
 
 Compiled shapes: scoring runs (batch_size, T) calls, T a power of two >= 16 (at most L): rows
 right-padded (causal attention keeps padding out of every scored position), missing rows
@@ -189,8 +189,6 @@ class CleanGPTLM(TemplateLM):
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None)
             until = [until] if isinstance(until, str) else list(until or [])
-            if not until:
-                until = [self.tok_decode([self.eot_token_id])]
             max_new = int(kwargs.pop("max_gen_toks", DEFAULT_GEN_TOKENS))
             sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
