@@ -170,15 +170,15 @@ def _log_if_wide(ax, values: list[float], ratio: float = 20.0) -> None:
         ax.set_yscale("log")
 
 
-def draw(runs: list[RunCurves]):
+def draw(runs: list[RunCurves], *, stages: bool = True):
     """The figure of `runs` (one colour each): the language-model loss and learning-rate
-    panels, then one panel per distillation stage when any run has stages."""
+    panels, then (with `stages`) one panel per distillation stage when any run has stages."""
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global state
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     stage_names = []
-    for run in runs:
+    for run in runs if stages else ():
         stage_names += [s for s in run.stages if s not in stage_names]
     columns = max(2, min(_STAGE_COLUMNS, len(stage_names)))
     rows = 1 + math.ceil(len(stage_names) / columns)
@@ -219,7 +219,7 @@ def draw(runs: list[RunCurves]):
                 styles["teacher, validation"] = Line2D([], [], color="0.3", ls=":")
         x, y = _series(run.lr, "lr")
         ax_lr.plot(x, y, color=colour, lw=1.4)
-        for name, records in run.stages.items():
+        for name, records in run.stages.items() if stages else ():
             ax = stage_axes[name]
             x, y = _series(records, "distill_loss", x="stage_step")
             ax.plot(x, y, color=colour, lw=1.4)
@@ -234,6 +234,8 @@ def draw(runs: list[RunCurves]):
                        loc="best")
     ax_lr.set(title="Learning rate", xlabel="step", ylabel="learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in (ax_loss, ax_lr):
+        ax.set_xlim(left=0)  # a distillation's lone final point still shows where training starts
     titles = {}
     for run in runs:
         for name, t in run.stage_titles.items():
@@ -278,6 +280,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     d = {"flag_values": flag_values}
     flags.DEFINE_multi_string("workdir", None, "A training or distillation workdir; repeat the "
                               "flag to draw several runs on the same axes.", **d)
+    flags.DEFINE_boolean("stages", True, "One panel per distillation stage under the loss and "
+                         "learning-rate panels (--nostages: those two only).", **d)
     flags.DEFINE_string("out", None, "The PNG to write (default: WORKDIR/curves.png for one "
                         "workdir, curves.png in the current directory for several).", **d)
 
@@ -295,7 +299,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     if os.path.isdir(out):
         cli.die(f"--out={out} is a directory: name a .png file", 2)
     runs = [load(w) for w in workdirs]
-    print(save_png(draw(runs), out), file=sys.stdout, flush=True)
+    print(save_png(draw(runs, stages=flag_values.stages), out), file=sys.stdout, flush=True)
 
 
 def run(flag_values: flags.FlagValues | None = None):

@@ -97,6 +97,8 @@ def test_cli_draws_several_runs_on_the_same_axes(runs, capsys, monkeypatch):
                       "distilled: vanilla 1x16, distilled from teacher_hf"]
     colours = {line.get_color() for ax in fig.axes[:2] for line in ax.get_lines()}
     assert colours == {"C0", "C1"}  # one colour per run, on the shared panels
+    assert len(fig.axes) == 4  # the shared panels, then block_1 and head
+    assert len(plot.draw([plot.load(runs.distilled)], stages=False).axes) == 2  # --nostages
 
 
 @pytest.mark.parametrize("argv, code, message", [
