@@ -10,9 +10,10 @@ The figure's first row holds two panels over the (global) optimizer step:
                           distillation's final student as a star (its val_loss), its teacher
                           as a dotted horizontal line (log of teacher_val_ppl)
     learning rate         `lr` of every record (a distillation restarts it in every stage)
-and, when a distillation is drawn, one panel per stage below them: `distill_loss` against the
-stage's own step, on a log scale (hidden-state stages fall by orders of magnitude). Each run
-has one colour, named in the legend by its workdir, model shape and method.
+and, when a distillation is drawn (unless --nostages), one panel per stage below them:
+`distill_loss` against the stage's own step, on a log scale when it spans more than 5x (a
+hidden-state loss can fall by orders of magnitude; the LM loss panel takes one past 20x). Each
+run has one colour, named in the legend by its workdir, model shape and method.
 
 matplotlib is imported only when a figure is drawn (the Agg canvas, no pyplot state), so the
 training path does not load it at start-up. Every PNG is written by `save_png`.
