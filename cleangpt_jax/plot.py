@@ -124,9 +124,11 @@ def load(workdir: str) -> RunCurves:
     """A workdir's curves: its metrics.jsonl split into training, evaluation, per-stage and
     final-student records, with a legend label from config.json (or, while a distillation
     runs, its stages/plan.json). ConfigError when there is nothing to draw."""
+    from cleangpt_jax.distill.records import PLAN_FILE, stages_dir
+
     records = _read_records(workdir)
     config = _json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
-    plan = _json(os.path.join(workdir, workdir_lib.DISTILL_STAGES_DIR, "plan.json"))
+    plan = _json(os.path.join(stages_dir(workdir), PLAN_FILE))
     distill = config.get("distill") or plan.get("distill") or {}
     plan_stages = {st.get("name"): st for st in plan.get("stages", []) if isinstance(st, dict)}
     curves = RunCurves(workdir=workdir, label=_label(workdir, config, plan,
@@ -141,10 +143,11 @@ def load(workdir: str) -> RunCurves:
             if stage not in curves.stage_titles:
                 curves.stage_titles[stage] = _stage_title(stage, plan_stages.get(stage, {}),
                                                           distill)
-        elif _finite(r.get("train_loss")):
-            curves.train.append(r)
-        elif _finite(r.get("val_loss")):
-            curves.val.append(r)
+        else:  # (one record may hold both)
+            if _finite(r.get("train_loss")):
+                curves.train.append(r)
+            if _finite(r.get("val_loss")):
+                curves.val.append(r)
         if _finite(r.get("lr")):
             curves.lr.append(r)
     if not (curves.train or curves.val or curves.stages or curves.student):
