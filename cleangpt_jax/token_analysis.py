@@ -52,6 +52,7 @@ from typing import Iterable
 import numpy as np
 
 from cleangpt_jax.config import ConfigError
+from cleangpt_jax.plot import save_png
 from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
@@ -196,8 +197,7 @@ def plot_top_tokens(counts: np.ndarray, tokenizer: Tokenizer, path: str, n: int 
     ax.set_xticks(list(ticks), [repr(token_text(tokenizer, top[i]))[1:-1].replace(" ", "\u2423")[:8]
                                   for i in ticks],
                   rotation=90, fontsize=7)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path)
 
 
 def plot_coverage(counts: np.ndarray, path: str) -> str:
@@ -219,8 +219,7 @@ def plot_coverage(counts: np.ndarray, path: str) -> str:
     ax.set_ylabel("share of the token stream covered")
     ax.set_title("Vocabulary coverage")
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------ pruning

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cleangpt_jax import loop, sharding
+from cleangpt_jax import loop, plot, sharding
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -241,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.close()
         run.checkpointer.close()
         logging.info("training finished at step %d", run.step)
+    plot.write_curves(run.workdir)  # WORKDIR/curves.png (process 0)
     return _summary(run)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import loop, sharding, train_step
+from cleangpt_jax import loop, plot, sharding, train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -342,6 +342,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})
     finally:
         writer.close()
+    plot.write_curves(workdir)  # WORKDIR/curves.png (process 0)
     return summary
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 
+from cleangpt_jax.plot import save_png
+
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PERPLEXITY_PLOT = "perplexity.png"
@@ -54,8 +56,7 @@ def plot_perplexity(summary: dict, path: str) -> str:
         title += f" (student / teacher = {ppl['ratio']:.3f})"
     ax.set_title(title)
     ax.set_ylabel("perplexity")
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path)
 
 
 def plot_layers(layers: dict, path: str) -> str:
@@ -69,8 +70,7 @@ def plot_layers(layers: dict, path: str) -> str:
         ax.set_xlabel("student layer (teacher layer); 0 = embeddings")
         ax.set_title(title + (" (stitched)" if layers["stitched"] else ""))
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path)
 
 
 def _cell(text) -> str:
