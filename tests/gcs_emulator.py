@@ -20,6 +20,12 @@ Use the `gcs_emulator` fixture (one emulator per test session, i.e. per xdist wo
 
 While the fixture is active the three variables are set in os.environ; they are restored when
 the session ends and the emulator is stopped.
+
+The emulator is run through this file (`python tests/gcs_emulator.py PORT BUCKET`), which adds
+what TensorStore's OCDBT writes rely on and gcp-storage-emulator leaves out: the
+x-goog-generation header on downloads, the ifGenerationMatch / ifGenerationNotMatch
+preconditions (412 / 304 as GCS answers), and one request at a time (its in-memory store is
+not thread-safe).
 """
 
 from __future__ import annotations
@@ -104,8 +110,7 @@ def start_emulator(bucket: str = DEFAULT_BUCKET) -> GcsEmulator:
     endpoint = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-         f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet"],
+        [sys.executable, os.path.abspath(__file__), str(port), bucket],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     emulator = GcsEmulator(process=process, endpoint=endpoint, bucket=bucket)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -145,3 +150,67 @@ def gcs_emulator():
     """A GcsEmulator for the whole session; the three variables are set in os.environ."""
     with running_emulator() as emulator:
         yield emulator
+
+
+# ------------------------------------------------------------------- the emulator process
+def _object_generation(storage, bucket: str, name: str) -> str | None:
+    from gcp_storage_emulator.exceptions import NotFound
+
+    try:
+        return str(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+        return None
+
+
+def _with_gcs_semantics(handler, lock):
+    """`handler` (bucket, object) of gcp-storage-emulator with GCS's generation preconditions
+    and download header, run under `lock`."""
+    from http import HTTPStatus
+
+    def handle(request, response, storage, *args, **kwargs):
+        with lock:
+            query = request.query
+            params = request.params or {}
+            bucket = params.get("bucket_name")
+            name = params.get("object_id") or (query.get("name") or [None])[0]
+            if name is None and (query.get("uploadType") or [None])[0] == "multipart" \
+                    and isinstance(request.data, dict):
+                name = (request.data.get("meta") or {}).get("name")
+            current = _object_generation(storage, bucket, name) if bucket and name else None
+            match = (query.get("ifGenerationMatch") or [None])[0]
+            not_match = (query.get("ifGenerationNotMatch") or [None])[0]
+            if match is not None and (current or "0") != match:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+                return None
+            if not_match is not None and current is not None and current == not_match:
+                response.status = HTTPStatus.NOT_MODIFIED
+                response["x-goog-generation"] = current
+                return None
+            out = handler(request, response, storage, *args, **kwargs)
+            if current is not None and request.method == "GET" and bucket and name:
+                response["x-goog-generation"] = current
+            return out
+    return handle
+
+
+def _serve(port: int, bucket: str) -> None:
+    import logging
+    import threading
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    logging.getLogger().setLevel(logging.CRITICAL)
+    lock = threading.RLock()
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            handlers[method] = _with_gcs_semantics(handler, lock)
+    objects.insert = _with_gcs_semantics(objects.insert, lock)  # (the router's fallback)
+    emulator = server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    emulator.start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), sys.argv[2])
