@@ -187,7 +187,10 @@ def move(src, dst) -> None:
         raise ValueError(f"cannot move {src} to {dst}: one is a URL, the other is not")
     fs, p = _fs(src)
     _, q = _fs(dst)
-    _call(src, "move", fs.copy, p, q, recursive=True)
+    p, q = p.rstrip("/"), q.rstrip("/")
+    files = _call(src, "list", fs.find, p) or [p]
+    for f in files:  # (one server-side copy each: fsspec's recursive copy is far slower)
+        _call(src, "move", fs.cp_file, f, q + f[len(p):])
     _call(src, "move", fs.rm, p, recursive=True)
     fs.invalidate_cache()
 
