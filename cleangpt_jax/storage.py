@@ -10,7 +10,7 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
     exists(p)  isdir(p)  isfile(p)  listdir(p)  makedirs(p)  remove(p)  move(src, dst)
     glob_files(url_pattern)  file_version(p)
     read_text(p)  read_bytes(p)  write_text(p, text)  write_bytes(p, data)  open_file(p, mode)
-    local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)
+    local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)  download_dir(url, dir)
     check_reachable(p, what)             a ConfigError naming the URL when it cannot be used
 
 Atomic writes: a local file is written beside and renamed over (`os.replace`); an object is
@@ -288,18 +288,31 @@ def scratch_dir(prefix: str = "upload-") -> str:
     return _scratch(prefix)
 
 
-def upload_dir(local_dir: str, path) -> None:
-    """Put every file under `local_dir` at the same relative path under URL `path`, each in
-    one upload (local `path`: copied with os.replace-free shutil semantics)."""
-    for root, _, names in os.walk(local_dir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), local_dir)
-            target = join(path, *rel.split(os.sep))
-            with builtins.open(os.path.join(root, name), "rb") as f:
-                data = f.read()
-            if not is_url(path):
-                makedirs(os.path.dirname(target))
-            write_bytes(target, data)
+def upload_dir(local_dir: str, path, *, last: str | None = None) -> None:
+    """Put every file under `local_dir` at the same relative path under `path` (a URL: each
+    file in one upload; a local path: written beside and renamed). The file named `last`
+    (relative to `local_dir`) goes after all the others: a reader that waits for it sees a
+    complete directory."""
+    rels = sorted(os.path.relpath(os.path.join(root, name), local_dir)
+                  for root, _, names in os.walk(local_dir) for name in names)
+    for rel in sorted(rels, key=lambda r: r == last):
+        target = join(path, *rel.split(os.sep))
+        with builtins.open(os.path.join(local_dir, rel), "rb") as f:
+            data = f.read()
+        if not is_url(path):
+            makedirs(os.path.dirname(target))
+        write_bytes(target, data)
+
+
+def download_dir(path, local_dir: str, *, last: str | None = None) -> None:
+    """Copy every file under directory `path` into `local_dir` (created), the file named
+    `last` after all the others (see `upload_dir`)."""
+    source = local_copy(path)
+    rels = sorted(os.path.relpath(os.path.join(root, name), source)
+                  for root, _, names in os.walk(source) for name in names)
+    for rel in sorted(rels, key=lambda r: r == last):
+        os.makedirs(os.path.dirname(os.path.join(local_dir, rel)), exist_ok=True)
+        os.replace(os.path.join(source, rel), os.path.join(local_dir, rel))
 
 
 # ------------------------------------------------------------------------------- checks

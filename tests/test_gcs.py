@@ -79,17 +79,25 @@ def env(gcs_emulator, tmp_path_factory):  # noqa: F811
     """The corpus in the bucket, a local token cache, one compilation cache, and the reference
     run: N steps trained in process into gs://, every checkpoint kept."""
     root = tmp_path_factory.mktemp("gcs")
-    corpus = gcs_emulator.new_url("data") + "/corpus.txt"
-    storage.write_text(corpus, TEXT)
-    overrides = {**TRAIN, "data.files": corpus, "data.cache_dir": str(root / "tokens")}
-    with persistent_compile_cache(str(root / "jit_cache"), fast_compile=True) as sub_env:
-        reference = gcs_emulator.new_url("reference")
-        config = get_config()
-        config.update_from_flattened_dict(overrides)
-        trainer.train_and_evaluate(config, reference)
-        yield types.SimpleNamespace(emulator=gcs_emulator, root=root, overrides=overrides,
-                                    reference=reference,
-                                    sub_env=dict(sub_env, **gcs_emulator.env))
+    data = gcs_emulator.new_url("data")
+    storage.write_text(data + "/corpus.txt", TEXT)
+    overrides = {**TRAIN, "data.files": data + "/*.txt", "data.cache_dir": data + "/tokens"}
+    local_cache, os.environ["CLEANGPT_JAX_CACHE"] = (os.environ.get("CLEANGPT_JAX_CACHE"),
+                                                     str(root / "cache"))
+    try:
+        with persistent_compile_cache(str(root / "jit_cache"), fast_compile=True) as sub_env:
+            reference = gcs_emulator.new_url("reference")
+            config = get_config()
+            config.update_from_flattened_dict(overrides)
+            trainer.train_and_evaluate(config, reference)
+            yield types.SimpleNamespace(emulator=gcs_emulator, root=root, overrides=overrides,
+                                        reference=reference, data=data,
+                                        sub_env=dict(sub_env, **gcs_emulator.env))
+    finally:
+        if local_cache is None:
+            os.environ.pop("CLEANGPT_JAX_CACHE")
+        else:
+            os.environ["CLEANGPT_JAX_CACHE"] = local_cache
 
 
 def test_a_run_in_a_bucket_leaves_everything_there_and_no_local_folder(env):
@@ -104,6 +112,9 @@ def test_a_run_in_a_bucket_leaves_everything_there_and_no_local_folder(env):
     assert storage.isfile(storage.join(ckpts, "6", "checksums.json"))
     assert [r["step"] for r in records(env.reference) if "train_loss" in r] == list(range(1, N + 1))
     assert not os.path.exists(os.path.join(REPO, "gs:")) and not os.path.exists("gs:")
+    caches = storage.listdir(env.data + "/tokens")  # the token cache, built once, in the bucket
+    assert len(caches) == 1 and set(storage.listdir(f"{env.data}/tokens/{caches[0]}")) == {
+        "meta.json", "train.bin", "val.bin"}
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +125,13 @@ def resumed(env):
     workdir = env.emulator.new_url("killed")
     args = [f"--workdir={workdir}", *flags(env.overrides)]
     killed = subprocess.run([sys.executable, "-c", KILLER, "cleangpt_jax.train", *args],
-                            cwd=REPO, env=dict(env.sub_env, KILL_AT_BATCH=str(KILL_AT)),
+                            cwd=REPO, env=dict(env.sub_env, KILL_AT_BATCH=str(KILL_AT),
+                                               CLEANGPT_JAX_CACHE=str(env.root / "host2")),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
     saved = [n for n in storage.listdir(workdir_lib.checkpoint_dir(workdir)) if n.isdigit()]
     assert saved == ["2"], saved
+    assert os.listdir(env.root / "host2" / "tokens" / "mirrors")  # read from the bucket
     config = get_config()
     config.update_from_flattened_dict(env.overrides)
     trainer.train_and_evaluate(config, workdir)  # the rerun, in process
