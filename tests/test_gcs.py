@@ -34,7 +34,7 @@ N, KILL_AT = 6, 3  # steps of the run; the killed copy dies building the batch o
 TRAIN = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
          "model.dropout": 0.1, "train.batch_size": 4, "train.num_steps": N,
          "train.warmup_steps": 2, "train.learning_rate": 1e-2, "train.log_every": 1,
-         "train.eval_every": 3, "train.eval_steps": 1, "train.checkpoint_every": 2,
+         "train.eval_every": 0, "train.checkpoint_every": 2,
          "train.max_checkpoints_to_keep": 0, "train.sample_max_new_tokens": 0,
          "data.source": "text", "data.val_fraction": 0.1}
 KILLER = """
@@ -162,7 +162,8 @@ def test_generate_evaluate_export_and_import_read_and_write_the_bucket(env, caps
                                              "--temperature=0"], capsys, monkeypatch)
     assert code == 0 and "It was" in out, err
     code, out, err = run_tool(evaluate.run, ["evaluate", f"--workdir={env.reference}",
-                                             "--teacher=none"], capsys, monkeypatch)
+                                             "--teacher=none", "--config.eval.max_new_tokens=0",
+                                             "--config.eval.num_batches=1"], capsys, monkeypatch)
     assert code == 0, err
     report = storage.join(env.reference, "eval", "report.md")
     assert f"report: {report}" in out and "perplexity" in storage.read_text(report).lower()
@@ -198,7 +199,7 @@ def test_distillation_with_teacher_and_workdir_in_the_bucket(env):
         "distill.steps_per_block": 2, "distill.head.enabled": False,
         "distill.final.enabled": False,
         "distill.warmup_steps": 0, "distill.checkpoint_every": 1, "distill.log_every": 1,
-        "distill.eval_steps": 1})
+        "distill.eval_steps": 0})
     summary = runner.run(cfg, workdir, progress=False)
     assert [m["name"] for m in distill_records.read_manifest(workdir)] == [
         m["name"] for m in summary["stages"]]
