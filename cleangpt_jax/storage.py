@@ -19,8 +19,8 @@ Errors: an unreachable endpoint, a missing bucket or a refused permission raise 
 ConfigError that names the URL (`storage_error`), never a silent local fallback.
 
 Against a local GCS emulator (STORAGE_EMULATOR_HOST set, see tests/gcs_emulator.py) gcsfs's
-storage-layout lookup (a gRPC call to the control plane that an emulator does not serve, tens
-of seconds of retries with credentials present) is switched off:
+storage-layout lookup (a gRPC call to the control plane that an emulator does not serve; it
+can take about a minute before gcsfs falls back) is switched off:
 GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, unless the user set it.
 """
 
@@ -120,9 +120,7 @@ def _call(url: str, doing: str, fn, *args, **kwargs):
     """fn(*args) on the URL's filesystem, its failures as `storage_error`s."""
     try:
         return fn(*args, **kwargs)
-    except ConfigError:
-        raise
-    except FileNotFoundError:
+    except (ConfigError, FileNotFoundError):
         raise
     except Exception as e:  # aiohttp, gcsfs HttpError, PermissionError, ...: one line for the user
         raise storage_error(url, e, doing) from None
