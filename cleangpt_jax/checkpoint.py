@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging as py_logging
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -41,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from cleangpt_jax import storage
 
 ITEMS = ("params", "opt_state", "meta")
 CHECKSUMS_FILE = "checksums.json"
@@ -115,7 +116,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int | None = None,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.absolute(directory)  # (a URL: Orbax writes it natively)
         self.read_only = read_only
         self._max_to_keep = max_to_keep
         self._async = async_save
@@ -266,22 +267,22 @@ class Checkpointer:
                 if not earlier:
                     raise CheckpointError(
                         f"{e}; there is no earlier checkpoint to fall back to: move "
-                        f"{os.path.join(self.directory, str(step))} away to start afresh") from e
+                        f"{storage.join(self.directory, str(step))} away to start afresh") from e
                 if jax.process_index() == 0:
                     print(f"warning: {e}; moved to {self._quarantine_dir(step)}, using step "
                           f"{earlier[-1]} instead", file=sys.stderr, flush=True)
                 self._quarantine(step)
 
     def _quarantine_dir(self, step: int) -> str:
-        return os.path.join(self.directory + "_unreadable", str(step))
+        return storage.join(self.directory + "_unreadable", str(step))
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
             dest = self._quarantine_dir(step)
-            if os.path.exists(dest):
-                dest = f"{dest}.{len(os.listdir(os.path.dirname(dest)))}"
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), dest)
+            if storage.exists(dest):
+                dest = f"{dest}.{len(storage.listdir(storage.parent(dest)))}"
+            storage.makedirs(storage.parent(dest))
+            storage.move(storage.join(self.directory, str(step)), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
         self._manager.reload()  # forget the moved step (no close: reads may still be landing)
@@ -329,9 +330,9 @@ def write_checksums(step_dir) -> None:
     names = sorted(name for item in ITEMS if (step_dir / item).exists()
                    for name in _files_under(step_dir, item))
     record = {"algorithm": "sha256", "files": _digests(step_dir, names)}
-    tmp = step_dir / (CHECKSUMS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.rename(step_dir / CHECKSUMS_FILE)
+    # (in one step: a local rename, or one upload to an object store, which has no rename)
+    storage.write_text(os.fspath(step_dir / CHECKSUMS_FILE),
+                       json.dumps(record, indent=1, sort_keys=True))
 
 
 def checksum_problem(step_dir, items) -> str:

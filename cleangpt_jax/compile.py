@@ -52,7 +52,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from cleangpt_jax import cli
+from cleangpt_jax import cli, storage
 
 FLAGS = flags.FLAGS
 WHAT = ("train", "distill", "generate")
@@ -292,13 +292,12 @@ def teacher_config(cfg):
         fields = dict(model_type="gpt2", n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       n_positions=1024, vocab_size=GPT2_VOCAB_SIZE)
         return hf.config_from_hf(fields, dtype=dtype, source=name)
-    path = os.path.join(str(name), hf.CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(str(name), hf.CONFIG_FILE)
+    if not storage.isfile(path):
         raise ValueError(f"distill.teacher={name!r} is neither a GPT-2 hub name "
                          f"({', '.join(GPT2_HUB_SHAPES)}) nor a directory with {hf.CONFIG_FILE}"
                          f": name one of those")
-    with open(path) as f:
-        return hf.config_from_hf(json.load(f), dtype=dtype, source=path)
+    return hf.config_from_hf(json.loads(storage.read_text(path)), dtype=dtype, source=path)
 
 
 def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callable, tuple]]]:

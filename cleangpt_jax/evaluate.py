@@ -17,13 +17,12 @@ Outputs (summary.json, report.md, PNG plots) go to --output_dir (default WORKDIR
 
 from __future__ import annotations
 
-import os
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cleangpt_jax import cli
+from cleangpt_jax import cli, storage
 from cleangpt_jax import config as config_lib
 from cleangpt_jax import evaluation
 from cleangpt_jax import workdir as workdir_lib
@@ -56,7 +55,7 @@ _KEY_HINT = "only --config.data.* (the run's data section) and --config.eval.* "
 def main(argv, flag_values: flags.FlagValues = FLAGS):
     if not flag_values.workdir:
         cli.die("--workdir is required: the training or distillation run to evaluate", 2)
-    out = flag_values.output_dir or os.path.join(flag_values.workdir, "eval")
+    out = flag_values.output_dir or storage.join(flag_values.workdir, "eval")
     workdir_lib.check_output_dir(out, "--output_dir")  # before the work, not after it
     overrides = config_flags.get_override_values(flag_values["config"])
     data = {k: v for k, v in overrides.items() if k.startswith("data.")}
@@ -70,7 +69,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
         line += f", teacher {ppl['teacher']:.4f}, ratio {ppl['ratio']:.4f}"
     print(line)
     if summary["files"]:
-        print(f"report: {os.path.join(out, summary['files']['report'])}")
+        print(f"report: {storage.join(out, summary['files']['report'])}")
 
 
 def run(flag_values: flags.FlagValues | None = None):

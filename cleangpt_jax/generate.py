@@ -192,5 +192,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
         interact(lm, settings)
 
 
+def run(flag_values: flags.FlagValues | None = None):
+    cli.run(main, define_flags=define_flags, flag_values=flag_values)
+
+
 if __name__ == "__main__":
-    cli.run(main, define_flags=define_flags)
+    run()

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import DTYPES, ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -205,6 +206,13 @@ def resolve_checkpoint(name_or_path, *, tokenizer: bool = False) -> str:
     fetched (weights and config only, plus tokenizer files when `tokenizer`) with huggingface_hub.
     """
     name = os.fspath(name_or_path)
+    if storage.is_url(name):  # (safetensors and tokenizers read local files: a local copy)
+        storage.check_reachable(name, "checkpoint")
+        if storage.isdir(name):
+            return storage.local_copy(name)
+        what = "is a file" if storage.isfile(name) else "not found"
+        raise ConfigError(f"{name!r} {what}: pass the directory holding {CONFIG_FILE} and the "
+                          "weights")
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         return path
@@ -392,10 +400,11 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
             raise ConfigError(f"param {path!r} has shape {tuple(flat[path].shape)} but the model "
                               f"config implies {tuple(expected[path].shape)}")
     out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    storage.check_reachable(out_dir, "output directory")
+    if storage.isdir(out_dir) and storage.listdir(out_dir) and not overwrite:
         raise ConfigError(f"output directory {out_dir!r} is not empty: choose a new directory or "
                           "overwrite it explicitly (--overwrite)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if storage.exists(out_dir) and not storage.isdir(out_dir):
         raise ConfigError(f"output path {out_dir!r} is a file: choose a directory")
 
     from cleangpt_jax import sharding
@@ -412,9 +421,12 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
 
     from safetensors.numpy import save_file
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    if storage.is_url(out_dir):  # staged locally, then each file in one upload
+        staging = storage.scratch_dir("export-")
+    else:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         save_file(tensors, os.path.join(staging, SAFETENSORS_FILE), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
@@ -423,9 +435,12 @@ def export_gpt2(model_config: ModelConfig, params, out_dir, tokenizer=None, *,
             tokenizer.to_hf_tokenizer().save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        if storage.is_url(out_dir):
+            storage.upload_dir(staging, out_dir)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

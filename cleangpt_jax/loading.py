@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cleangpt_jax import hf
+from cleangpt_jax import hf, storage
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.models import get_model
@@ -69,8 +69,8 @@ class LM:
 def is_workdir(path) -> bool:
     """Whether `path` is a directory with a run's checkpoints/ and config.json."""
     path = os.fspath(path)
-    return (os.path.isdir(os.path.join(path, workdir_lib.CHECKPOINT_DIR))
-            and os.path.isfile(os.path.join(path, workdir_lib.CONFIG_FILE)))
+    return (storage.isdir(storage.join(path, workdir_lib.CHECKPOINT_DIR))
+            and storage.isfile(storage.join(path, workdir_lib.CONFIG_FILE)))
 
 
 def load_lm(name_or_path, *, step: int | None = None, mesh=None, dtype: str | None = None,
@@ -111,7 +111,7 @@ def load_lm(name_or_path, *, step: int | None = None, mesh=None, dtype: str | No
 
 def _refuse_workdir_as_hf(source: str) -> None:
     """A cleangpt_jax run is not a GPT-2 checkpoint: say what it is and what to pass."""
-    kind = workdir_lib.run_kind(source) if os.path.isdir(source) else None
+    kind = workdir_lib.run_kind(source) if storage.isdir(source) else None
     if kind is None:
         return
     if not is_workdir(source):
@@ -143,14 +143,15 @@ def import_to_workdir(name_or_path, workdir, *, dtype: str = "float32") -> str:
     workdir must be new or empty. Returns `workdir`.
     """
     workdir = os.fspath(workdir)
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    storage.check_reachable(workdir, "workdir")
+    if storage.exists(workdir) and (not storage.isdir(workdir) or storage.listdir(workdir)):
         raise ConfigError(f"workdir {workdir!r} already exists and is not empty: import into a "
                           f"new directory")
     lm = load_lm(name_or_path, dtype=dtype, kind="hf")
     config = get_config()
     config.model.update(lm.config.to_dict())
     config.tokenizer.type = lm.tokenizer.tokenizer_type
-    config.tokenizer.name_or_path = os.path.join(os.path.abspath(workdir),
+    config.tokenizer.name_or_path = storage.join(storage.absolute(workdir),
                                                  workdir_lib.TOKENIZER_DIR)
     return workdir_lib.write_model_workdir(workdir, config, lm.tokenizer, lm.params,
                                            meta={"hf_source": os.fspath(name_or_path)},

@@ -35,6 +35,7 @@ import time
 import jax
 import numpy as np
 
+from cleangpt_jax import storage
 from cleangpt_jax.workdir import METRICS_FILE, is_writer, write_atomically
 
 TENSORBOARD_PREFIX = "events.out.tfevents"  # the events files tensorboardX writes
@@ -178,25 +179,36 @@ class MetricWriter:
     files (each rewritten atomically; a file left with no scalars is deleted), and the new
     events file asks TensorBoard to purge them too. A killed and rerun run's records thus equal
     an uninterrupted run's, record for record, in the files and in TensorBoard.
+
+    A URL workdir (gs://...) has no appendable files: metrics.jsonl is uploaded whole after
+    each record, and TensorBoard writes into a local scratch directory whose events file is
+    uploaded whole after each flush (each upload replaces the object in one step).
     """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
         self.active = is_writer()
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.workdir = workdir
+        self.path = storage.join(workdir, METRICS_FILE)
         self._tb = None
+        self._remote = storage.is_url(workdir)
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        storage.makedirs(workdir)
+        keep = []
+        if storage.exists(self.path):
+            keep = [ln for ln in storage.read_text(self.path).splitlines(keepends=True)
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
             write_atomically(self.path, "".join(keep))
-        self._file = open(self.path, "a", encoding="utf-8")
+        if self._remote:
+            self._text = "".join(keep)
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            for name in os.listdir(workdir):
+            for name in storage.listdir(workdir):
                 if name.startswith(TENSORBOARD_PREFIX):
-                    _drop_events_after(os.path.join(workdir, name), resume_step)
-            self._tb = _summary_writer(workdir,
+                    _drop_events_after(storage.join(workdir, name), resume_step)
+            self._tb_dir = storage.scratch_dir("tensorboard-") if self._remote else workdir
+            self._tb = _summary_writer(self._tb_dir,
                                        purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict) -> None:
@@ -206,19 +218,33 @@ class MetricWriter:
         for k, v in metrics.items():
             v = v.item() if hasattr(v, "item") else v
             record[k] = v
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._remote:
+            self._text += json.dumps(record) + "\n"
+            storage.write_text(self.path, self._text)
+        else:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        """URL workdir: put the local events file(s) into the workdir, each in one upload."""
+        if self._remote:
+            for name in os.listdir(self._tb_dir):
+                with open(os.path.join(self._tb_dir, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.workdir, name), f.read())
 
     def close(self) -> None:
         if self.active:
-            self._file.close()
+            if not self._remote:
+                self._file.close()
             if self._tb is not None:
                 self._tb.close()
+                self._upload_events()
 
 
 def _drop_events_after(path: str, step: int) -> None:
@@ -229,7 +255,7 @@ def _drop_events_after(path: str, step: int) -> None:
     with _torch_hidden():
         from tensorboardX.proto import event_pb2
 
-    data, pos, kept, scalars = open(path, "rb").read(), 0, [], 0
+    data, pos, kept, scalars = storage.read_bytes(path), 0, [], 0
     while pos + 12 <= len(data):
         length = int.from_bytes(data[pos:pos + 8], "little")
         end = pos + 12 + length + 4
@@ -242,12 +268,9 @@ def _drop_events_after(path: str, step: int) -> None:
             scalars += has_scalars
         pos = end
     if not scalars:
-        os.remove(path)
+        storage.remove(path)
     elif sum(map(len, kept)) != len(data):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(kept))
-        os.replace(tmp, path)
+        storage.write_bytes(path, b"".join(kept))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ training path does not load it at start-up. Every PNG is written by `save_png`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import sys
 
 from absl import flags
 
-from cleangpt_jax import cli
+from cleangpt_jax import cli, storage
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
 
@@ -55,34 +56,34 @@ class RunCurves:
 def _read_records(workdir: str) -> list[dict]:
     """metrics.jsonl's records; ConfigError (one line, with the fix) for a missing workdir,
     a workdir without metrics.jsonl, a line that is not a JSON object with a step."""
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is not a directory: pass a training or "
                           f"distillation workdir")
-    path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, workdir_lib.METRICS_FILE)
+    if not storage.isfile(path):
         raise ConfigError(f"--workdir={workdir} has no {workdir_lib.METRICS_FILE}: it is not a "
                           f"run's workdir, or the run has not logged a step yet")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {n} is not JSON ({e}): the file is damaged; "
-                                  f"remove that line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ConfigError(f"{path} line {n} is not a metrics record (an object with an "
-                                  f"integer step): remove that line")
-            records.append(record)
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {n} is not JSON ({e}): the file is damaged; "
+                              f"remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ConfigError(f"{path} line {n} is not a metrics record (an object with an "
+                              f"integer step): remove that line")
+        records.append(record)
     return records
 
 
 def _json(path: str) -> dict:
+    if not storage.isfile(path):
+        return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        value = json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -90,7 +91,7 @@ def _json(path: str) -> dict:
 
 def _label(workdir: str, config: dict, plan: dict, kind: str | None) -> str:
     """'<workdir name>: <model_type> <n_layer>x<n_embd>, <method>'."""
-    name = os.path.basename(os.path.normpath(workdir))
+    name = storage.basename(workdir)
     model = config.get("model") or plan.get("student") or {}
     shape = (f"{model.get('model_type', '?')} {model.get('n_layer', '?')}x"
              f"{model.get('n_embd', '?')}" if model else "")
@@ -127,8 +128,8 @@ def load(workdir: str) -> RunCurves:
     from cleangpt_jax.distill.records import PLAN_FILE, stages_dir
 
     records = _read_records(workdir)
-    config = _json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
-    plan = _json(os.path.join(stages_dir(workdir), PLAN_FILE))
+    config = _json(storage.join(workdir, workdir_lib.CONFIG_FILE))
+    plan = _json(storage.join(stages_dir(workdir), PLAN_FILE))
     distill = config.get("distill") or plan.get("distill") or {}
     plan_stages = {st.get("name"): st for st in plan.get("stages", []) if isinstance(st, dict)}
     curves = RunCurves(workdir=workdir, label=_label(workdir, config, plan,
@@ -151,7 +152,7 @@ def load(workdir: str) -> RunCurves:
         if _finite(r.get("lr")):
             curves.lr.append(r)
     if not (curves.train or curves.val or curves.stages or curves.student):
-        raise ConfigError(f"{os.path.join(workdir, workdir_lib.METRICS_FILE)} holds no loss "
+        raise ConfigError(f"{storage.join(workdir, workdir_lib.METRICS_FILE)} holds no loss "
                           f"records (train_loss, val_loss or distill_loss): nothing to draw")
     return curves
 
@@ -258,12 +259,13 @@ def draw(runs: list[RunCurves], *, stages: bool = True):
 
 
 def save_png(fig, path: str) -> str:
-    """Write `fig` as a PNG at `path` (its directory created); returns `path`. The one place
-    a picture of a run reaches the disk."""
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    """Write `fig` as a PNG at `path`, a local path or a URL (its directory created); returns
+    `path`. The one place a picture of a run reaches storage."""
+    if storage.parent(path):
+        storage.makedirs(storage.parent(path))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    storage.write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -276,7 +278,7 @@ def write_curves(workdir: str) -> str | None:
         curves = load(workdir)
     except ConfigError:  # no record yet: a run stopped before its first log
         return None
-    return save_png(draw([curves]), os.path.join(workdir, CURVES_FILE))
+    return save_png(draw([curves]), storage.join(workdir, CURVES_FILE))
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -296,11 +298,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     if not workdirs:
         cli.die("--workdir is required: a training or distillation workdir (repeat it to "
                 "compare runs)", 2)
-    out = flag_values.out or (os.path.join(workdirs[0], CURVES_FILE) if len(workdirs) == 1
+    out = flag_values.out or (storage.join(workdirs[0], CURVES_FILE) if len(workdirs) == 1
                               else CURVES_FILE)
     if not out.lower().endswith(".png"):
         cli.die(f"--out={out} must name a .png file", 2)
-    if os.path.isdir(out):
+    if storage.isdir(out):
         cli.die(f"--out={out} is a directory: name a .png file", 2)
     runs = [load(w) for w in workdirs]
     print(save_png(draw(runs, stages=flag_values.stages), out), file=sys.stdout, flush=True)

@@ -51,6 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.plot import save_png
 from cleangpt_jax.tokenizers import PrunedTokenizer, Tokenizer, build_tokenizer, load_tokenizer
@@ -274,9 +275,9 @@ def resolve_tokenizer(spec: str | None, config) -> Tokenizer:
         with config.unlocked():
             config.tokenizer.type, config.tokenizer.name_or_path = "character", None
         return build_tokenizer(config)
-    if os.path.isdir(spec):
-        workdir_tokenizer = os.path.join(spec, "tokenizer")
-        if os.path.isdir(workdir_tokenizer) and os.path.isfile(os.path.join(spec, "config.json")):
+    if storage.isdir(spec):
+        workdir_tokenizer = storage.join(spec, "tokenizer")
+        if storage.isdir(workdir_tokenizer) and storage.isfile(storage.join(spec, "config.json")):
             spec = workdir_tokenizer
         return load_tokenizer(spec)
     return create_tokenizer("gpt2", name_or_path=spec)  # a missing path fails in one line there
@@ -285,9 +286,16 @@ def resolve_tokenizer(spec: str | None, config) -> Tokenizer:
 def analyze_dataset(config, tokenizer: Tokenizer, output_dir: str, *,
                     prune: float | None = None, top_n: int = 20, source: str = "") -> dict:
     """Analyse the config's data under `tokenizer`; write JSON, plots (and the pruned
-    tokenizer with `prune`) into `output_dir`; returns the JSON dict."""
+    tokenizer with `prune`) into `output_dir`; returns the JSON dict. A URL `output_dir`
+    (gs://...): written locally, then each file in one upload."""
     from cleangpt_jax.data import data_label, load_dataset
 
+    if storage.is_url(output_dir):
+        local = storage.scratch_dir("token-analysis-")
+        result = analyze_dataset(config, tokenizer, local, prune=prune, top_n=top_n,
+                                 source=source)
+        storage.upload_dir(local, output_dir)
+        return result
     if prune is not None:
         check_coverage(prune)
     if top_n < 0:
@@ -360,6 +368,7 @@ def run(flag_values=None):
               errors=(ValueError, OSError))  # project errors are ValueErrors with the fix in them
     def main(argv, flag_values=values):
         config = cli.config_flag_value(flag_values=flag_values)
+        storage.check_reachable(out_flag.value, "--output_dir")
         tokenizer = resolve_tokenizer(tok_flag.value, config)
         result = analyze_dataset(config, tokenizer, out_flag.value, prune=prune_flag.value,
                                  top_n=top_flag.value,
@@ -371,7 +380,7 @@ def run(flag_values=None):
         if result["pruned"]:
             p = result["pruned"]
             print(f"pruned tokenizer: {p['vocab_size']} tokens cover {p['coverage']:.4f} -> "
-                  f"{os.path.join(out_flag.value, p['directory'])}")
+                  f"{storage.join(out_flag.value, p['directory'])}")
         print(f"outputs: {out_flag.value}")
 
     cli.run(main, define_flags=define_config, flag_values=flag_values)

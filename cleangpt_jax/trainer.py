@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cleangpt_jax import loop, plot, sharding
+from cleangpt_jax import loop, plot, sharding, storage
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -283,11 +282,11 @@ def write_samples(run: TrainRun) -> list[str]:
                                  top_k=int(t.sample_top_k) or None, top_p=None,
                                  seed=int(t.seed) + i)
         texts.append(text)
-    out_dir = os.path.join(run.workdir, workdir_lib.SAMPLES_DIR)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"step_{run.step}.txt"), "w", encoding="utf-8") as f:
-        for prompt, text in zip(t.sample_prompts, texts):
-            f.write(f"=== step {run.step} | prompt {prompt!r} ===\n{text}\n\n")
+    out_dir = storage.join(run.workdir, workdir_lib.SAMPLES_DIR)
+    storage.makedirs(out_dir)
+    storage.write_text(storage.join(out_dir, f"step_{run.step}.txt"), "".join(
+        f"=== step {run.step} | prompt {prompt!r} ===\n{text}\n\n"
+        for prompt, text in zip(t.sample_prompts, texts)))
     return texts
 
 
@@ -354,8 +353,8 @@ def prepare_tokenizer(config, workdir: str):
     config and saved there."""
     from cleangpt_jax.tokenizers import build_tokenizer, load_tokenizer
 
-    saved = os.path.join(workdir, workdir_lib.TOKENIZER_DIR)
-    if os.path.isdir(saved):
+    saved = storage.join(workdir, workdir_lib.TOKENIZER_DIR)
+    if storage.isdir(saved):
         return load_tokenizer(saved)
     return build_tokenizer(config)
 
@@ -372,7 +371,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     sharding.initialize_distributed(config.train)
     config = ml_collections.ConfigDict(config.to_dict())  # private, resolved copy
     check_train_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     t = config.train
     mesh = sharding.create_mesh(int(t.fsdp))
     sharding.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
@@ -384,7 +383,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     check_vocab(tokenizer.vocab_size, config.model.vocab_size, where="model.vocab_size",
                 fix="leave model.vocab_size None (the tokenizer's size)")
     model = get_model(config=model_config(config.model))
-    if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    if storage.exists(storage.join(workdir, workdir_lib.CONFIG_FILE)):
         diff = workdir_lib.config_differences(workdir_lib.load_config(workdir), config)
         if diff:
             raise ConfigError(
@@ -416,9 +415,9 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
 
     if restored is None or restored.step < num_steps:  # a finished run is left as it was
         workdir_lib.save_config(workdir, config)
-        if workdir_lib.is_writer() and not os.path.isdir(
-                os.path.join(workdir, workdir_lib.TOKENIZER_DIR)):
-            tokenizer.save_pretrained(os.path.join(workdir, workdir_lib.TOKENIZER_DIR))
+        if workdir_lib.is_writer() and not storage.isdir(
+                storage.join(workdir, workdir_lib.TOKENIZER_DIR)):
+            workdir_lib.save_tokenizer(tokenizer, workdir)
 
     pi, pc = jax.process_index(), jax.process_count()
 

@@ -12,6 +12,9 @@
     write_model_workdir(workdir, config, tokenizer, params)   # export a trained model
     check_kind(workdir, "train")       # refuse a file or another kind of run before writing
 
+WORKDIR may be a URL (gs://bucket/run, any fsspec filesystem): every file here goes through
+cleangpt_jax.storage, Orbax writes the checkpoints there itself.
+
 Only process 0 writes files; every process takes part in checkpoint saves and restores.
 """
 
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cleangpt_jax import sharding
+from cleangpt_jax import sharding, storage
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 
@@ -47,21 +50,19 @@ def is_writer() -> bool:
 def save_config(workdir: str, config: ml_collections.ConfigDict, kind: str = "train") -> str:
     """Write config.json atomically (process 0 only); returns its path. A workdir that records
     no kind yet is marked as `kind` (see `run_kind`); one that does keeps its own."""
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = storage.join(workdir, CONFIG_FILE)
     if is_writer():
-        os.makedirs(workdir, exist_ok=True)
-        if not os.path.isfile(os.path.join(workdir, KIND_FILE)):
-            write_atomically(os.path.join(workdir, KIND_FILE), f"{kind}\n")
+        storage.makedirs(workdir)
+        if not storage.isfile(storage.join(workdir, KIND_FILE)):
+            write_atomically(storage.join(workdir, KIND_FILE), f"{kind}\n")
         write_json(path, config.to_dict())
     return path
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace `path` with `text` in one step (a reader sees the old file or the new one)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Replace `path` with `text` in one step (a reader sees the old file or the new one):
+    `storage.write_text`."""
+    storage.write_text(path, text)
 
 
 def write_json(path: str, obj) -> None:
@@ -80,19 +81,19 @@ def json_default(x):
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config.json; a missing, unreadable or wrongly shaped one (not an object whose
     model, tokenizer, data and train are objects) raises a ConfigError naming the file."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
+    storage.check_reachable(workdir, "workdir")
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.isfile(path):
+        if storage.exists(workdir) and not storage.isdir(workdir):
             raise ConfigError(f"workdir {workdir!r} is a file, not a directory: pass the "
                               "--workdir of a training run")
-        if not os.path.isdir(workdir):
+        if not storage.isdir(workdir):
             raise ConfigError(f"workdir {workdir!r} does not exist: pass the --workdir of a "
                               "training run")
         raise ConfigError(f"{workdir!r} has no {CONFIG_FILE}: it is not a training run's workdir "
                           "(train into it first)")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from e
     bad = [k for k in ("model", "tokenizer", "data", "train")
@@ -109,17 +110,15 @@ def run_kind(workdir: str) -> str | None:
     else 'train' when it has checkpoints/ or a run's config.json; None for anything else (a
     new or empty directory, an HF export)."""
     try:
-        with open(os.path.join(workdir, KIND_FILE), encoding="utf-8") as f:
-            return f.read().strip()
-    except (FileNotFoundError, NotADirectoryError):
+        return storage.read_text(storage.join(workdir, KIND_FILE)).strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         pass
-    if os.path.isdir(os.path.join(workdir, DISTILL_STAGES_DIR)):
+    if storage.isdir(storage.join(workdir, DISTILL_STAGES_DIR)):
         return "distill"
-    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    if storage.isdir(storage.join(workdir, CHECKPOINT_DIR)):
         return "train"
     try:
-        with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(storage.read_text(storage.join(workdir, CONFIG_FILE)))
     except (OSError, ValueError):
         return None
     return "train" if isinstance(config, dict) and "train" in config else None
@@ -128,7 +127,15 @@ def run_kind(workdir: str) -> str | None:
 def check_output_dir(path: str, what: str) -> None:
     """Refuse (ConfigError naming `what`, e.g. '--output_dir') a `path` that is a file or lies
     under one, or whose nearest existing directory (itself, or the parent it would be created
-    in) is not writable, so that a tool fails before its work rather than when it writes."""
+    in) is not writable, so that a tool fails before its work rather than when it writes.
+    A URL: its filesystem must answer and its bucket exist (`storage.check_reachable`), and it
+    must not be a file."""
+    if storage.is_url(path):
+        storage.check_reachable(path, what)
+        if storage.isfile(path):
+            raise ConfigError(f"{what} cannot be created: {path!r} is a file, not a directory: "
+                              f"pass a directory")
+        return
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -145,14 +152,19 @@ def check_kind(workdir: str, kind: str, *, source: str | None = None) -> None:
     write into: a file, a workdir holding another kind of run (`run_kind`), or `source` itself
     (the run's input, e.g. a distillation's teacher)."""
     check_output_dir(workdir, "--workdir")
-    if source is not None and os.path.exists(source) and os.path.exists(workdir) \
-            and os.path.samefile(source, workdir):
+    if source is not None and _same_place(source, workdir):
         raise ConfigError(f"--workdir {workdir!r} is the {kind} run's own input {source!r}: "
                           f"writing there would replace it; pass a new --workdir")
     found = run_kind(workdir)
     if found not in (None, kind):
         raise ConfigError(f"{workdir!r} holds a {found} run, not a {kind} run: pass a new "
                           f"--workdir (a {kind} run never writes into another kind's)")
+
+
+def _same_place(a: str, b: str) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return storage.absolute(a) == storage.absolute(b)
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 # Keys that choose how, not what, a model computes (every attention implementation, remat
@@ -180,7 +192,7 @@ def config_differences(old: Any, new: Any, sections=("model", "tokenizer")) -> l
 
 # ---------------------------------------------------------------------------- checkpoints
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    return storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
 
 
 def open_checkpointer(workdir: str, **kwargs) -> Checkpointer:
@@ -214,12 +226,12 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None) -> Run:
     from cleangpt_jax.tokenizers import load_tokenizer
 
     config = load_config(workdir)
-    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
-    if not os.path.isdir(tok_dir):
+    tok_dir = storage.join(workdir, TOKENIZER_DIR)
+    if not storage.isdir(tok_dir):
         raise ConfigError(f"{workdir!r} has no {TOKENIZER_DIR}/ directory: the run did not finish "
                           "setting up; rerun training into it")
     ckdir = checkpoint_dir(workdir)
-    if not os.path.isdir(ckdir):
+    if not storage.isdir(ckdir):
         raise ConfigError(f"{workdir!r} has no checkpoint yet: train until a checkpoint is written "
                           "(train.checkpoint_every), or pick another workdir")
     tokenizer = load_tokenizer(tok_dir)
@@ -257,7 +269,7 @@ def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
     model_config(config.model)  # validate before writing anything
     save_config(workdir, config, kind)
     if is_writer():
-        tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+        save_tokenizer(tokenizer, workdir)
     ckpt = open_checkpointer(workdir, async_save=False)
     try:
         if step in ckpt.all_steps():
@@ -269,8 +281,20 @@ def write_model_workdir(workdir: str, config, tokenizer, params, step: int = 0,
     return workdir
 
 
+def save_tokenizer(tokenizer, workdir: str) -> str:
+    """tokenizer.save_pretrained into WORKDIR/tokenizer/ (on a URL: saved locally, then each
+    file uploaded); returns that directory."""
+    directory = storage.join(workdir, TOKENIZER_DIR)
+    if not storage.is_url(directory):
+        tokenizer.save_pretrained(directory)
+        return directory
+    local = storage.scratch_dir("tokenizer-")
+    tokenizer.save_pretrained(local)
+    storage.upload_dir(local, directory)
+    return directory
+
+
 # --------------------------------------------------------------------------------- metrics
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    text = storage.read_text(storage.join(workdir, METRICS_FILE))
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 
 _STRING_DTYPES = ("string", "large_string")
@@ -101,17 +102,18 @@ def expand_globs(patterns) -> list[str]:
                           "--config.data.files='corpus/*.txt'")
     files = []
     for pattern in patterns:
-        matches = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                         if os.path.isfile(f))
+        matches = (storage.glob_files(pattern) if storage.is_url(pattern) else
+                   sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+                          if os.path.isfile(f)))
         if not matches:
             raise ConfigError(f"no files match data.files pattern {pattern!r} (cwd {os.getcwd()}): "
                               "fix the path or glob")
-        files += [os.path.abspath(f) for f in matches]
+        files += [storage.absolute(f) for f in matches]
     return list(dict.fromkeys(files))
 
 
 def _file_stats(paths) -> list:
-    return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    return [[p, *storage.file_version(p)] for p in paths]
 
 
 def _load_text_files(data):
@@ -121,7 +123,7 @@ def _load_text_files(data):
     texts = []
     for path in expand_globs(data.get("files")):
         try:
-            with open(path, encoding="utf-8") as f:
+            with storage.open_file(path, encoding="utf-8") as f:
                 texts.append(f.read())
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "

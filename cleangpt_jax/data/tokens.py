@@ -12,7 +12,9 @@ uint16 when the vocabulary fits, else uint32) with a `meta.json`, and opened as 
 `key` hashes everything that determines the streams (`cache_key`: source settings, files and
 their sizes/mtimes, split settings, the tokenizer's vocabulary and separator), so a second run
 with the same settings reuses it without tokenising. The directory is built under a temporary
-name and renamed into place: an interrupted run never leaves a partial cache.
+name and renamed into place: an interrupted run never leaves a partial cache. A URL cache_dir
+(gs://...): the caches live there and are memmapped from a local copy under
+`default_cache_dir()/mirrors/`; one built here is uploaded with its meta.json last.
 
 `tokenizer` here is a `cleangpt_jax.tokenizers.Tokenizer` (encode, vocab_size, fingerprint,
 document_separator).
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.data.mixtures import Mixture, make_schedule
 from cleangpt_jax.data.sources import (check_data_section, data_label, data_sections,
@@ -71,6 +74,12 @@ def default_cache_dir() -> str:
     root = (os.environ.get("CLEANGPT_JAX_CACHE")
             or os.path.join(os.path.expanduser("~"), ".cache", "cleangpt_jax"))
     return os.path.join(root, "tokens")
+
+
+def _local_mirror(url: str) -> str:
+    """The local directory that holds copies of the token caches under URL `url`."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(default_cache_dir(), "mirrors", digest)
 
 
 def cache_key(data, tokenizer) -> tuple[str, dict]:
@@ -238,10 +247,22 @@ def load_dataset(config, tokenizer, *, cache_dir: str | None = None) -> TokenDat
     hold at least one block (`config.model.block_size`) of tokens. With `data.mixture`, `train` and
     `val` are `Mixture`s of the sources' streams (each source cached on its own).
     """
-    cache_dir = os.path.expanduser(cache_dir or config.data.get("cache_dir") or default_cache_dir())
+    cache_dir = cache_dir or config.data.get("cache_dir") or default_cache_dir()
+    remote = cache_dir if storage.is_url(cache_dir) else None
+    cache_dir = _local_mirror(remote) if remote else os.path.expanduser(cache_dir)
     block_size = int(config.model.block_size)
     sections = data_sections(config)
+    names = [f"{d.source}-{cache_key(d, tokenizer)[0]}" for d in sections] if remote else []
+    for name in names:  # a cache in the bucket is read from a local copy
+        there = storage.join(remote, name)
+        if _read_cache(os.path.join(cache_dir, name)) is None and \
+                storage.isfile(storage.join(there, "meta.json")):
+            storage.download_dir(there, os.path.join(cache_dir, name), last="meta.json")
     parts = [_load_single(data, tokenizer, cache_dir, block_size) for data in sections]
+    for name in names:  # and one built here is put there, meta.json (completeness) last
+        there = storage.join(remote, name)
+        if not storage.isfile(storage.join(there, "meta.json")):
+            storage.upload_dir(os.path.join(cache_dir, name), there, last="meta.json")
     mixture = config.data.get("mixture")
     if not mixture:
         return parts[0]

@@ -10,6 +10,8 @@
     WORKDIR/stages/manifest.json                     the stages completed so far
     WORKDIR/metrics.jsonl, events.out.*              one record per log event, with `stage`
 
+WORKDIR may be a URL (gs://...): every path here goes through cleangpt_jax.storage.
+
 `distill.runner` runs the stages; the functions here take its `Setup` (`s`) where they need
 the run's models, config and tokenizer.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from cleangpt_jax import checkpoint as ckpt_lib
-from cleangpt_jax import hf, sharding
+from cleangpt_jax import hf, sharding, storage
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.distill import plan as plan_lib
@@ -44,31 +45,30 @@ _STAGE_KEYS = ("steps_per_block", "epochs_per_block", "learning_rate", "weight_d
 
 
 def stages_dir(workdir: str) -> str:
-    return os.path.join(workdir, workdir_lib.DISTILL_STAGES_DIR)
+    return storage.join(workdir, workdir_lib.DISTILL_STAGES_DIR)
 
 
 def read_manifest(workdir: str) -> list[dict]:
     """The completed stages, in order: [{'name', 'steps', 'first_loss', 'final_loss'}]."""
-    path = os.path.join(stages_dir(workdir), MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(stages_dir(workdir), MANIFEST)
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)["completed"]
+    return json.loads(storage.read_text(path))["completed"]
 
 
 def _write_json(path: str, obj) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(storage.parent(path))
     workdir_lib.write_json(path, obj)
 
 
 def write_manifest(workdir: str, completed: list[dict]) -> None:
-    _write_json(os.path.join(stages_dir(workdir), MANIFEST), {"completed": completed})
+    _write_json(storage.join(stages_dir(workdir), MANIFEST), {"completed": completed})
 
 
 def stage_checkpointer(workdir, stage_name, *, read_only: bool = False) -> ckpt_lib.Checkpointer:
-    return ckpt_lib.Checkpointer(os.path.join(stages_dir(workdir), stage_name), max_to_keep=2,
+    return ckpt_lib.Checkpointer(storage.join(stages_dir(workdir), stage_name), max_to_keep=2,
                                  async_save=False, read_only=read_only)
 
 
@@ -90,16 +90,15 @@ def check_plan(s, workdir: str, done: list[dict]) -> None:
     """Record the run's settings; on a rerun refuse settings that would change what the
     completed stages computed. Stages not completed yet may change (e.g. a lower learning
     rate after a NaN stop)."""
-    path = os.path.join(stages_dir(workdir), PLAN_FILE)
+    path = storage.join(stages_dir(workdir), PLAN_FILE)
     now = _plan_record(s)
     n = len(done)
     names = [st["name"] for st in now["stages"]]
     if names[:n] != [m["name"] for m in done]:
         raise ConfigError(f"{workdir} lists completed stages {[m['name'] for m in done]} that "
                           f"are not this plan's {names}: use a new --workdir")
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
+    if storage.exists(path):
+        before = json.loads(storage.read_text(path))
         diff = workdir_lib.config_differences(
             before, now, sections=("student", "teacher", "train", "data", "distill"))
         for a, b in zip(before["stages"][:n], now["stages"][:n]):
@@ -119,8 +118,8 @@ def check_plan(s, workdir: str, done: list[dict]) -> None:
 def load_stitching(workdir: str) -> dict | None:
     """The trained stitching layers of a distillation run ({'stitch_<k>': Dense params}), or
     None when the run has none (a training run, or stitching off)."""
-    directory = os.path.join(workdir, STITCHING_DIR)
-    if not os.path.isdir(directory):
+    directory = storage.join(workdir, STITCHING_DIR)
+    if not storage.isdir(directory):
         return None
     c = ckpt_lib.Checkpointer(directory, read_only=True)
     try:
@@ -144,7 +143,7 @@ def layer_map_from_config(config) -> list[int]:
 def student_logged(workdir: str) -> bool:
     """Whether metrics.jsonl already holds the final student's record (a rerun of a finished
     run, which must not append it twice)."""
-    return (os.path.exists(os.path.join(workdir, workdir_lib.METRICS_FILE))
+    return (storage.exists(storage.join(workdir, workdir_lib.METRICS_FILE))
             and any(r.get("stage") == "student" for r in workdir_lib.read_metrics(workdir)))
 
 
@@ -154,11 +153,11 @@ def student_run_config(s, workdir: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(s.config.to_dict(), type_safe=False)
     cfg.model = ml_collections.ConfigDict(s.student.config.to_dict())
     teacher = cfg.distill.teacher
-    cfg.distill.teacher = os.path.abspath(teacher) if os.path.isdir(teacher) else teacher
+    cfg.distill.teacher = storage.absolute(teacher) if storage.isdir(teacher) else teacher
     cfg.distill.layer_map = None if s.layer_map is None else list(s.layer_map)
     cfg.distill.teacher_n_layer = s.teacher.config.n_layer
     cfg.tokenizer.type = s.tokenizer.tokenizer_type
-    cfg.tokenizer.name_or_path = os.path.join(workdir, workdir_lib.TOKENIZER_DIR)
+    cfg.tokenizer.name_or_path = storage.join(workdir, workdir_lib.TOKENIZER_DIR)
     return cfg
 
 
@@ -173,13 +172,13 @@ def write_student(s, tree, workdir: str, step: int) -> None:
         workdir_lib.write_model_workdir(workdir, student_run_config(s, workdir), s.tokenizer,
                                         params, step=step, meta={"distilled": True})
     if "stitch" in tree:
-        c = ckpt_lib.Checkpointer(os.path.join(workdir, STITCHING_DIR), async_save=False)
+        c = ckpt_lib.Checkpointer(storage.join(workdir, STITCHING_DIR), async_save=False)
         shapes = jax.tree.map(lambda x: list(np.shape(x)), tree["stitch"])
         c.save(0, params=tree["stitch"], meta={"shapes": shapes})  # no-op when present
         c.close()
     c = s.student.config
-    out = os.path.join(workdir, HF_DIR)
-    complete = all(os.path.isfile(os.path.join(out, f))
+    out = storage.join(workdir, HF_DIR)
+    complete = all(storage.isfile(storage.join(out, f))
                    for f in (hf.CONFIG_FILE, hf.SAFETENSORS_FILE))
     if c.model_type == "vanilla" and c.position_encoding == "learned" and not complete:
         hf.export_gpt2(c, params, out, tokenizer=s.tokenizer, overwrite=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 from typing import Any
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import loop, plot, sharding, train_step
+from cleangpt_jax import loop, plot, sharding, storage, train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -290,7 +289,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     sharding.initialize_distributed(cfg.train)
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # a private, resolved copy
     s = setup(cfg)
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     done = records.read_manifest(workdir)
     records.check_plan(s, workdir, done)
     names = [st.name for st in s.stages]

@@ -18,11 +18,11 @@ stream, or `eval.prompts`. Outputs go to the output directory (default WORKDIR/e
 
 from __future__ import annotations
 
-import os
 
 import jax
 import ml_collections
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.evaluation import metrics, report
 from cleangpt_jax.loading import LM, load_lm
@@ -156,6 +156,6 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
         "loss": result["loss"], "perplexity": result["perplexity"],
         "layers": layers, "layers_note": layers_note, "generation": generation, "files": None}
     if is_writer():
-        report.write_outputs(summary, output_dir or os.path.join(workdir, "eval"))
+        report.write_outputs(summary, output_dir or storage.join(workdir, "eval"))
     return summary
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 
+from cleangpt_jax import storage
 from cleangpt_jax.plot import save_png
 
 SUMMARY_FILE = "summary.json"
@@ -135,7 +136,12 @@ def render_report(summary: dict) -> str:
 
 
 def write_outputs(summary: dict, output_dir: str) -> dict:
-    """summary.json, report.md and the PNGs into `output_dir`; returns {kind: path}."""
+    """summary.json, report.md and the PNGs into `output_dir`; returns {kind: path}. A URL
+    `output_dir` (gs://...): written locally, then each file in one upload."""
+    if storage.is_url(output_dir):
+        local = write_outputs(summary, storage.scratch_dir("eval-"))
+        storage.upload_dir(os.path.dirname(local["report"]), output_dir)
+        return {k: storage.join(output_dir, os.path.basename(v)) for k, v in local.items()}
     os.makedirs(output_dir, exist_ok=True)
     summary["files"] = {"summary": SUMMARY_FILE, "report": REPORT_FILE,
                         "perplexity_plot": PERPLEXITY_PLOT,

@@ -5,6 +5,8 @@ The built-in types ('character', 'gpt2', 'pruned') are registered by the package
 
 import os
 
+from cleangpt_jax import storage
+
 from .base import MARKER_FILE, Tokenizer, read_marker
 from .gpt2 import GPT2Tokenizer, has_hf_tokenizer_files
 
@@ -57,6 +59,10 @@ def load_tokenizer(directory) -> Tokenizer:
     A directory without a marker but with vocab.json + merges.txt or tokenizer.json loads as gpt2.
     """
     directory = os.fspath(directory)
+    if storage.is_url(directory):  # (tokenizer libraries read local files: a local copy)
+        if not storage.isdir(directory):
+            raise ValueError(f"tokenizer directory {directory!r} does not exist")
+        directory = storage.local_copy(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"tokenizer directory {directory!r} does not exist")
     marker = read_marker(directory)
