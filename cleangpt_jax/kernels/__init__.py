@@ -15,11 +15,11 @@ What is chosen here, and only here (nothing else in the package reads jax.defaul
 
     causal_attention         model.attention ('auto' or a name in ATTENTION_KERNELS), the
                              backend and what the call needs pick the implementation
-                             (segment ids, the document mask of packed sequences, are served
-                             by every path but cuDNN's)
                              (`choose_attention`); `attention_path` says which one a model's
-                             training forward takes. The backend is `target_backend()`: the
-                             platform of the mesh set by jax.set_mesh, else the default one.
+                             training forward takes. Segment ids (the document mask of packed
+                             sequences) are served by every implementation but cuDNN. The
+                             backend is `target_backend()`: the platform of the mesh set by
+                             jax.set_mesh, else the default one.
                              A program over several devices runs a Pallas kernel (Splash) only
                              when traced under jax.set_mesh(mesh), which it is shard_mapped over;
                              without one it takes the generic path.
@@ -67,7 +67,8 @@ class AttentionKernel:
     """An implementation of causal attention.
 
     fn(q, k, v, *, bias, mask, segment_ids, dropout_rate, dropout_rng) -> y: q (B, T, H, D),
-    k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). supports(call): whether it can serve the call.
+    k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). supports(call): whether it can serve
+    the call.
     auto_on: the backends on which 'auto' prefers it to the generic paths.
     """
 
