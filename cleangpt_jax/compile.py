@@ -165,14 +165,15 @@ def hbm_capacity(device) -> int:
     return HBM_CAPACITY_BYTES[kind]
 
 
-def attention_under(mesh, model_cfg) -> str:
+def attention_under(mesh, model_cfg, segments: bool = False) -> str:
     """The attention implementation the model's training forward takes in a program traced
     under `mesh` (kernels.attention_path: on a TPU topology's mesh, 'auto' is Splash where the
-    kernel can serve the model, the generic XLA path where it cannot, e.g. ALiBi)."""
+    kernel can serve the model, the generic XLA path where it cannot, e.g. ALiBi); segments:
+    the batches carry segment ids (data.document_mask)."""
     from cleangpt_jax import kernels
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return kernels.attention_path(model_cfg)
+        return kernels.attention_path(model_cfg, segments=segments)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -246,10 +247,12 @@ def vocab_size(cfg) -> int:
                      f"corpus at run time: give it, e.g. --config.model.vocab_size=65")
 
 
-def abstract_batch(batch_size: int, block_size: int, batch_sharding) -> dict:
-    """The global batch a run feeds: input_ids and attention_mask (B, T) int32."""
+def abstract_batch(batch_size: int, block_size: int, batch_sharding,
+                   segments: bool = False) -> dict:
+    """The global batch a run feeds: input_ids and attention_mask (B, T) int32, and
+    segment_ids (B, T) int32 when `segments` (data.document_mask)."""
     row = jax.ShapeDtypeStruct((batch_size, block_size), jnp.int32, sharding=batch_sharding)
-    return {"input_ids": row, "attention_mask": row}
+    return {"input_ids": row, "attention_mask": row, **({"segment_ids": row} if segments else {})}
 
 
 def train_programs(cfg, devices, topology: str) -> list[Report]:
@@ -271,14 +274,16 @@ def train_programs(cfg, devices, topology: str) -> list[Report]:
                                       state_shardings=shardings,
                                       grad_accum_steps=int(t.grad_accum_steps),
                                       seed=int(t.seed))
-    batch = abstract_batch(t.batch_size, model_cfg.block_size, sharding.batch_sharding(mesh))
+    segments = bool(cfg.data.get("document_mask"))
+    batch = abstract_batch(t.batch_size, model_cfg.block_size, sharding.batch_sharding(mesh),
+                           segments)
     tokens_per_device = t.batch_size * model_cfg.block_size / len(devices)
     estimate = train_flops_per_token(param_count(state.params), model_cfg) * tokens_per_device
     return [measure(lambda: step.trace(state, batch).lower(), topology=topology,
                     num_devices=len(devices), what="train", program="train",
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=attention_under(mesh, model_cfg), flops_estimate=estimate,
-                    scanned=model_cfg.scan_layers)]
+                    attention=attention_under(mesh, model_cfg, segments),
+                    flops_estimate=estimate, scanned=model_cfg.scan_layers)]
 
 
 def teacher_config(cfg):
@@ -328,7 +333,8 @@ def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callabl
     tree = sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(setup, 0)), mesh)
     teacher_params = sharding.abstract_state(
         jax.eval_shape(runner.train_step.model_init_fn(teacher, 0)), mesh)
-    batch = abstract_batch(cfg.train.batch_size, s_cfg.block_size, sharding.batch_sharding(mesh))
+    batch = abstract_batch(cfg.train.batch_size, s_cfg.block_size, sharding.batch_sharding(mesh),
+                           bool(cfg.data.get("document_mask")))
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=sharding.replicated(mesh))
     blocks = [st for st in stages if st.kind == "block"]
@@ -348,8 +354,8 @@ def distill_programs(cfg, devices, topology: str) -> list[Report]:
     return [measure(lambda: step.trace(*args).lower(), topology=topology,
                     num_devices=len(devices), what="distill", program=stage.name,
                     program_devices=len(devices), capacity=hbm_capacity(devices[0]),
-                    attention=attention_under(mesh, s_cfg), flops_estimate=None,
-                    scanned=s_cfg.scan_layers)
+                    attention=attention_under(mesh, s_cfg, bool(cfg.data.document_mask)),
+                    flops_estimate=None, scanned=s_cfg.scan_layers)
             for stage, step, args in steps]
 
 

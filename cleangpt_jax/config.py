@@ -230,6 +230,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.num_proc = ml_collections.FieldReference(None, field_type=int)
     # Token cache; None: $CLEANGPT_JAX_CACHE/tokens, else ~/.cache/cleangpt_jax/tokens.
     cfg.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    # Packed rows attend within their documents only (segment ids, a block-diagonal causal mask;
+    # learned positions restart per document). Needs a one-token document separator.
+    cfg.data.document_mask = False
     # None, or several sources mixed with a weight schedule over steps, e.g.
     #   dict(sources=[dict(source='shakespeare'), dict(source='text', files='notes/*.txt')],
     #        schedule=dict(type='linear', start_weights=[1, 0], end_weights=[0.5, 0.5],

@@ -56,8 +56,9 @@ def get_strategy(name: str, model, config) -> LossTerms:
 
 @register_strategy("lm")
 def lm_strategy(model, config=None) -> LossTerms:
-    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask'),
-    with config.train's remat and loss_chunk_tokens (the defaults when config is None)."""
+    """Next-token cross-entropy on batch['input_ids'] (padding masked by 'attention_mask';
+    attention kept within documents by 'segment_ids' when the batch has them), with
+    config.train's remat and loss_chunk_tokens (the defaults when config is None)."""
     train_cfg = (config if config is not None else get_config()).train
     model = model.clone(remat=remat_setting(train_cfg.remat))
     chunk_tokens = loss_chunk_setting(train_cfg.loss_chunk_tokens)
@@ -66,7 +67,8 @@ def lm_strategy(model, config=None) -> LossTerms:
     def loss_terms(params, batch, *, rng, step, train):
         del step
         out = model.apply({"params": params}, batch["input_ids"], deterministic=not train,
-                          rngs={"dropout": rng} if train else None, head=False)
+                          rngs={"dropout": rng} if train else None, head=False,
+                          segment_ids=batch.get("segment_ids"))
         total, count = lm_loss_terms(head, head_params(params), out.last_hidden_state,
                                      batch["input_ids"], batch.get("attention_mask"),
                                      chunk_tokens=chunk_tokens)

@@ -420,16 +420,17 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
             workdir_lib.save_tokenizer(tokenizer, workdir)
 
     pi, pc = jax.process_index(), jax.process_count()
+    separator = data_lib.document_separator_id(config.data, tokenizer)
 
     def batch_for_step(step):
-        return data_lib.batch_for_step(data.train, seed=t.seed, step=step,
-                                       global_batch_size=batch_size, block_size=block,
-                                       process_index=pi, process_count=pc)
+        return data_lib.with_segment_ids(data_lib.batch_for_step(
+            data.train, seed=t.seed, step=step, global_batch_size=batch_size, block_size=block,
+            process_index=pi, process_count=pc), separator)
 
     def eval_batches():
-        return data_lib.eval_batches(data.val, global_batch_size=micro_batch,
-                                     block_size=block, num_batches=t.eval_steps,
-                                     process_index=pi, process_count=pc)
+        return [data_lib.with_segment_ids(b, separator) for b in data_lib.eval_batches(
+            data.val, global_batch_size=micro_batch, block_size=block,
+            num_batches=t.eval_steps, process_index=pi, process_count=pc)]
 
     return TrainRun(
         config=config, workdir=workdir, model=model, tokenizer=tokenizer, mesh=mesh,

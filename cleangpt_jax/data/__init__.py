@@ -18,13 +18,16 @@ The files, in the order the data flows through them:
     mixtures.py  several sources mixed with weights that follow a schedule over steps
                  (`Mixture`, `make_schedule`, `register_schedule`).
     batches.py   batches as a pure function of (seed, step): the index shuffle
-                 (`shuffle_index`), `batch_for_step`, `eval_batches`, `steps_per_epoch`.
+                 (`shuffle_index`), `batch_for_step`, `eval_batches`, `steps_per_epoch`,
+                 document masks' `segment_ids` (`with_segment_ids`, `document_separator_id`).
 
 Dependencies point one way: batches -> mixtures; tokens -> sources, mixtures; nothing here
 imports the tokenizers (a tokenizer is passed in).
 """
 
-from cleangpt_jax.data.batches import batch_for_step, eval_batches, shuffle_index, steps_per_epoch
+from cleangpt_jax.data.batches import (batch_for_step, document_separator_id, eval_batches,
+                                       segment_ids, shuffle_index, steps_per_epoch,
+                                       with_segment_ids)
 from cleangpt_jax.data.mixtures import (SCHEDULES, Mixture, Schedule, make_schedule,
                                         register_schedule)
 from cleangpt_jax.data.sources import (SOURCES, Documents, Source, check_data_section, data_label,
@@ -44,4 +47,5 @@ __all__ = [
     "Schedule", "SCHEDULES", "register_schedule", "make_schedule", "Mixture",
     # batches
     "shuffle_index", "batch_for_step", "eval_batches", "steps_per_epoch",
+    "document_separator_id", "segment_ids", "with_segment_ids",
 ]

@@ -9,6 +9,9 @@ permutation of the windows chosen by (seed, epoch). A batch is therefore a pure 
 (seed, step): a resumed run sees exactly the batches of an uninterrupted one, each epoch visits
 every window once, and each process builds only its own rows. For a `Mixture`, each row's source
 is drawn from the schedule's weights at that step, deterministically from (seed, step, row).
+
+Document masks (data.document_mask): `with_segment_ids` adds each row's segment ids, computed
+from its tokens alone (`segment_ids`), so batches stay a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -201,3 +204,39 @@ def eval_batches(tokens, *, global_batch_size: int, block_size: int,
             mask[at] = real[:, None]
         batches.append({"input_ids": input_ids, "attention_mask": mask})
     return batches
+
+
+def document_separator_id(data, tokenizer) -> int | None:
+    """The token that separates packed documents when data section `data` asks for document
+    masks (data.document_mask), else None. The separator must be one token (it is for the
+    tokenizers here: EOS, or the character tokenizer's newline, which makes every line of a
+    character-level corpus its own document)."""
+    if not data.get("document_mask"):  # absent from the config.json of older runs
+        return None
+    separator = tokenizer.document_separator()
+    if len(separator) != 1:
+        raise ConfigError(f"data.document_mask needs a one-token document separator, the "
+                          f"tokenizer's is {separator}: set data.document_mask=False")
+    return int(separator[0])
+
+
+def segment_ids(input_ids, separator: int) -> np.ndarray:
+    """(B, T) int32: the index of each position's document within its row, 0 for the document
+    the row begins in. A separator begins the document that follows it (as a BOS token does):
+
+        segment_ids[b, t] = #{t' in (0, t] : input_ids[b, t'] == separator}
+
+    so the token before a separator predicts it from its own document (learning where a
+    document ends), and the separator predicts the next document's first token from itself
+    alone. Every target is then predicted from its own document's tokens only.
+    """
+    is_separator = np.asarray(input_ids) == separator
+    return (np.cumsum(is_separator, axis=1) - is_separator[:, :1]).astype(np.int32)
+
+
+def with_segment_ids(batch: dict, separator: int | None) -> dict:
+    """`batch` with 'segment_ids' (`segment_ids` of its input_ids) added; unchanged when
+    `separator` is None (no document masks)."""
+    if separator is None:
+        return batch
+    return {**batch, "segment_ids": segment_ids(batch["input_ids"], separator)}

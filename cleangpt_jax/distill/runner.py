@@ -185,6 +185,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     trainable = stage_step.place(trainable, s.mesh, copy=True)
     opt_state = stage_step.place(compiled.init(trainable), s.mesh)  # the layout the step returns
     seed = int(cfg.train.seed)
+    separator = data_lib.document_separator_id(cfg.data, s.tokenizer)
     ckpt = records.stage_checkpointer(workdir, stage.name)
     try:
         start, first_loss, last_loss = 0, None, None
@@ -225,10 +226,10 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
 
         for step in range(start, stage.steps):
             g = step_offset + step
-            batch = data_lib.batch_for_step(
+            batch = data_lib.with_segment_ids(data_lib.batch_for_step(
                 s.data.train, seed=seed, step=g, global_batch_size=cfg.train.batch_size,
                 block_size=s.student.config.block_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                process_count=jax.process_count()), separator)
             trainable, opt_state, metrics = compiled.step(
                 trainable, opt_state, frozen, s.teacher_params,
                 sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
@@ -267,9 +268,10 @@ def completed_tree(s: Setup, workdir, name):
         c.close()
 
 
-def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
+def val_loss(model, params, tokens, cfg, mesh, separator=None) -> dict | None:
     """Token-weighted LM validation loss of `model` on the first distill.eval_steps batches
-    of `tokens` ({'val_loss', 'val_ppl', 'val_tokens'}); None without data or eval_steps."""
+    of `tokens` ({'val_loss', 'val_ppl', 'val_tokens'}); None without data or eval_steps.
+    separator: the document separator when data.document_mask is on (segment ids)."""
     n = cfg.distill.eval_steps
     if tokens is None or not n:
         return None
@@ -278,6 +280,7 @@ def val_loss(model, params, tokens, cfg, mesh) -> dict | None:
     batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
+    batches = [data_lib.with_segment_ids(b, separator) for b in batches]
     return train_step.evaluate(step, stage_step.place(params, mesh), batches, mesh)
 
 
@@ -332,10 +335,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                 logging.info("stage %s done: %s", stage.name, info)
         records.write_student(s, tree, workdir, step=offset)
         student = sharding.to_host(tree["student"])
+        separator = data_lib.document_separator_id(cfg.data, s.tokenizer)
         summary = {"stages": done, "layer_map": s.layer_map, "workdir": workdir,
                    "teacher_val": val_loss(s.teacher, s.teacher_params, s.data.val, cfg,
-                                           s.mesh),
-                   "student_val": val_loss(s.student, student, s.data.val, cfg, s.mesh)}
+                                           s.mesh, separator),
+                   "student_val": val_loss(s.student, student, s.data.val, cfg, s.mesh,
+                                           separator)}
         if summary["student_val"] is not None and not records.student_logged(workdir):
             writer.write(offset, {"stage": "student", **summary["student_val"],
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})

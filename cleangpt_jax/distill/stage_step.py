@@ -137,11 +137,12 @@ def stage_loss_fn(spec: StepSpec):
         ids = batch["input_ids"]
         t_blocks = stage.teacher_layer if (hidden and spec.truncate) else None
         s_blocks = stage.block if (hidden and spec.truncate) else None
+        segments = batch.get("segment_ids")  # data.document_mask: both attend per document
         t_out = teacher.apply({"params": teacher_params}, ids, num_blocks=t_blocks,
-                              output_hidden_states=hidden, head=hidden)
+                              output_hidden_states=hidden, head=hidden, segment_ids=segments)
         s_out = student.apply({"params": tree["student"]}, ids, num_blocks=s_blocks,
                               output_hidden_states=hidden, deterministic=False,
-                              rngs={"dropout": rng}, head=hidden)
+                              rngs={"dropout": rng}, head=hidden, segment_ids=segments)
         aux = {}
         if hidden and not spec.truncate:  # keep the heads alive: XLA would prune them
             aux = {"teacher_logits_mean": jnp.mean(jax.lax.stop_gradient(t_out.logits)),

@@ -118,6 +118,8 @@ def evaluate_workdir(workdir: str, *, teacher: str | None = None, data: dict | N
         tokens, global_batch_size=int(e.batch_size), block_size=block,
         num_batches=e.num_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
+    separator = data_lib.document_separator_id(config.data, student.tokenizer)
+    batches = [data_lib.with_segment_ids(b, separator) for b in batches]
     first_stream = getattr(tokens, "streams", (tokens,))[0]  # a Mixture's first source
 
     layers, layers_note = None, None

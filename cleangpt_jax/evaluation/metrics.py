@@ -64,7 +64,8 @@ def check_teacher(student: LM, teacher: LM, probe_text: str = "") -> None:
 def _forward(model, params, batch, hidden: bool):
     """(loss terms (sum, count), hidden states or None): the one scoring call for every model."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = model.apply({"params": params}, ids, deterministic=True, output_hidden_states=hidden)
+    out = model.apply({"params": params}, ids, deterministic=True, output_hidden_states=hidden,
+                      segment_ids=batch.get("segment_ids"))
     return causal_lm_loss_terms(out.logits, ids, mask), out.hidden_states
 
 

@@ -16,8 +16,10 @@ What is chosen here, and only here (nothing else in the package reads jax.defaul
     causal_attention         model.attention ('auto' or a name in ATTENTION_KERNELS), the
                              backend and what the call needs pick the implementation
                              (`choose_attention`); `attention_path` says which one a model's
-                             training forward takes. The backend is `target_backend()`: the
-                             platform of the mesh set by jax.set_mesh, else the default one.
+                             training forward takes. Segment ids (the document mask of packed
+                             sequences) are served by every implementation but cuDNN. The
+                             backend is `target_backend()`: the platform of the mesh set by
+                             jax.set_mesh, else the default one.
                              A program over several devices runs a Pallas kernel (Splash) only
                              when traced under jax.set_mesh(mesh), which it is shard_mapped over;
                              without one it takes the generic path.
@@ -57,14 +59,16 @@ class AttentionCall:
     head_dim: int | None = None  # D
     dtype: str = "float32"       # q's dtype, by name
     shardable: bool = True
+    segments: bool = False       # segment ids: the causal mask made block-diagonal
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKernel:
     """An implementation of causal attention.
 
-    fn(q, k, v, *, bias, mask, dropout_rate, dropout_rng) -> y: q (B, T, H, D), k (B, S, H, D),
-    v (B, S, H, Dv) -> (B, T, H, Dv). supports(call): whether it can serve the call.
+    fn(q, k, v, *, bias, mask, segment_ids, dropout_rate, dropout_rng) -> y: q (B, T, H, D),
+    k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). supports(call): whether it can serve
+    the call.
     auto_on: the backends on which 'auto' prefers it to the generic paths.
     """
 
@@ -110,23 +114,27 @@ def choose_attention(setting: str, backend: str, call: AttentionCall) -> str:
 
 
 def causal_attention(q, k, v, *, implementation: str = "auto", bias=None, mask=None,
-                     dropout_rate: float = 0.0, dropout_rng=None):
+                     segment_ids=None, dropout_rate: float = 0.0, dropout_rng=None):
     """softmax(q k^T / sqrt(D) + bias, causal or `mask`) v per head, softmax in float32, by
     the implementation `choose_attention` picks for `target_backend()`.
 
     q (B, T, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, T, H, Dv). bias broadcastable to
     (B, H, T, S) or None. mask: None for the plain causal mask (T == S), or a boolean
-    broadcastable to (B, H, T, S). dropout_rate > 0 drops attention probabilities with the
+    broadcastable to (B, H, T, S). segment_ids (B, T) int (T == S, mask None): query t sees
+    key s iff s <= t and segment_ids[b, s] == segment_ids[b, t] (the block-diagonal causal
+    mask of packed documents). dropout_rate > 0 drops attention probabilities with the
     key `dropout_rng`.
     """
+    if segment_ids is not None and (mask is not None or q.shape[1] != k.shape[1]):
+        raise ValueError("segment_ids need self-attention (T == S) without an explicit mask")
     call = AttentionCall(square=q.shape[1] == k.shape[1], mask=mask is not None,
                          bias=bias is not None, dropout=dropout_rate > 0.0,
                          same_head_dim=q.shape[-1] == v.shape[-1], length=q.shape[1],
                          head_dim=q.shape[-1], dtype=jnp.dtype(q.dtype).name,
-                         shardable=_shardable())
+                         shardable=_shardable(), segments=segment_ids is not None)
     name = choose_attention(implementation, target_backend(), call)
-    return ATTENTION_KERNELS[name].fn(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
-                                      dropout_rng=dropout_rng)
+    return ATTENTION_KERNELS[name].fn(q, k, v, bias=bias, mask=mask, segment_ids=segment_ids,
+                                      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def target_backend() -> str:
@@ -143,11 +151,13 @@ def _shardable() -> bool:
     return not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
 
 
-def attention_path(config, length: int | None = None, backend: str | None = None) -> str:
+def attention_path(config, length: int | None = None, backend: str | None = None,
+                   segments: bool = False) -> str:
     """The implementation that the attention of a model's training forward takes.
 
     config: a ModelConfig (its attention setting, position encoding, dropout, head dim and
-    compute dtype); length: T (default config.block_size); backend: default `target_backend()`.
+    compute dtype); length: T (default config.block_size); backend: default `target_backend()`;
+    segments: the batches carry segment ids (data.document_mask: cuDNN cannot take them).
     Every architecture's training forward attends with T == S, D == Dv, the ALiBi bias when
     position_encoding == 'alibi' and dropout when config.dropout > 0. Call it under the
     jax.set_mesh of the program it describes (the mesh decides the backend and whether a
@@ -156,7 +166,8 @@ def attention_path(config, length: int | None = None, backend: str | None = None
     call = AttentionCall(square=True, mask=False, bias=config.position_encoding == "alibi",
                          dropout=config.dropout > 0, same_head_dim=True,
                          length=config.block_size if length is None else length,
-                         head_dim=config.head_dim, dtype=config.dtype, shardable=_shardable())
+                         head_dim=config.head_dim, dtype=config.dtype, shardable=_shardable(),
+                         segments=segments)
     return choose_attention(config.attention, backend or target_backend(), call)
 
 

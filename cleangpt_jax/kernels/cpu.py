@@ -163,8 +163,9 @@ def _cross_entropy_bwd(residuals, g):
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
-def blockwise_causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0,
-                               dropout_rng=None, block_size: int | None = None):
+def blockwise_causal_attention(q, k, v, *, bias=None, mask=None, segment_ids=None,
+                               dropout_rate: float = 0.0, dropout_rng=None,
+                               block_size: int | None = None):
     """Causal attention (T == S, the plain causal mask) one block of queries at a time.
 
     q, k (B, T, H, D), v (B, T, H, Dv), bias (B or 1, H, T, T) or None -> (B, T, H, Dv);
@@ -173,6 +174,9 @@ def blockwise_causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: f
 
         s = q_blk k_{<j}^T / sqrt(D) + bias,   p = exp(s - max s)   (0 above the diagonal)
         y_blk = (dropout(p) v_{<j}) / sum p
+
+    segment_ids (B, T) int or None: p is also 0 where query and key lie in different segments
+    (documents), the block-diagonal causal mask; every query sees at least itself.
 
     which skips a pass over every (T, S) score block. Same numbers as the plain softmax up to
     rounding; dropout with `dropout_rng` drops the same entries as `xla.softmax_attention`
@@ -194,7 +198,11 @@ def blockwise_causal_attention(q, k, v, *, bias=None, mask=None, dropout_rate: f
                        preferred_element_type=jnp.float32) * scale
         if bias is not None:
             s = s + bias[:, :, start:end, :end]
-        s = jnp.where(jnp.arange(end) <= jnp.arange(start, end)[:, None], s, -jnp.inf)
+        allowed = jnp.arange(end) <= jnp.arange(start, end)[:, None]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, start:end, None]
+                                 == segment_ids[:, None, None, :end])
+        s = jnp.where(allowed, s, -jnp.inf)
         p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
         p_v = p
         if dropout_rate > 0.0:

@@ -9,10 +9,14 @@ a running max and sum per query row (flash attention), and skips the tiles above
 diagonal; the backward is its own pair of kernels (dq, then dk and dv). Neither pass holds a
 (T, S) score array. The kernel does not scale q: we pass q / sqrt(D).
 
-Layout: the kernel takes one sequence's heads, q (H, T, D), k (H, T, D), v (H, T, D); it is
-vmapped over the batch. Under a mesh (jax.set_mesh) it runs in a shard_map that splits the batch
-over the mesh's axes, because XLA's partitioner cannot split a Pallas call itself; a program
-over several devices without a mesh set takes the generic path.
+Document masks: the kernel takes one sequence's segment ids (splash.SegmentIds, q and kv both
+(T,) int32) and ands "same segment" into the causal mask, the block-diagonal causal mask of
+packed documents; the tables of skipped tiles stay those of the causal mask.
+
+Layout: the kernel takes one sequence's heads, q (H, T, D), k (H, T, D), v (H, T, D) (and its
+segment ids (T,)); it is vmapped over the batch. Under a mesh (jax.set_mesh) it runs in a
+shard_map that splits the batch over the mesh's axes, because XLA's partitioner cannot split a
+Pallas call itself; a program over several devices without a mesh set takes the generic path.
 
 What it cannot serve goes to the generic path (`splash_supports`): an explicit mask, an
 additive bias (ALiBi), attention dropout, T != S (a decode step over a cache), Dv != D, T not
@@ -39,10 +43,10 @@ def splash_block(length: int) -> int | None:
 
 
 def splash_supports(call) -> bool:
-    """Whether Splash can serve `call` (a kernels.AttentionCall): the plain causal mask over
-    T == S, no bias, no dropout, Dv == D, T a multiple of a tile edge, a head dim that is a
-    multiple of 8 up to SPLASH_MAX_HEAD_DIM, and a program it can run in (call.shardable:
-    one device, or a mesh set to shard_map over)."""
+    """Whether Splash can serve `call` (a kernels.AttentionCall): the causal mask over T == S
+    (block-diagonal with segment ids), no bias, no dropout, Dv == D, T a multiple of a tile
+    edge, a head dim that is a multiple of 8 up to SPLASH_MAX_HEAD_DIM, and a program it can
+    run in (call.shardable: one device, or a mesh set to shard_map over)."""
     return (call.square and not call.mask and not call.bias and not call.dropout
             and call.same_head_dim and call.shardable and call.length is not None
             and splash_block(call.length) is not None and call.head_dim is not None
@@ -71,33 +75,43 @@ def _batch_spec(batch_size: int, mesh) -> P:
     return P(tuple(mesh.axis_names))
 
 
-def _splash(q, k, v, *, interpret: bool):
-    """q, k, v (B, T, H, D) -> (B, T, H, D): Splash per sequence, q scaled by 1 / sqrt(D)."""
+def _splash(q, k, v, segment_ids, *, interpret: bool):
+    """q, k, v (B, T, H, D), segment_ids (B, T) or None -> (B, T, H, D): Splash per sequence,
+    q scaled by 1 / sqrt(D)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
     batch_size, length, n_head, head_dim = q.shape
     kernel = _splash_kernel(n_head, length, interpret)
     scale = 1.0 / math.sqrt(head_dim)
 
-    def per_shard(q, k, v):
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * scale, k, v))  # (B, H, T, D)
-        return jax.vmap(kernel)(q, k, v).transpose(0, 2, 1, 3)
+    def one_sequence(q, k, v, segments=None):
+        if segments is None:
+            return kernel(q, k, v)
+        return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
 
+    def per_shard(q, k, v, *segments):
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * scale, k, v))  # (B, H, T, D)
+        return jax.vmap(one_sequence)(q, k, v, *segments).transpose(0, 2, 1, 3)
+
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype("int32"))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return per_shard(q, k, v)
+        return per_shard(*args)
     spec = _batch_spec(batch_size, mesh)
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                         check_vma=False)(*args)
 
 
-def splash_attention(q, k, v, *, bias=None, mask=None, dropout_rate: float = 0.0,
-                     dropout_rng=None, interpret: bool = False):
+def splash_attention(q, k, v, *, bias=None, mask=None, segment_ids=None,
+                     dropout_rate: float = 0.0, dropout_rng=None, interpret: bool = False):
     """Causal softmax(q k^T / sqrt(D)) v per head by the Splash kernel; the arguments and
-    shapes of kernels.AttentionKernel. bias, mask and dropout must be off (`splash_supports`).
+    shapes of kernels.AttentionKernel. bias, mask and dropout must be off (`splash_supports`);
+    segment_ids (B, T) int or None: attend only within a segment (a packed document).
     `interpret`: run the kernel in the Pallas interpreter (any backend, slow)."""
     del dropout_rng
     if bias is not None or mask is not None or dropout_rate:
         raise ValueError("splash_attention is plain causal attention: no bias, mask or dropout")
-    return _splash(q, k, v, interpret=interpret)
+    return _splash(q, k, v, segment_ids, interpret=interpret)
 
 
 def splash_attention_interpreted(q, k, v, **kwargs):

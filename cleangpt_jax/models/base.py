@@ -86,7 +86,8 @@ class Cache:
 class Block(nn.Module):
     """One transformer block, the unit `CausalLM` stacks. Every block is called as
 
-        state, cache = block(state, attn_bias=..., deterministic=..., cache=None, step=None)
+        state, cache = block(state, attn_bias=..., deterministic=..., cache=None, step=None,
+                             segment_ids=None)
 
     and returns its updated cache, or None when called without one. `init_cache(config, B, S)`
     makes one block's empty cache: keys and values (`layers.init_kv_cache`) unless a block
@@ -108,11 +109,11 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
 HEAD_PARAMS = ("wte", "ln_f", "lm_head")
 
 
-def _call_block(block, state, attn_bias, deterministic, cache, step):
+def _call_block(block, state, attn_bias, deterministic, cache, step, segment_ids=None):
     """block(state, ...) with positional arguments, so nn.remat can hold `deterministic`
     static (jax.checkpoint traces keyword arguments)."""
     return block(state, attn_bias=attn_bias, deterministic=deterministic, cache=cache,
-                 step=step)
+                 step=step, segment_ids=segment_ids)
 
 
 class CausalLM(nn.Module):
@@ -161,13 +162,18 @@ class CausalLM(nn.Module):
     def __call__(self, input_ids, *, deterministic: bool = True,
                  output_hidden_states: bool = False, num_blocks: int | None = None,
                  positions=None, cache: Cache | None = None,
-                 last_logits_only: bool = False, head: bool = True) -> ModelOutput:
+                 last_logits_only: bool = False, head: bool = True,
+                 segment_ids=None) -> ModelOutput:
         """input_ids (B, T) integers. `num_blocks=k` runs only the embeddings and the first k
         blocks (no LN_f/head unless k = L). `positions` (T,) or (B, T) default to arange(T)
         (with a cache: slot - cache.start). `cache` (from `init_cache`) makes this a decoding
         call: the T tokens attend to the cached ones and the output carries the updated cache.
         `last_logits_only` computes the head for the last position only: logits (B, 1, V).
-        `head=False` skips LN_f and the head (logits None; see last_hidden_state)."""
+        `head=False` skips LN_f and the head (logits None; see last_hidden_state).
+        `segment_ids` (B, T) int (data.document_mask; no cache): packed documents, a token
+        attends only to earlier tokens of its own segment, and learned positions (when
+        `positions` is not given) restart at 0 in each segment, so each document computes what
+        it computes alone (ALiBi already does: it reads position differences only)."""
         c = self.config
         check_input_ids(input_ids, c)
         k = c.n_layer if num_blocks is None else num_blocks
@@ -175,6 +181,10 @@ class CausalLM(nn.Module):
             raise ConfigError(f"num_blocks={num_blocks} is outside [0, n_layer={c.n_layer}]")
         if cache is not None and k != c.n_layer:
             raise ConfigError("num_blocks cannot be combined with cache: a cache holds every block")
+        if segment_ids is not None and (cache is not None
+                                        or segment_ids.shape != input_ids.shape):
+            raise ConfigError(f"segment_ids must have input_ids' shape {input_ids.shape} and "
+                              f"no cache: a decoding row holds one document")
         t = input_ids.shape[1]
         step = None
         if cache is not None:
@@ -182,6 +192,8 @@ class CausalLM(nn.Module):
             positions = step.positions
         elif positions is None:
             positions = jnp.arange(t)
+            if segment_ids is not None and c.position_encoding == "learned":
+                positions = layers.segment_positions(segment_ids)
 
         x = self.wte(input_ids)
         if c.position_encoding == "learned":
@@ -194,7 +206,7 @@ class CausalLM(nn.Module):
         hidden_states = [self.hidden(state)] if output_hidden_states else None
         new_layers = []
         if c.scan_layers and cache is None and k > 1 and not self.is_initializing():
-            state, states = self._scan_blocks(state, attn_bias, deterministic, k)
+            state, states = self._scan_blocks(state, attn_bias, deterministic, k, segment_ids)
             if output_hidden_states:
                 hidden_states += [self.hidden(jax.tree.map(lambda a: a[i], states))
                                   for i in range(k)]
@@ -202,7 +214,7 @@ class CausalLM(nn.Module):
             for i, block in enumerate(self.h[:k]):
                 state, layer_cache = self.call_block(
                     block, state, attn_bias, deterministic,
-                    None if cache is None else cache.layers[i], step)
+                    None if cache is None else cache.layers[i], step, segment_ids)
                 new_layers.append(layer_cache)
                 if output_hidden_states:
                     hidden_states.append(self.hidden(state))
@@ -218,7 +230,7 @@ class CausalLM(nn.Module):
                            hidden_states=tuple(hidden_states) if output_hidden_states else None,
                            cache=cache, last_hidden_state=last_hidden)
 
-    def _scan_blocks(self, state, attn_bias, deterministic: bool, k: int):
+    def _scan_blocks(self, state, attn_bias, deterministic: bool, k: int, segment_ids):
         """Blocks 1..k as one `lax.scan` (model.scan_layers): XLA compiles one block instead of
         k, and under FSDP gathers one block's weights at a time. The parameters stay one
         subtree per block (h_0, h_1, ...); they are stacked here, (k, ...) per leaf, and their
@@ -234,7 +246,8 @@ class CausalLM(nn.Module):
             params, i = xs
             rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, i)}
             carry, _ = block.apply({"params": params}, carry, attn_bias=attn_bias,
-                                   deterministic=deterministic, rngs=rngs)
+                                   deterministic=deterministic, segment_ids=segment_ids,
+                                   rngs=rngs)
             return carry, carry
 
         remat = remat_setting(self.remat)

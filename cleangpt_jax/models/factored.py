@@ -34,7 +34,8 @@ class FactoredAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h, xt, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, h, xt, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """Attention with V = head-split xt (mixed with use_v, output mixed with use_proj);
         returns (y, cache) (see layers.attention)."""
         c = self.config
@@ -45,7 +46,7 @@ class FactoredAttention(nn.Module):
             v = mix_heads(self.param("v_mix", layers.normal_init(), (c.n_head, c.n_head),
                                      c.params_dtype), v)
         y, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, segment_ids=segment_ids)
         if c.use_proj:
             y = mix_heads(self.param("proj_mix", layers.residual_init(c), (c.n_head, c.n_head),
                                      c.params_dtype), y)
@@ -55,14 +56,15 @@ class FactoredAttention(nn.Module):
 
 class FactoredBlock(Block):
     @nn.compact
-    def __call__(self, state, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, state, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """Returns ((xt, xe), cache): the updated cache, or None without one."""
         c = self.config
         xt, xe = state
         h = layers.LayerNorm(c, name="ln_1")(xt + xe)
         y, cache = FactoredAttention(c, name="attn")(h, xt, attn_bias=attn_bias,
                                                      deterministic=deterministic, cache=cache,
-                                                     step=step)
+                                                     step=step, segment_ids=segment_ids)
         xt = xt + y
         xe = xe + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(xt + xe),
                                      deterministic=deterministic)

@@ -163,14 +163,15 @@ def alibi_bias(n_head: int, q_positions, k_positions):
 
 
 def attention(module: nn.Module, q, k, v, *, bias=None, deterministic: bool = True, cache=None,
-              step=None):
+              step=None, segment_ids=None):
     """Causal self-attention softmax(q k^T / sqrt(D) + bias) v per head; returns (y, cache).
 
     q, k (B, T, H, D), v (B, T, H, Dv) -> y (B, T, H, Dv); `module` is the calling attention
     module (its `config`, and its 'dropout' key). Without a cache the T tokens attend to each
     other (`kernels.causal_attention`, implementation `config.attention`), bias
     (B or 1, H, T, T) or None, dropout on the probabilities unless `deterministic` or
-    config.dropout = 0, and the returned cache is None. With a cache they also attend to the
+    config.dropout = 0, and the returned cache is None; segment_ids (B, T) or None keeps each
+    token's attention inside its own segment (document). With a cache they also attend to the
     cached tokens (`cached_attention`, the bias comes from `step`) and the cache comes back
     updated.
     """
@@ -179,9 +180,24 @@ def attention(module: nn.Module, q, k, v, *, bias=None, deterministic: bool = Tr
     c = module.config
     dropout = not deterministic and c.dropout > 0
     y = kernels.causal_attention(q, k, v, implementation=c.attention, bias=bias,
+                                 segment_ids=segment_ids,
                                  dropout_rate=c.dropout if dropout else 0.0,
                                  dropout_rng=module.make_rng("dropout") if dropout else None)
     return y, None
+
+
+def segment_starts(segment_ids):
+    """(B, T) int32: the index of the first position of each position's segment, i.e. the
+    last t' <= t where a new segment begins (t' = 0, or segment_ids changes at t')."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(begins, t, 0), axis=1)
+
+
+def segment_positions(segment_ids):
+    """(B, T) int32: each position's index within its segment, t - segment_starts(t)."""
+    return jnp.arange(segment_ids.shape[1], dtype=jnp.int32) - segment_starts(segment_ids)
 
 
 def split_heads(x, n_head: int):

@@ -14,6 +14,12 @@ The k (and v) columns of c_attn start at zero, so q k^T = 0, softmax = M_C and A
 init (beta = gamma). Heads are concatenated, then c_proj only with `use_proj`.
 Attention dropout applies to the softmax term only (the original dropped out all of A).
 
+Packed documents (segment ids): the softmax is masked block-diagonally, and M_C becomes the
+same block-diagonal causal averaging, M_C[i, j] = 1 / (i - s_i + 1) for s_i <= j <= i (s_i the
+first position of i's document), so cummean(V) restarts at each document. This is exactly the
+softmax of zero scores under the document mask, so A = alpha * I at init still holds, and every
+document computes what it computes alone.
+
 Decoding cache per block: 'k' (B, H, D, S), 'v' (B, H, S, D) (v is the head-split h without
 `use_v`) and
 'v_sum' (B, H, D) float32, the running sum of V over the row's real tokens, so that
@@ -23,6 +29,7 @@ cummean(V)[i] = (v_sum + V[i]) / (position_i + 1) costs O(1) per new token.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cleangpt_jax.config import ModelConfig
@@ -40,10 +47,26 @@ def zero_key_value_init(n_embd: int):
     return init
 
 
-def cummean(v):
-    """Running mean along time: out[:, i] = mean(v[:, :i + 1]).  v (B, T, H, D)."""
-    counts = jnp.arange(1, v.shape[1] + 1, dtype=jnp.float32)[None, :, None, None]
-    return (jnp.cumsum(v.astype(jnp.float32), axis=1) / counts).astype(v.dtype)
+def cummean(v, segment_ids=None):
+    """Running mean along time: out[:, i] = mean(v[:, :i + 1]).  v (B, T, H, D).
+
+    With segment_ids (B, T): the mean restarts at each segment, out[:, i] = mean(v[:, s_i:i + 1])
+    with s_i the first position of i's segment (a segmented scan: no sum crosses a boundary).
+    """
+    v32 = v.astype(jnp.float32)
+    if segment_ids is None:
+        counts = jnp.arange(1, v.shape[1] + 1, dtype=jnp.float32)[None, :, None, None]
+        return (jnp.cumsum(v32, axis=1) / counts).astype(v.dtype)
+    positions = layers.segment_positions(segment_ids)                    # (B, T)
+    begins = (positions == 0)[:, :, None, None]
+
+    def add_unless_restarted(left, right):
+        (sum_l, begins_l), (sum_r, begins_r) = left, right
+        return jnp.where(begins_r, sum_r, sum_l + sum_r), begins_l | begins_r
+
+    sums, _ = jax.lax.associative_scan(add_unless_restarted, (v32, begins), axis=1)
+    counts = (positions + 1).astype(jnp.float32)[:, :, None, None]
+    return (sums / counts).astype(v.dtype)
 
 
 def cached_cummean(v, prev_sum, step):
@@ -69,7 +92,8 @@ class ShapedAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, h, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """beta softmax-attention + alpha V - gamma cummean(V) (then c_proj with use_proj);
         returns (y, cache) (see layers.attention)."""
         c = self.config
@@ -84,11 +108,11 @@ class ShapedAttention(nn.Module):
         alpha, beta, gamma = scalar("alpha", 1.0), scalar("beta", 0.1), scalar("gamma", 0.1)
 
         if cache is None:
-            mean = cummean(v)
+            mean = cummean(v, segment_ids)
         else:
             mean, v_sum = cached_cummean(v, cache["v_sum"], step)
         attn, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, segment_ids=segment_ids)
         if cache is not None:
             cache["v_sum"] = v_sum
         dt = c.compute_dtype
@@ -103,7 +127,8 @@ class SASPBlock(Block):
     init_cache = staticmethod(init_cache)
 
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """Returns (x, cache): the updated cache, or None without one."""
         c = self.config
         h = layers.LayerNorm(c, name="ln_1")(x)
@@ -111,7 +136,7 @@ class SASPBlock(Block):
         beta_ff = self.param("beta_ff", nn.initializers.constant(0.2), (), jnp.float32)
         sa, cache = ShapedAttention(c, name="attn")(h, attn_bias=attn_bias,
                                                     deterministic=deterministic, cache=cache,
-                                                    step=step)
+                                                    step=step, segment_ids=segment_ids)
         ff = layers.make_mlp(c)(h, deterministic=deterministic)
         x = x + beta_sa * sa.astype(jnp.float32) + beta_ff * ff.astype(jnp.float32)
         return x, cache

@@ -23,25 +23,27 @@ class SelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """c_proj(Attn(x)), then dropout; returns (y, cache) (see layers.attention)."""
         c = self.config
         qkv = layers.dense(c, 3 * c.n_embd, "c_attn")(x)
         q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
         y, cache = layers.attention(self, q, k, v, bias=attn_bias, cache=cache, step=step,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, segment_ids=segment_ids)
         y = layers.dense(c, c.n_embd, "c_proj", residual=True)(layers.merge_heads(y))
         return nn.Dropout(c.dropout)(y, deterministic=deterministic), cache
 
 
 class VanillaBlock(Block):
     @nn.compact
-    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None):
+    def __call__(self, x, *, attn_bias, deterministic: bool, cache=None, step=None,
+                 segment_ids=None):
         """Returns (x, cache): the updated cache, or None without one."""
         c = self.config
         y, cache = SelfAttention(c, name="attn")(layers.LayerNorm(c, name="ln_1")(x),
                                                  attn_bias=attn_bias, deterministic=deterministic,
-                                                 cache=cache, step=step)
+                                                 cache=cache, step=step, segment_ids=segment_ids)
         x = x + y
         x = x + layers.make_mlp(c)(layers.LayerNorm(c, name="ln_2")(x),
                                    deterministic=deterministic)
