@@ -66,6 +66,15 @@ def write_atomically(path: epath.Path, write: Callable) -> None:
         raise
 
 
+def _names(directory: epath.Path) -> set[str]:
+    """The names in `directory`; none when it does not exist (an object store has no empty
+    directories)."""
+    try:
+        return {p.name for p in directory.iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
 def _shard_name(part: str, shard: int) -> str:
     return f"{part}-{shard:06d}.npz"
 
@@ -154,8 +163,7 @@ def _write_shards(jobs: Iterator, writer: _ShardWriter, procs: int) -> None:
 
 def _tokenize_part(docs, part, writer_args, *, process_index, process_count, procs) -> int:
     """Write this process's missing shards of `docs`; returns the number of documents."""
-    work = writer_args[3]
-    present = {p.name for p in work.iterdir()} if work.exists() else set()
+    present = _names(writer_args[3])
     mine = lambda shard: (shard % process_count == process_index  # noqa: E731
                           and _shard_name(part, shard) not in present)
     counted = [0]
@@ -295,7 +303,7 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
                     for j in range(_num_shards(n))]
 
         def missing():
-            present = {p.name for p in work.iterdir()}
+            present = _names(work)
             return [name for name in expected if name not in present]
 
         def missing_text():
