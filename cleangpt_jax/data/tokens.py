@@ -147,8 +147,9 @@ def _load_single(data, tokenizer, cache_dir: epath.Path, block_size, processes):
     if meta is None:
         process_index, process_count = processes
         shards.build_cache(load_documents(data), tokenizer, directory, description,
-                           dtype=token_dtype(tokenizer.vocab_size), source=data.source, num_proc=data.get("num_proc"),
-                           process_index=process_index, process_count=process_count,
+                           dtype=token_dtype(tokenizer.vocab_size), source=data.source,
+                           num_proc=data.get("num_proc"), process_index=process_index,
+                           process_count=process_count,
                            wait_seconds=float(data.cache_wait_seconds),
                            is_complete=lambda: _read_cache(directory) is not None)
         meta = _read_cache(directory)
