@@ -1,8 +1,9 @@
 """The pod-scale input pipeline: the token cache built once by several processes, streams read
 lazily, batches prefetched in a background thread.
 
-The two-process build: process 1 is a subprocess started when the module's first test asks for
-it, so it imports and tokenises while the in-process tests run; the last test is process 0.
+The two-process build shares a bucket of the local GCS emulator (tests/gcs_emulator.py): process
+1 is a subprocess started when the module's first test asks for it, so it imports and tokenises
+while the in-process tests run; the last test is process 0.
 """
 
 import json
@@ -22,6 +23,7 @@ from cleangpt_jax import data as data_lib
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.data import shards
 from cleangpt_jax.tokenizers import CharacterTokenizer
+from gcs_emulator import gcs_emulator  # noqa: F401  (the fixture)
 from helpers import REPO
 
 # 13 documents, one of them blank; validation: the last 3. With 2 documents per shard: 5
@@ -76,6 +78,7 @@ WORKER = r"""
 import json, sys
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["tests"])
+import cleangpt_jax.storage  # (gcsfs set up for the emulator)
 from cleangpt_jax import data as data_lib
 from cleangpt_jax.data import shards
 from test_pipeline import CountingTokenizer, make_config
@@ -88,18 +91,22 @@ print("RESULT " + json.dumps({"cache_path": data.cache_path, "train": len(data.t
 
 
 @pytest.fixture(scope="module")
-def second_process(tmp_path_factory):
-    """Process 1 of 2 building a token cache in a shared directory, started now (process 0 is
-    the test process, in the test that collects it)."""
+def second_process(tmp_path_factory, gcs_emulator):
+    """Process 1 of 2 building a token cache in a shared bucket of the GCS emulator, started
+    now (process 0 is the test process, in the test that collects it)."""
+    from cleangpt_jax import storage
+
+    storage.configure_gcs_emulator()  # (the emulator's variables are set now)
     root = tmp_path_factory.mktemp("two")
     args = {"tests": os.path.dirname(__file__), "docs_per_shard": DOCS_PER_SHARD, "chars": CHARS,
             "log": str(root / "encoded1.jsonl"), "files": write_docs(root / "docs"),
-            "cache_dir": str(root / "cache"), "process": 1}
+            "cache_dir": gcs_emulator.new_url("cache"), "process": 1}
     out = open(root / "out1", "w+")
+    env = dict(os.environ, **gcs_emulator.env, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               CLEANGPT_JAX_CACHE=str(root / "local1"))  # (the local copy of a gs:// cache)
     proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], cwd=REPO,
-                            stdout=out, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
-    yield types.SimpleNamespace(proc=proc, out=out, **args)
+                            stdout=out, stderr=subprocess.STDOUT, env=env)
+    yield types.SimpleNamespace(proc=proc, out=out, root=root, **args)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -260,9 +267,11 @@ def test_a_bad_prefetch_setting_is_refused_in_one_line(value):
 
 # ----------------------------------------------------------------------- two processes
 def test_two_processes_tokenise_each_document_once_into_the_single_process_cache(
-        second_process, tmp_path, small_shards):
-    """This process (0) and a subprocess (1) build one cache: each tokenises its own shards,
-    so every document exactly once over both, and the cache is a single process's, bitwise."""
+        second_process, tmp_path, small_shards, monkeypatch):
+    """This process (0) and a subprocess (1) build one cache in a gs:// bucket: each tokenises
+    its own shards, so every document exactly once over both, and the cache is a single local
+    process's, bitwise."""
+    monkeypatch.setenv("CLEANGPT_JAX_CACHE", str(second_process.root / "local0"))
     first = CountingTokenizer(CHARS)
     mine = data_lib.load_dataset(make_config(second_process.files), first,
                                  cache_dir=second_process.cache_dir, process_index=0,
@@ -279,7 +288,7 @@ def test_two_processes_tokenise_each_document_once_into_the_single_process_cache
     assert sorted(logs[0] + logs[1]) == sorted(non_blank)
     print(f"tokenised: process 0 {len(logs[0])} documents, process 1 {len(logs[1])}, "
           f"of {len(non_blank)} non-blank")
-    assert theirs["cache_path"] == mine.cache_path
+    assert theirs["cache_path"] == mine.cache_path and mine.cache_path.startswith("gs://")
     reference, tok = single_process_cache(tmp_path, second_process.files)
     assert sorted(tok.log) == sorted(non_blank)
     shared = cache_files(mine.cache_path)

@@ -11,10 +11,10 @@ into the cache's train.bin / val.bin (no separator after the last document) and 
 meta.json last; the others wait for meta.json. So each document is tokenised exactly once
 across the pod, and the cache is the same bytes whatever the process count.
 
-Atomic on any filesystem (`etils.epath`: local, gs://, ...): every file is written under a
-temporary name and renamed into place (an object store's rename is a copy of a finished
-object), and a cache counts as complete only once its meta.json exists and the streams have the
-sizes it records. A crashed process leaves finished shards (reused: they are named by the cache
+Atomic on any filesystem (`etils.epath`: local, gs://, ...): every local file is written under
+a temporary name and renamed into place (an object store's object appears only once its upload
+completes), and a cache counts as complete only once its meta.json exists and the streams have
+the sizes it records. A crashed process leaves finished shards (reused: they are named by the cache
 key and the shard size, and skipped when present) and temporary files (ignored); a
 single-process build removes its shard directory when it fails. The processes never write the
 same file with different contents, so two of them cannot corrupt each other.
@@ -55,7 +55,13 @@ def is_local(path) -> bool:
 
 
 def write_atomically(path: epath.Path, write: Callable) -> None:
-    """Call write(file) on a temporary sibling of `path` opened 'wb', then rename it to `path`."""
+    """Call write(file) on a temporary sibling of `path` opened 'wb', then rename it to `path`.
+    On an object store (a URL) write(file) writes `path` itself: an object appears only once
+    its upload is complete (and a rename there is a copy)."""
+    if not is_local(path):
+        with path.open("wb") as f:
+            write(f)
+        return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
         with tmp.open("wb") as f:
@@ -302,12 +308,19 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
         expected = [_shard_name(part, j) for part, n in counts.items()
                     for j in range(_num_shards(n))]
 
-        def missing():
-            present = _names(work)
-            return [name for name in expected if name not in present]
+        pending = list(expected)
+
+        def missing(first_only=True):
+            """The shards not written yet (from the first missing one on, when first_only).
+            Each is looked up by name: a filesystem's cached listing may predate it."""
+            while pending and (work / pending[0]).exists():
+                pending.pop(0)
+            if not first_only:
+                pending[:] = [name for name in pending if not (work / name).exists()]
+            return pending
 
         def missing_text():
-            names = missing()
+            names = missing(first_only=False)
             owners = sorted({int(name[-10:-4]) % process_count for name in names})
             return (f"{len(names)} token-cache shard(s) in {work} ({names[0]}, ...) from "
                     f"process(es) {owners}")
