@@ -118,10 +118,10 @@ def _texts_of_shards(docs, mine: Callable[[int], bool], counted: list) -> Iterat
 def tokenize_shard(tokenizer, separator, dtype, texts) -> tuple[np.ndarray, np.ndarray]:
     """(ids, lengths): the non-empty texts' ids, each followed by `separator`, concatenated
     (`dtype`), and each text's token count (int64; 0 for a whitespace-only text)."""
-    pieces = [list(tokenizer.encode(t)) + separator if t.strip() else [] for t in texts]
+    pieces = [np.asarray(list(tokenizer.encode(t)) + separator, dtype) if t.strip()
+              else np.zeros(0, dtype) for t in texts]
     lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
-    ids = np.fromiter((i for p in pieces for i in p), dtype, int(lengths.sum()))
-    return ids, lengths
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype), lengths
 
 
 class _ShardWriter:
