@@ -126,31 +126,37 @@ def single_process_cache(tmp_path, files, tokenizer=None):
 
 
 # ------------------------------------------------------------------------------ the cache
-def test_a_crashed_process_leaves_shards_the_next_build_reuses(tmp_path, small_shards,
-                                                               second_process):
+def test_a_crashed_process_leaves_shards_the_pods_next_build_reuses(tmp_path, small_shards,
+                                                                    second_process):
     """Process 1 of 2 tokenises its shards and gives up waiting for process 0 (a one-line
-    error naming the missing shards' process); a later single-process build tokenises only the
-    rest and writes the same cache as a clean build. Leftover temporary files are ignored."""
+    error); rerun, it finds its shards and tokenises nothing; process 0 then tokenises only its
+    own, packs without waiting and writes the cache a single process writes. Leftover temporary
+    files are ignored. Alone, process 0 waits for process 1's shards and names them."""
     files = write_docs(tmp_path / "docs")
-    first = CountingTokenizer(CHARS)
     cfg = make_config(files, cache_wait_seconds=0.2)
-    with pytest.raises(ConfigError) as e:
-        data_lib.load_dataset(cfg, first, cache_dir=tmp_path / "cache", process_index=1,
-                              process_count=2)
-    assert "\n" not in str(e.value) and "process 0 to write the token cache" in str(e.value)
-    assert "raise data.cache_wait_seconds" in str(e.value)
-    assert first.log == PROCESS_DOCS[1]
+
+    def build(process_index, tok):
+        return data_lib.load_dataset(cfg, tok, cache_dir=tmp_path / "cache",
+                                     process_index=process_index, process_count=2)
+
+    for expected in (PROCESS_DOCS[1], []):  # the crashed run, its rerun
+        tok = CountingTokenizer(CHARS)
+        with pytest.raises(ConfigError) as e:
+            build(1, tok)
+        assert tok.log == expected
+        assert "\n" not in str(e.value) and "process 0 to write the token cache" in str(e.value)
+        assert "raise data.cache_wait_seconds" in str(e.value)
     (work,) = [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".shards-2")]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "train-000001.npz", "train-000003.npz", "val-000001.npz"]
     (work / ".train-000000.npz.tmp-crashed").write_bytes(b"half a shard")
-    second = CountingTokenizer(CHARS)
-    data = data_lib.load_dataset(cfg, second, cache_dir=tmp_path / "cache", process_index=0,
-                                 process_count=1)
-    assert sorted(second.log) == sorted(set(DOCS) - set(first.log) - {"   "})
+    tok = CountingTokenizer(CHARS)
+    data = build(0, tok)
+    assert tok.log == PROCESS_DOCS[0]
     reference, _ = single_process_cache(tmp_path, files)
     assert cache_files(data.cache_path) == cache_files(reference.cache_path)
     assert os.listdir(tmp_path / "cache") == [os.path.basename(data.cache_path)]
 
-    # process 0 alone: waits for process 1's shards, then names them
     with pytest.raises(ConfigError, match=r"shard\(s\) in .* from process\(es\) \[1\]"):
         data_lib.load_dataset(make_config(files, val_fraction=0.0, cache_wait_seconds=0.2),
                               CountingTokenizer(CHARS), cache_dir=tmp_path / "other",

@@ -1,6 +1,7 @@
 """The token cache's build, once per pod: every process tokenises its share, process 0 packs.
 
-    build_cache(docs, tokenizer, directory, description, process_index=p, process_count=P)
+    build_cache(docs, tokenizer, directory, description, dtype=..., process_index=p,
+                process_count=P, ...)
 
 The documents of each part ('train', and 'val' when validation is a separate set) are cut into
 shards of `DOCS_PER_SHARD` consecutive documents; process p tokenises the shards j with
@@ -14,13 +15,15 @@ across the pod, and the cache is the same bytes whatever the process count.
 Atomic on any filesystem (`etils.epath`: local, gs://, ...): every local file is written under
 a temporary name and renamed into place (an object store's object appears only once its upload
 completes), and a cache counts as complete only once its meta.json exists and the streams have
-the sizes it records. A crashed process leaves finished shards (reused: they are named by the cache
-key and the shard size, and skipped when present) and temporary files (ignored); a
-single-process build removes its shard directory when it fails. The processes never write the
-same file with different contents, so two of them cannot corrupt each other.
+the sizes it records. The processes never write the same file with different contents, so two
+of them cannot corrupt each other. A pod's crashed process leaves finished shards (reused by the
+pod's next build: they are named by the cache key and the shard size, and skipped when present)
+and temporary files (ignored). A single process builds in a private directory, removed when it
+finishes or fails, so independent runs building the same cache at once never share a shard.
 
-A stream (`data.streaming`) is read once, lazily, by every process: each keeps the texts of one
-shard at a time, so memory stays bounded whatever `max_samples` is. Its validation documents
+A stream (`data.streaming`) is read once, lazily, by every process: each holds the texts of one
+of its shards at a time (2 x num_proc with local workers), so memory stays bounded whatever
+`max_samples` is. Its validation documents
 (the last `val_document_fraction` of them) are cut off when its length is known, after reading.
 """
 
@@ -289,7 +292,10 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
     a `sources.Documents`; `is_complete()` tells whether the cache is complete (another run may
     finish it first)."""
     separator = tokenizer.document_separator()
-    work = directory.parent / f".{directory.name}.shards-{DOCS_PER_SHARD}"
+    if process_count > 1:  # shared by the pod's processes (and kept for its next build)
+        work = directory.parent / f".{directory.name}.shards-{DOCS_PER_SHARD}"
+    else:  # private: another run building the same cache never shares a file with this one
+        work = directory.parent / f".{directory.name}.build-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True, exist_ok=True)
     parts = {"train": docs.train, **({"val": docs.val} if docs.val is not None else {})}
     try:

@@ -128,6 +128,35 @@ def _local_copy(directory: epath.Path, meta: dict) -> epath.Path:
     return local
 
 
+def _processes_sharing(cache_dir: epath.Path) -> tuple[int, int]:
+    """(process_index, process_count) for building a missing cache: JAX's, when every process
+    sees the files process 0 writes in `cache_dir` (a bucket, a shared disk); else (0, 1), each
+    process building its own cache (a local disk per host). With several processes this is a
+    collective: every process calls it."""
+    import jax
+
+    count = jax.process_count()
+    if count == 1:
+        return 0, 1
+    from jax.experimental import multihost_utils
+
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint8))
+    probe = cache_dir / f".shared-{bytes(np.asarray(token, np.uint8)).hex()}"
+    if jax.process_index() == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("written by process 0")
+    multihost_utils.process_allgather(np.int32(0))  # (a barrier: the probe is written)
+    seen = multihost_utils.process_allgather(np.int32(probe.exists()))
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    if np.all(seen):
+        return jax.process_index(), count
+    log.warning("%d of %d processes do not see the token cache directory %s: each process builds "
+                "its own cache; set data.cache_dir to a path all of them share (gs://bucket/"
+                "cache) to tokenise once", int(count - np.sum(seen)), count, cache_dir)
+    return 0, 1
+
+
 def _check_wait_seconds(value) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
         raise ConfigError(f"data.cache_wait_seconds must be a positive number of seconds, got "
@@ -185,17 +214,17 @@ def load_dataset(config, tokenizer, *, cache_dir: str | None = None,
     `cache_dir` (a local path or a URL such as gs://bucket/cache) defaults to
     `config.data.cache_dir`, else `default_cache_dir()`. A missing cache is built by all the
     processes together (`shards`: each tokenises its share, process 0 packs, the others wait);
-    `process_index` / `process_count` default to JAX's. The streams must hold at least one block
-    (`config.model.block_size`) of tokens. With `data.mixture`, `train` and `val` are
-    `Mixture`s of the sources' streams (each source cached on its own).
+    `process_index` / `process_count` default to JAX's when all processes see `cache_dir`, else
+    to (0, 1) (each builds its own); passed explicitly, the caller vouches that `cache_dir` is
+    shared. The streams must hold at least one block (`config.model.block_size`) of tokens.
+    With `data.mixture`, `train` and `val` are `Mixture`s of the sources' streams (each source
+    cached on its own).
     """
     cache_dir = os.fspath(cache_dir or config.data.get("cache_dir") or default_cache_dir())
     cache_dir = epath.Path(os.path.expanduser(cache_dir) if shards.is_local(cache_dir)
                            else cache_dir)
     if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
+        process_index, process_count = _processes_sharing(cache_dir)
     _check_wait_seconds(config.data.cache_wait_seconds)
     block_size = int(config.model.block_size)
     sections = data_sections(config)
