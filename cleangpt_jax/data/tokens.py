@@ -135,6 +135,8 @@ def _processes_sharing(cache_dir: epath.Path) -> tuple[int, int]:
     collective: every process calls it."""
     import jax
 
+    if not jax.distributed.is_initialized():  # (one process; its backend is left unstarted)
+        return 0, 1
     count = jax.process_count()
     if count == 1:
         return 0, 1
