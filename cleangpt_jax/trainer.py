@@ -7,7 +7,8 @@
 `cleangpt_jax.train_step`, the restored or fresh state); `train_and_evaluate` is the loop.
 `cleangpt_jax.loop` holds what the loop shares with distillation (lagged metric fetch, the
 non-finite stop, stop agreement, signals, progress bar, metric writer). Batches are a pure
-function of (train.seed, step) and the dropout key of a step is fixed by it
+function of (train.seed, step) (built data.prefetch steps ahead in a background thread:
+`data.Prefetcher`) and the dropout key of a step is fixed by it
 (`train_step.make_train_step`): a resumed run repeats the uninterrupted run exactly.
 """
 

@@ -8,8 +8,9 @@
 `data.files`). The text column is `data.text_column`, else 'text', else 'story', else the first
 string column. `max_samples` keeps the first N documents (of each split); validation is a named
 split (`val_split`) or the last `val_fraction` of the documents (the last `val_fraction` of the
-tokens when there is only one document). With `data.mixture`, `data_sections` gives one data
-section per mixture source.
+tokens when there is only one document). With `data.streaming` the documents stay a lazily read
+`IterableDataset` (never a list of max_samples texts); their reader makes the fraction split.
+With `data.mixture`, `data_sections` gives one data section per mixture source.
 """
 
 from __future__ import annotations
