@@ -171,13 +171,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   opt_state=run.state.opt_state, meta=run.meta())
             saved_at = run.step
 
-    # Batches (on the devices) built data.prefetch steps ahead in a background thread.
-    batches = Prefetcher(lambda s: sharding.global_batch(run.batch_for_step(s), run.mesh),
-                         start=run.step, stop=run.num_steps, depth=run.config.data.prefetch)
+    batches = None
     try:
         with loop.stop_on_signals(stop):
             notify("train_begin")
             start = run.step
+            # Batches (on the devices) built data.prefetch steps ahead in a background thread.
+            batches = Prefetcher(lambda s: sharding.global_batch(run.batch_for_step(s), run.mesh),
+                                 start=start, stop=run.num_steps, depth=run.config.data.prefetch)
             for step in range(start, run.num_steps):
                 if step == start or step % run.steps_per_epoch == 0:
                     notify("epoch_begin")
@@ -242,7 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise e.stopped("training", kept, "Lower train.learning_rate, raise train.warmup_steps "
                                           "or set train.grad_clip") from None
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         bar.close()
         writer.close()
         run.checkpointer.close()
