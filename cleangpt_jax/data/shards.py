@@ -231,15 +231,12 @@ def _split_point(n: int, fraction: float) -> int:
     return n - min(n - 1, max(1, round(n * fraction)))
 
 
-def _pack(docs, counts, work, directory, dtype, separator, source) -> dict:
+def _pack(docs, counts, work, directory, dtype, separator) -> dict:
     """Concatenate the shards into directory/{train,val}.bin; returns meta's stream fields."""
     shards = {part: [work / _shard_name(part, j) for j in range(_num_shards(n))]
               for part, n in counts.items()}
     lengths = {part: [_read_shard(p, "lengths") for p in paths] for part, paths in shards.items()}
     n = counts["train"]
-    if n == 0:
-        raise ConfigError(f"the dataset is empty (source={source!r}): "
-                          "check data.name/data.files/data.split")
 
     def pieces(part, first, last):
         return _pieces(shards[part], lengths[part], first, last, len(separator))
@@ -268,7 +265,8 @@ def _pack(docs, counts, work, directory, dtype, separator, source) -> dict:
     else:
         out["train_tokens"] = write("train", pieces("train", 0, train_docs))
     out["num_documents"] = non_empty("train", 0, train_docs)
-    return out
+    order = ("train_tokens", "num_documents", "val_tokens", "num_val_documents")
+    return {key: out[key] for key in order}
 
 
 # ------------------------------------------------------------------------------ the build
@@ -307,14 +305,15 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
             counts[part] = _tokenize_part(
                 part_docs, part, (tokenizer, separator, dtype, work),
                 process_index=process_index, process_count=process_count, procs=procs)
+        if counts["train"] == 0:  # (a stream; every process knows it)
+            raise ConfigError(f"the dataset is empty (source={source!r}): "
+                              "check data.name/data.files/data.split")
         if process_index != 0:
             wait_for(is_complete, lambda: f"process 0 to write the token cache {directory}",
                      wait_seconds)
             return
-        expected = [_shard_name(part, j) for part, n in counts.items()
-                    for j in range(_num_shards(n))]
-
-        pending = list(expected)
+        pending = [_shard_name(part, j) for part, n in counts.items()
+                   for j in range(_num_shards(n))]
 
         def missing(first_only=True):
             """The shards not written yet (from the first missing one on, when first_only).
@@ -327,6 +326,8 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
 
         def missing_text():
             names = missing(first_only=False)
+            if not names:  # (all written just now)
+                return f"the token cache {directory}"
             owners = sorted({int(name[-10:-4]) % process_count for name in names})
             return (f"{len(names)} token-cache shard(s) in {work} ({names[0]}, ...) from "
                     f"process(es) {owners}")
@@ -335,7 +336,7 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
         if not is_complete():
             directory.mkdir(parents=True, exist_ok=True)
             meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "key": description}
-            meta.update(_pack(docs, counts, work, directory, dtype, separator, source))
+            meta.update(_pack(docs, counts, work, directory, dtype, separator))
             text = json.dumps(meta, indent=1, default=str)
             write_atomically(directory / "meta.json", lambda f: f.write(text.encode()))
         work.rmtree(missing_ok=True)
