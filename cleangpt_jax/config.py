@@ -228,11 +228,17 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.streaming = False  # hf: iterate instead of downloading everything (needs max_samples)
     # Tokenising processes; None: auto.
     cfg.data.num_proc = ml_collections.FieldReference(None, field_type=int)
-    # Token cache; None: $CLEANGPT_JAX_CACHE/tokens, else ~/.cache/cleangpt_jax/tokens.
+    # Token cache (a path or a URL: gs://bucket/cache); None: $CLEANGPT_JAX_CACHE/tokens, else
+    # ~/.cache/cleangpt_jax/tokens. Several processes build a missing cache together: each
+    # tokenises its share, process 0 packs; a process waits at most cache_wait_seconds for
+    # the others' part.
     cfg.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
     # Packed rows attend within their documents only (segment ids, a block-diagonal causal mask;
     # learned positions restart per document). Needs a one-token document separator.
     cfg.data.document_mask = False
+    cfg.data.cache_wait_seconds = 3600.0
+    # Training batches built this many steps ahead in a background thread; 0 = off.
+    cfg.data.prefetch = 2
     # None, or several sources mixed with a weight schedule over steps, e.g.
     #   dict(sources=[dict(source='shakespeare'), dict(source='text', files='notes/*.txt')],
     #        schedule=dict(type='linear', start_weights=[1, 0], end_weights=[0.5, 0.5],

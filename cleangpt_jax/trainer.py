@@ -7,7 +7,8 @@
 `cleangpt_jax.train_step`, the restored or fresh state); `train_and_evaluate` is the loop.
 `cleangpt_jax.loop` holds what the loop shares with distillation (lagged metric fetch, the
 non-finite stop, stop agreement, signals, progress bar, metric writer). Batches are a pure
-function of (train.seed, step) and the dropout key of a step is fixed by it
+function of (train.seed, step) (built data.prefetch steps ahead in a background thread:
+`data.Prefetcher`) and the dropout key of a step is fixed by it
 (`train_step.make_train_step`): a resumed run repeats the uninterrupted run exactly.
 """
 
@@ -30,6 +31,7 @@ from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
 from cleangpt_jax.config import ConfigError, model_config
+from cleangpt_jax.data.prefetch import Prefetcher, prefetch_depth
 from cleangpt_jax.tokenizers import check_vocab
 from cleangpt_jax.optim import make_optimizer
 
@@ -168,15 +170,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   opt_state=run.state.opt_state, meta=run.meta())
             saved_at = run.step
 
+    batches = None
     try:
         with loop.stop_on_signals(stop):
             notify("train_begin")
             start = run.step
+            # Batches (on the devices) built data.prefetch steps ahead in a background thread.
+            batches = Prefetcher(lambda s: sharding.global_batch(run.batch_for_step(s), run.mesh),
+                                 start=start, stop=run.num_steps, depth=run.config.data.prefetch)
             for step in range(start, run.num_steps):
                 if step == start or step % run.steps_per_epoch == 0:
                     notify("epoch_begin")
                 notify("step_begin")
-                batch = sharding.global_batch(run.batch_for_step(step), run.mesh)
+                batch = batches.get(step)
                 t0 = time.perf_counter()
                 run.state, metrics = run.train_step(run.state, batch)
                 run.step = step + 1
@@ -236,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise e.stopped("training", kept, "Lower train.learning_rate, raise train.warmup_steps "
                                           "or set train.grad_clip") from None
     finally:
+        if batches is not None:
+            batches.close()
         bar.close()
         writer.close()
         run.checkpointer.close()
@@ -317,6 +325,7 @@ def check_train_config(config) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             zero = "all" if key == "max_checkpoints_to_keep" else "off"
             raise ConfigError(f"train.{key} must be an integer >= 0 (0 = {zero}), got {v!r}")
+    prefetch_depth(config.data.prefetch)
     if config.model.param_dtype != "float32":
         raise ConfigError(f"model.param_dtype={config.model.param_dtype!r}: training keeps "
                           f"float32 master weights and optimizer state; set model.dtype="

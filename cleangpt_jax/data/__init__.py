@@ -15,14 +15,18 @@ The files, in the order the data flows through them:
                  as plain text).
     tokens.py    tokenise, pack and cache: the packed stream, its on-disk cache and its key
                  (`load_dataset`, `TokenData`, `cache_key`, `token_dtype`).
+    shards.py    the cache's build, once per pod: every process tokenises its shards of the
+                 documents, process 0 packs them (`build_cache`), atomically on any filesystem
+                 (`etils.epath`: local, gs://); streams are read lazily, one shard at a time.
     mixtures.py  several sources mixed with weights that follow a schedule over steps
                  (`Mixture`, `make_schedule`, `register_schedule`).
     batches.py   batches as a pure function of (seed, step): the index shuffle
                  (`shuffle_index`), `batch_for_step`, `eval_batches`, `steps_per_epoch`,
                  document masks' `segment_ids` (`with_segment_ids`, `document_separator_id`).
+    prefetch.py  the next batches built in a background thread (`Prefetcher`, `data.prefetch`).
 
-Dependencies point one way: batches -> mixtures; tokens -> sources, mixtures; nothing here
-imports the tokenizers (a tokenizer is passed in).
+Dependencies point one way: batches -> mixtures; tokens -> shards, sources, mixtures; nothing
+here imports the tokenizers (a tokenizer is passed in).
 """
 
 from cleangpt_jax.data.batches import (batch_for_step, document_separator_id, eval_batches,
@@ -30,6 +34,7 @@ from cleangpt_jax.data.batches import (batch_for_step, document_separator_id, ev
                                        with_segment_ids)
 from cleangpt_jax.data.mixtures import (SCHEDULES, Mixture, Schedule, make_schedule,
                                         register_schedule)
+from cleangpt_jax.data.prefetch import Prefetcher, prefetch_depth
 from cleangpt_jax.data.sources import (SOURCES, Documents, Source, check_data_section, data_label,
                                        data_sections, expand_globs, get_source, load_documents,
                                        register_source, text_column)
@@ -48,4 +53,6 @@ __all__ = [
     # batches
     "shuffle_index", "batch_for_step", "eval_batches", "steps_per_epoch",
     "document_separator_id", "segment_ids", "with_segment_ids",
+    # prefetch
+    "Prefetcher", "prefetch_depth",
 ]

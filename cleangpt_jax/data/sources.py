@@ -8,8 +8,9 @@
 `data.files`). The text column is `data.text_column`, else 'text', else 'story', else the first
 string column. `max_samples` keeps the first N documents (of each split); validation is a named
 split (`val_split`) or the last `val_fraction` of the documents (the last `val_fraction` of the
-tokens when there is only one document). With `data.mixture`, `data_sections` gives one data
-section per mixture source.
+tokens when there is only one document). With `data.streaming` the documents stay a lazily read
+`IterableDataset` (never a list of max_samples texts); their reader makes the fraction split.
+With `data.mixture`, `data_sections` gives one data section per mixture source.
 """
 
 from __future__ import annotations
@@ -266,15 +267,19 @@ def data_label(data) -> str:
 
 @dataclasses.dataclass
 class Documents:
-    """Training and validation documents (`datasets.Dataset`s with one column, 'text').
+    """Training and validation documents (`datasets.Dataset`s with one column, 'text'; with
+    `data.streaming`, `datasets.IterableDataset`s read lazily, never held as a list).
 
     `val_token_fraction` > 0 means there was one document only: validation is then the last
-    `val_token_fraction` of the packed training tokens.
+    `val_token_fraction` of the packed training tokens. `val_document_fraction` > 0 (streams
+    only, whose length n is known once read): `train` holds every document and the last
+    min(n - 1, max(1, round(n * fraction))) of them are validation (the last tokens when n = 1).
     """
 
     train: Any
     val: Any = None
     val_token_fraction: float = 0.0
+    val_document_fraction: float = 0.0
 
 
 def text_column(column_names: Sequence[str], string_columns: Sequence[str],
@@ -299,14 +304,15 @@ def _select_text(ds, requested, max_samples):
     """`ds` reduced to a 'text' column and its first `max_samples` rows (a `datasets.Dataset`)."""
     import datasets
 
-    if isinstance(ds, datasets.IterableDataset):  # streaming: take the first max_samples rows
-        rows = list(ds.take(max_samples))
-        if not rows:
+    if isinstance(ds, datasets.IterableDataset):  # streaming: the first max_samples rows, lazily
+        first = next(iter(ds.take(1)), None)  # (the column names: a stream's features may be None)
+        if first is None:
             features = datasets.Features({"text": datasets.Value("string")})
             return datasets.Dataset.from_dict({"text": []}, features=features)
-        strings = [k for k, v in rows[0].items() if isinstance(v, str)]
-        col = text_column(list(rows[0]), strings, requested)
-        return datasets.Dataset.from_dict({"text": [r[col] for r in rows]})
+        strings = [k for k, v in first.items() if isinstance(v, str)]
+        col = text_column(list(first), strings, requested)
+        ds = ds.select_columns([col])
+        return (ds if col == "text" else ds.rename_column(col, "text")).take(max_samples)
     strings = [k for k, f in ds.features.items() if getattr(f, "dtype", None) in _STRING_DTYPES]
     col = text_column(ds.column_names, strings, requested)
     ds = ds.select_columns([col])
@@ -318,13 +324,18 @@ def _select_text(ds, requested, max_samples):
 
 
 def load_documents(data) -> Documents:
-    """The documents `data` (a config's `data` section) describes, split into train/validation."""
+    """The documents `data` (a config's `data` section) describes, split into train/validation
+    (a stream's split is left to its reader: `Documents.val_document_fraction`)."""
+    import datasets
+
     check_data_section(data)
     max_samples, fraction = data.get("max_samples"), data.get("val_fraction") or 0.0
     train, val = get_source(data.source).load(data)
     train = _select_text(train, data.get("text_column"), max_samples)
     if val is not None:
         return Documents(train, _select_text(val, data.get("text_column"), max_samples))
+    if not isinstance(train, datasets.Dataset):  # a stream: split once its length is known
+        return Documents(train, val_document_fraction=fraction)
     n = len(train)
     if n == 0:
         raise ConfigError(f"the dataset is empty (source={data.source!r}): "

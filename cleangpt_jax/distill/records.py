@@ -38,7 +38,7 @@ STITCHING_DIR = "stitching"
 HF_DIR = "hf"
 # Settings that may change between a run and its resumption without changing any result.
 _RESUMABLE_KEYS = {"distill": ("log_every", "checkpoint_every", "eval_steps"),
-                   "data": ("cache_dir", "num_proc")}
+                   "data": ("cache_dir", "num_proc", "cache_wait_seconds", "prefetch")}
 # Settings of single stages (recorded per stage in the plan instead).
 _STAGE_KEYS = ("steps_per_block", "epochs_per_block", "learning_rate", "weight_decay",
                "grad_clip", "head", "final")

@@ -69,6 +69,7 @@ def check_config(cfg) -> None:
             raise ConfigError(f"distill.{key} must be an integer >= 0, got {v!r}")
     if not isinstance(d.log_every, int) or d.log_every <= 0:
         raise ConfigError(f"distill.log_every must be a positive integer, got {d.log_every!r}")
+    data_lib.prefetch_depth(cfg.data.prefetch)
     if d.block_stages:
         get_loss(d.hidden_loss)
     for name in ("head", "final"):
@@ -187,6 +188,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     seed = int(cfg.train.seed)
     separator = data_lib.document_separator_id(cfg.data, s.tokenizer)
     ckpt = records.stage_checkpointer(workdir, stage.name)
+    batches = None
     try:
         start, first_loss, last_loss = 0, None, None
         restored = ckpt.restore_latest(
@@ -224,15 +226,20 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                         "stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
                         "grad_norm": m["grad_norm"], "lr": float(compiled.schedule(step - 1))})
 
+        def make_batch(step):  # (on the devices, data.prefetch steps ahead)
+            return sharding.global_batch(data_lib.with_segment_ids(data_lib.batch_for_step(
+                s.data.train, seed=seed, step=step_offset + step,
+                global_batch_size=cfg.train.batch_size, block_size=s.student.config.block_size,
+                process_index=jax.process_index(), process_count=jax.process_count()),
+                separator), s.mesh)
+
+        batches = data_lib.Prefetcher(make_batch, start=start, stop=stage.steps,
+                                      depth=cfg.data.prefetch)
         for step in range(start, stage.steps):
             g = step_offset + step
-            batch = data_lib.with_segment_ids(data_lib.batch_for_step(
-                s.data.train, seed=seed, step=g, global_batch_size=cfg.train.batch_size,
-                block_size=s.student.config.block_size, process_index=jax.process_index(),
-                process_count=jax.process_count()), separator)
             trainable, opt_state, metrics = compiled.step(
-                trainable, opt_state, frozen, s.teacher_params,
-                sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
+                trainable, opt_state, frozen, s.teacher_params, batches.get(step),
+                jax.random.fold_in(dropout_key, g))
             done = step + 1
             log(lag.push(done, metrics))  # the previous step's: the device keeps working
             stopping = loop.agree_to_stop(stop) and done < stage.steps
@@ -254,6 +261,8 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         raise e.stopped(f"stage {stage.name}", kept, "Lower distill.learning_rate or set "
                                                      "distill.grad_clip, then rerun") from None
     finally:
+        if batches is not None:
+            batches.close()
         ckpt.close()
     return stage_step.join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
 
