@@ -123,7 +123,8 @@ def resumed(env):
     (checkpoint 2 saved), then rerun in process: what it saved, compared with the reference
     at once (later tests damage its checkpoints)."""
     workdir = env.emulator.new_url("killed")
-    args = [f"--workdir={workdir}", *flags(env.overrides)]
+    # (batches built in the loop: with data.prefetch the kill would come steps earlier)
+    args = [f"--workdir={workdir}", *flags(env.overrides), "--config.data.prefetch=0"]
     killed = subprocess.run([sys.executable, "-c", KILLER, "cleangpt_jax.train", *args],
                             cwd=REPO, env=dict(env.sub_env, KILL_AT_BATCH=str(KILL_AT),
                                                CLEANGPT_JAX_CACHE=str(env.root / "host2")),
@@ -131,7 +132,7 @@ def resumed(env):
     assert killed.returncode == -9, killed.stderr[-3000:]
     saved = [n for n in storage.listdir(workdir_lib.checkpoint_dir(workdir)) if n.isdigit()]
     assert saved == ["2"], saved
-    assert os.listdir(env.root / "host2" / "tokens" / "mirrors")  # read from the bucket
+    assert os.listdir(env.root / "host2" / "tokens" / "mirror")  # read from the bucket
     config = get_config()
     config.update_from_flattened_dict(env.overrides)
     trainer.train_and_evaluate(config, workdir)  # the rerun, in process
