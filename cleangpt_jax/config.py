@@ -267,6 +267,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
     cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
     cfg.train.log_every = 50
+    # Peak FLOP/s of one device for the logged MFU; None: the chip's dense bf16 peak from
+    # cleangpt_jax.metrics.PEAK_FLOPS, or a measured matmul on CPU and unknown chips.
+    cfg.train.peak_flops = ml_collections.FieldReference(None, field_type=float)
     cfg.train.seed = 0  # parameters, dropout and batch order
     cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
     cfg.train.sample_prompts = ("ROMEO:",)

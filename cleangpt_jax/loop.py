@@ -38,6 +38,8 @@ import numpy as np
 from cleangpt_jax.workdir import METRICS_FILE, is_writer, write_atomically
 
 TENSORBOARD_PREFIX = "events.out.tfevents"  # the events files tensorboardX writes
+# Logged once per process (metrics.jsonl and the log line), not a curve: kept out of TensorBoard.
+ONCE_KEYS = ("compile_s",)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -153,14 +155,37 @@ def agree_to_stop(event: threading.Event, *, sync: bool = True) -> bool:
 
 
 # ------------------------------------------------------------------------ reporting
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (not a file, a pipe, a notebook cell or a batch log)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def progress_bar(total: int, initial: int, *, desc: str | None = None, enabled: bool = True,
                  leave: bool = True):
-    """A tqdm bar on process 0 when stderr is a terminal (none in logs: nohup, CI)."""
-    from tqdm.auto import tqdm
+    """A tqdm bar on process 0 when stderr is a terminal; otherwise a disabled one, and the
+    loop prints a plain line per log interval instead (`log_progress`)."""
+    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=leave,
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
-                disable=None if enabled and is_writer() else True)
+                disable=not (enabled and is_writer() and on_terminal()))
+
+
+def log_progress(bar, step: int, total: int, record: dict, *, desc: str | None = None) -> None:
+    """Without a terminal (the bar disabled), one line for a log record:
+    '[desc ]step 50/2000: train_loss 2.3456, lr 1.00e-03, 5678 tok/s, 12.3 ms/step, MFU 1.23%'.
+    On a terminal the bar shows the progress and this prints nothing."""
+    from cleangpt_jax.metrics import format_speed
+
+    if not bar.disable or not is_writer():
+        return
+    shown = [f"{k} {record[k]:.4f}" for k in ("train_loss", "distill_loss") if k in record]
+    if "lr" in record:
+        shown.append(f"lr {record['lr']:.2e}")
+    speed = format_speed(record)
+    text = f"step {step}/{total}: {', '.join(shown + ([speed] if speed else []))}"
+    print(f"{desc} {text}" if desc else text, file=sys.stderr, flush=True)
 
 
 def report(bar, text: str) -> None:
@@ -210,7 +235,8 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if (k != "step" and k not in ONCE_KEYS and isinstance(v, (int, float))
+                        and math.isfinite(v)):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import loop, sharding
+from cleangpt_jax import metrics as metrics_lib
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -134,6 +135,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0)
     bar = loop.progress_bar(run.num_steps, run.step)
+    speed = metrics_lib.Throughput(
+        metrics_lib.train_flops_per_token(metrics_lib.lm_param_count(run.state.params),
+                                          run.model.config),
+        peak_flops_per_device=t.peak_flops)
+    compile_s = None  # the first step's seconds (compiling), logged once with the next record
     stop = threading.Event()
     lag = loop.LaggedMetrics()
     newest: dict = {}  # the host metrics of the newest step fetched
@@ -183,8 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 run.step = step + 1
                 if clock is None:  # this process's first step compiled the programs
                     jax.block_until_ready(metrics)
-                    loop.report(bar, f"compiled and ran the first step in "
-                                     f"{time.perf_counter() - t0:.1f}s")
+                    compile_s = time.perf_counter() - t0
+                    loop.report(bar, f"compiled and ran the first step in {compile_s:.1f}s")
                     clock = time.perf_counter()
                 else:
                     steps_timed += 1
@@ -198,8 +204,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     tok_s=f"{tokens_per_sec:.0f}", refresh=False)
 
                 if run.step % t.log_every == 0 or run.step == run.num_steps:
-                    fetch(lag.flush())
-                    writer.write(run.step, _train_record(run, newest, tokens_per_sec))
+                    fetch(lag.flush())  # (waits for the device: the window's time is all run)
+                    record = _train_record(run, newest, speed.record(
+                        steps=steps_timed, seconds=time.perf_counter() - clock,
+                        tokens_per_step=run.tokens_per_step))
+                    if compile_s is not None:
+                        record["compile_s"], compile_s = compile_s, None
+                    writer.write(run.step, record)
+                    loop.log_progress(bar, run.step, run.num_steps, record)
                     run.loss_window = (0.0, 0)
                     clock, steps_timed = time.perf_counter(), 0
                 if t.eval_every and run.step % t.eval_every == 0 and run.eval_batches:
@@ -244,14 +256,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _summary(run)
 
 
-def _train_record(run: TrainRun, newest: dict, tokens_per_sec: float):
+def _train_record(run: TrainRun, newest: dict, speed: dict):
     """The log record of run.step: the mean loss of the steps since the last record (those
     before a resume included), the newest step's learning rate and grad norm (and the
-    strategy's extras), throughput."""
+    strategy's extras), throughput, MFU and memory (`metrics.Throughput.record`)."""
     total, count = run.loss_window
     record = {"train_loss": total / count,
-              "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"],
-              "tokens_per_sec": tokens_per_sec}
+              "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"], **speed}
     record.update({k: v for k, v in newest.items() if k not in ("loss", "grad_norm")})
     return record
 

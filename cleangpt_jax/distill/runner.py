@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ import ml_collections
 
 from cleangpt_jax import data as data_lib
 from cleangpt_jax import loop, sharding, train_step
+from cleangpt_jax import metrics as metrics_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -211,6 +213,10 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
                                 leave=False)
         lag = loop.LaggedMetrics()
+        speed = metrics_lib.Throughput(_stage_flops_per_token(s, stage, trainable),
+                                       peak_flops_per_device=cfg.train.peak_flops)
+        tokens_per_step = cfg.train.batch_size * s.student.config.block_size
+        timer = {}  # 'compile_s' (the first step), 'clock' and 'step' of the timed window
 
         def log(fetched):
             nonlocal first_loss, last_loss
@@ -220,9 +226,18 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if step % d.log_every == 0 or step == stage.steps:
-                    writer.write(step_offset + step, {
-                        "stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
-                        "grad_norm": m["grad_norm"], "lr": float(compiled.schedule(step - 1))})
+                    now = time.perf_counter()
+                    record = {"stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
+                              "grad_norm": m["grad_norm"],
+                              "lr": float(compiled.schedule(step - 1)),
+                              **speed.record(steps=step - timer["step"],
+                                             seconds=now - timer["clock"],
+                                             tokens_per_step=tokens_per_step)}
+                    if "compile_s" in timer:
+                        record["compile_s"] = timer.pop("compile_s")
+                    writer.write(step_offset + step, record)
+                    loop.log_progress(bar, step, stage.steps, record, desc=stage.name)
+                    timer.update(clock=time.perf_counter(), step=step)
 
         for step in range(start, stage.steps):
             g = step_offset + step
@@ -230,10 +245,15 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 s.data.train, seed=seed, step=g, global_batch_size=cfg.train.batch_size,
                 block_size=s.student.config.block_size, process_index=jax.process_index(),
                 process_count=jax.process_count())
+            t0 = time.perf_counter()
             trainable, opt_state, metrics = compiled.step(
                 trainable, opt_state, frozen, s.teacher_params,
                 sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
             done = step + 1
+            if not timer:  # the first step compiles (or loads) the stage's program: not timed
+                jax.block_until_ready(metrics)
+                timer.update(compile_s=time.perf_counter() - t0, clock=time.perf_counter(),
+                             step=done)
             log(lag.push(done, metrics))  # the previous step's: the device keeps working
             stopping = loop.agree_to_stop(stop) and done < stage.steps
             if stopping or (d.checkpoint_every and done % d.checkpoint_every == 0
@@ -256,6 +276,23 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
     finally:
         ckpt.close()
     return stage_step.join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
+
+
+def _stage_flops_per_token(s: Setup, stage, trainable) -> float:
+    """`metrics.distill_flops_per_token` of a stage: forward and backward of its trainable
+    leaves (and of the student blocks among them), plus the teacher's forward (up to the
+    stage's teacher layer for a block stage, the whole model for the logit stages)."""
+    layers = {p[1] for p in trainable if p[0] == "student" and str(p[1]).startswith("h_")}
+    t_layers = s.teacher.config.n_layer
+    if stage.kind == "block":
+        t_layers = stage.teacher_layer
+        t_params = sum(metrics_lib.param_count(s.teacher_params[f"h_{i}"])
+                       for i in range(t_layers) if f"h_{i}" in s.teacher_params)
+    else:
+        t_params = metrics_lib.lm_param_count(s.teacher_params)
+    return metrics_lib.distill_flops_per_token(
+        metrics_lib.param_count(trainable), len(layers), s.student.config, t_params, t_layers,
+        s.teacher.config)
 
 
 def completed_tree(s: Setup, workdir, name):
