@@ -113,14 +113,22 @@ def run(main: Callable, *, define_flags: Callable | None = None,
     `define_flags(flag_values)` defines them, `main(argv, flag_values=...)` reads them. By
     default on absl's FLAGS through `app.run`; with a private `flag_values` (a test running a
     tool in-process on `sys.argv`) the same definition, parsing and errors, then `main`,
-    without absl's process set-up."""
+    without absl's process set-up. `main` runs with the persistent compilation cache on
+    (`cleangpt_jax.compile_cache`)."""
+    from cleangpt_jax.compile_cache import persistent_cache
+
     values = flags.FLAGS if flag_values is None else flag_values
     if define_flags is not None:
         try:
             define_flags(values)
         except Exception as e:  # noqa: BLE001 -- a bad --config.x=y override
             flag_error(e, key_hint=key_hint)
+
+    def cached_main(argv, **kwargs):  # compiled programs persist (cleangpt_jax.compile_cache)
+        with persistent_cache():
+            return main(argv, **kwargs)
+
     if flag_values is None:
-        app.run(main, flags_parser=flags_parser(key_hint))
+        app.run(cached_main, flags_parser=flags_parser(key_hint))
     else:
-        sys.exit(main(flags_parser(key_hint, values)(sys.argv), flag_values=values))
+        sys.exit(cached_main(flags_parser(key_hint, values)(sys.argv), flag_values=values))
