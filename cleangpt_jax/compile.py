@@ -1,4 +1,4 @@
-"""Compile, ahead of time, the program a run would execute on a TPU slice, without a TPU.
+r"""Compile, ahead of time, the program a run would execute on a TPU slice, without a TPU.
 
     python -m cleangpt_jax.compile --config=configs/gpt2_124m.py --topology=v5e:2x2
     python -m cleangpt_jax.compile --config=configs/gpt2_124m.py:xl --topology=v5e:2x4 \

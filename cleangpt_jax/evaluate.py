@@ -1,4 +1,4 @@
-"""Evaluate a trained or distilled model, alone or against a teacher.
+r"""Evaluate a trained or distilled model, alone or against a teacher.
 
     python -m cleangpt_jax.evaluate --workdir=runs/default
     python -m cleangpt_jax.evaluate --workdir=runs/distill --teacher=gpt2

@@ -316,6 +316,16 @@ def resolve_num_steps(train_cfg, steps_per_epoch: int) -> int:
     return n
 
 
+def warn_about_warmup(train_cfg, num_steps: int) -> None:
+    """A warning on stderr (process 0) when the warmup does not end before the run does: the
+    learning rate then never reaches train.learning_rate."""
+    if train_cfg.warmup_steps >= num_steps and workdir_lib.is_writer():
+        print(f"warning: train.warmup_steps={train_cfg.warmup_steps} >= the run's {num_steps} "
+              f"steps: the learning rate never reaches train.learning_rate="
+              f"{train_cfg.learning_rate}; lower train.warmup_steps", file=sys.stderr,
+              flush=True)
+
+
 def check_train_config(config) -> None:
     t = config.train
     for key in ("batch_size", "grad_accum_steps", "log_every"):
@@ -406,6 +416,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     block, batch_size = model.config.block_size, t.batch_size
     steps_per_epoch = data_lib.steps_per_epoch(data.train, batch_size, block)
     num_steps = resolve_num_steps(t, steps_per_epoch)
+    warn_about_warmup(t, num_steps)
     optimizer, schedule = make_optimizer(t, num_steps)
     loss_terms = step_lib.get_strategy(t.strategy, model, config)
     init_fn = step_lib.model_init_fn(model, t.seed)
