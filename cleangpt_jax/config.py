@@ -270,6 +270,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
     cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
     cfg.train.log_every = 50  # steps per metrics record and log line
+    # 'START,END': a jax.profiler trace of those steps into WORKDIR/profile; None = off
+    cfg.train.profile_steps = ml_collections.FieldReference(None, field_type=str)
     # Peak FLOP/s of one device for the logged MFU; None: the chip's dense bf16 peak from
     # cleangpt_jax.metrics.PEAK_FLOPS, or a measured matmul on CPU and unknown chips.
     cfg.train.peak_flops = ml_collections.FieldReference(None, field_type=float)

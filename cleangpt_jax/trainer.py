@@ -28,6 +28,7 @@ import ml_collections
 
 from cleangpt_jax import loop, sharding
 from cleangpt_jax import metrics as metrics_lib
+from cleangpt_jax.profiling import StepProfiler
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -140,6 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                           run.model.config),
         peak_flops_per_device=t.peak_flops)
     compile_s = None  # the first step's seconds (compiling), logged once with the next record
+    profiler = StepProfiler(t.profile_steps, run.workdir)
     stop = threading.Event()
     lag = loop.LaggedMetrics()
     newest: dict = {}  # the host metrics of the newest step fetched
@@ -185,8 +187,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 notify("step_begin")
                 batch = sharding.global_batch(run.batch_for_step(step), run.mesh)
                 t0 = time.perf_counter()
-                run.state, metrics = run.train_step(run.state, batch)
+                with profiler.annotate(step + 1):
+                    run.state, metrics = run.train_step(run.state, batch)
                 run.step = step + 1
+                profiler.stop_after(run.step, metrics)
                 if clock is None:  # this process's first step compiled the programs
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t0
@@ -249,6 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise e.stopped("training", kept, "Lower train.learning_rate, raise train.warmup_steps "
                                           "or set train.grad_clip") from None
     finally:
+        profiler.close()
         bar.close()
         writer.close()
         run.checkpointer.close()

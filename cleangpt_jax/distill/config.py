@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.warmup_steps = 20                 # per stage, at most a tenth of the stage
     d.checkpoint_every = 100            # mid-stage saves (and on SIGTERM / Ctrl-C)
     d.log_every = 10  # steps per metrics record and log line
+    d.profile_steps = optional(str)     # 'START,END' (global steps): trace into WORKDIR/profile
     d.eval_steps = 20                   # validation batches for the final student's perplexity
 
     d.head = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ a second run in one process (a resumed run, a study sweeping variants) compiles 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ from cleangpt_jax.distill.losses import get_loss
 from cleangpt_jax.distill.stitching import init_stitching, stitch_name
 from cleangpt_jax.loading import load_lm
 from cleangpt_jax.models import get_model
+from cleangpt_jax.profiling import StepProfiler
 
 STITCH_SEED_SALT = 2
 
@@ -175,7 +177,7 @@ def _stage_info(stage, first_loss, final_loss) -> dict:
 
 
 def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: threading.Event,
-              progress: bool = True):
+              progress: bool = True, profiler: StepProfiler | None = None):
     """Train one stage from `tree` (or from the stage's newest checkpoint); returns
     (tree, info). Saves every distill.checkpoint_every steps, at the end, and on `stop`."""
     cfg = s.config
@@ -246,10 +248,13 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 block_size=s.student.config.block_size, process_index=jax.process_index(),
                 process_count=jax.process_count())
             t0 = time.perf_counter()
-            trainable, opt_state, metrics = compiled.step(
-                trainable, opt_state, frozen, s.teacher_params,
-                sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
+            with profiler.annotate(g + 1) if profiler else contextlib.nullcontext():
+                trainable, opt_state, metrics = compiled.step(
+                    trainable, opt_state, frozen, s.teacher_params,
+                    sharding.global_batch(batch, s.mesh), jax.random.fold_in(dropout_key, g))
             done = step + 1
+            if profiler:
+                profiler.stop_after(g + 1, metrics)
             if not timer:  # the first step compiles (or loads) the stage's program: not timed
                 jax.block_until_ready(metrics)
                 timer.update(compile_s=time.perf_counter() - t0, clock=time.perf_counter(),
@@ -345,6 +350,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
               f"{remaining[0].name if remaining else 'the final student'}", flush=True)
     writer = loop.MetricWriter(workdir, resume_step=offset + mid)
     stop = threading.Event()
+    profiler = StepProfiler(cfg.distill.profile_steps, workdir, name="distill",
+                            key="distill.profile_steps")
     try:
         with loop.stop_on_signals(stop):
             for stage in remaining:
@@ -363,7 +370,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                     if fresh:
                         tree = init_head_from_teacher(s, tree)
                 tree, info = run_stage(s, stage, tree, workdir=workdir, step_offset=offset,
-                                       writer=writer, stop=stop, progress=progress)
+                                       writer=writer, stop=stop, progress=progress,
+                                       profiler=profiler)
                 offset += stage.steps
                 done.append(info)
                 records.write_manifest(workdir, done)
@@ -378,6 +386,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
             writer.write(offset, {"stage": "student", **summary["student_val"],
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})
     finally:
+        profiler.close()
         writer.close()
     return summary
 
