@@ -270,6 +270,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
     cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
     cfg.train.log_every = 50  # steps per metrics record and log line
+    # Where records go: any of jsonl, tensorboard, wandb, comma-separated (cleangpt_jax.trackers)
+    cfg.train.loggers = "jsonl,tensorboard"
+    cfg.train.wandb_project = "cleangpt_jax"  # the W&B project of the wandb logger
     # 'START,END': a jax.profiler trace of those steps into WORKDIR/profile; None = off
     cfg.train.profile_steps = ml_collections.FieldReference(None, field_type=str)
     # Peak FLOP/s of one device for the logged MFU; None: the chip's dense bf16 peak from

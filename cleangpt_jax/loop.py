@@ -205,19 +205,29 @@ class MetricWriter:
     an uninterrupted run's, record for record, in the files and in TensorBoard.
     """
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
+                 loggers=None, config=None, wandb_project: str | None = None):
+        """`loggers`: train.loggers ('jsonl,tensorboard,wandb', `trackers`); None: jsonl, and
+        TensorBoard when `tensorboard`. `config` and `wandb_project` are W&B's."""
+        from cleangpt_jax import trackers
+
+        names = (trackers.parse_loggers(loggers) if loggers is not None
+                 else ("jsonl",) + (("tensorboard",) if tensorboard else ()))
         self.active = is_writer()
         self.path = os.path.join(workdir, METRICS_FILE)
-        self._tb = None
+        self._tb = self._file = self._wandb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):
+        if os.path.exists(self.path) and "jsonl" in names:
             with open(self.path, encoding="utf-8") as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
             write_atomically(self.path, "".join(keep))
-        self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if "jsonl" in names:
+            self._file = open(self.path, "a", encoding="utf-8")
+        if "wandb" in names:
+            self._wandb = trackers.WandbLogger(workdir, config=config, project=wandb_project)
+        if "tensorboard" in names:
             for name in os.listdir(workdir):
                 if name.startswith(TENSORBOARD_PREFIX):
                     _drop_events_after(os.path.join(workdir, name), resume_step)
@@ -231,8 +241,11 @@ class MetricWriter:
         for k, v in metrics.items():
             v = v.item() if hasattr(v, "item") else v
             record[k] = v
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._wandb is not None:
+            self._wandb.write(step, {k: v for k, v in record.items() if k not in ONCE_KEYS})
         if self._tb is not None:
             for k, v in record.items():
                 if (k != "step" and k not in ONCE_KEYS and isinstance(v, (int, float))
@@ -242,9 +255,9 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.active:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            for sink in (self._file, self._tb, self._wandb):
+                if sink is not None:
+                    sink.close()
 
 
 def _drop_events_after(path: str, step: int) -> None:

@@ -134,7 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         run.checkpointer.close()
         return _summary(run)
 
-    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0)
+    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0,
+                               loggers=t.loggers, config=run.config,
+                               wandb_project=t.wandb_project)
     bar = loop.progress_bar(run.num_steps, run.step)
     speed = metrics_lib.Throughput(
         metrics_lib.train_flops_per_token(metrics_lib.lm_param_count(run.state.params),

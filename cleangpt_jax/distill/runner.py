@@ -348,7 +348,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     if done and jax.process_index() == 0:
         print(f"Completed stages {[m['name'] for m in done]}; continuing with "
               f"{remaining[0].name if remaining else 'the final student'}", flush=True)
-    writer = loop.MetricWriter(workdir, resume_step=offset + mid)
+    writer = loop.MetricWriter(workdir, resume_step=offset + mid, loggers=cfg.train.loggers,
+                               config=cfg, wandb_project=cfg.train.wandb_project)
     stop = threading.Event()
     profiler = StepProfiler(cfg.distill.profile_steps, workdir, name="distill",
                             key="distill.profile_steps")
