@@ -68,7 +68,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     line = f"student perplexity {ppl['student']:.4f}"
     if ppl["teacher"] is not None:
         line += f", teacher {ppl['teacher']:.4f}, ratio {ppl['ratio']:.4f}"
-    print(line)
+    scored = summary["data"]
+    print(f"{line} (over {scored['tokens']} tokens of the {scored['split']} split)")
     if summary["files"]:
         print(f"report: {os.path.join(out, summary['files']['report'])}")
 

@@ -168,7 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(run.step, {k: run.last_eval[k]
                                 for k in ("val_loss", "val_ppl", "best_val_loss")})
         loop.report(bar, f"step {run.step}: val_loss {metrics['val_loss']:.4f} (ppl "
-                         f"{metrics['val_ppl']:.2f}, best {run.best_val_loss:.4f})")
+                         f"{metrics['val_ppl']:.2f} over {metrics['val_tokens']} tokens of the "
+                         f"validation split, best {run.best_val_loss:.4f})")
         notify("eval_end")
 
     def save_now() -> None:

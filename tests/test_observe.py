@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TINY = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
         "train.batch_size": 4, "train.num_steps": 6, "train.log_every": 2,
-        "train.eval_every": 0, "train.checkpoint_every": 0, "train.sample_max_new_tokens": 0,
+        "train.eval_every": 6, "train.eval_steps": 1, "train.checkpoint_every": 0, "train.sample_max_new_tokens": 0,
         "train.profile_steps": "3,4", "data.max_samples": 3,
         "train.loggers": "jsonl,tensorboard,wandb"}
 TINY_DISTILL = {"model.model_type": "vanilla", "model.n_layer": 1, "model.n_head": 2,
@@ -134,7 +135,7 @@ def test_training_records_throughput_mfu_and_the_compile_time_once(runs):
         check_speed(r, timed=True)
     # The compile time: once per process, with the first record after the first step.
     assert [("compile_s" in r) for r in records] == [True, False, False]
-    resumed = [r for r in runs.records if r["step"] > 6]
+    resumed = [r for r in runs.records if r["step"] > 6 and "train_loss" in r]
     assert [r["step"] for r in resumed] == [8] and "compile_s" in resumed[0]
     # The resume's first step loads its programs from the persistent cache the first run
     # filled: the second start compiles less.
@@ -150,7 +151,7 @@ def test_distillation_records_throughput_mfu_per_stage(runs):
 
 
 def test_redirected_output_has_one_progress_line_per_log_interval(runs):
-    lines = [ln for ln in runs.first.err.splitlines() if ln.startswith("step ")]
+    lines = [ln for ln in runs.first.err.splitlines() if re.match(r"step \d+/", ln)]
     assert [ln.split(":")[0] for ln in lines] == ["step 2/6", "step 4/6", "step 6/6"]
     assert all("train_loss" in ln and "tok/s" in ln and "MFU" in ln for ln in lines)
     after_setup = runs.first.err.split("compiled and ran the first step")[1]
@@ -159,6 +160,14 @@ def test_redirected_output_has_one_progress_line_per_log_interval(runs):
     assert [ln.split(":")[0] for ln in stage_lines] == ["block_1 step 2/2"]
     # The warmup (100 steps by default) outlasts the 6-step run: a warning says so.
     assert "warning: train.warmup_steps=100 >= the run's 6 steps" in runs.first.err
+
+
+def test_the_validation_report_says_what_it_scored(runs):
+    """Item 9: training's perplexity names its token count and split (distillation's and
+    evaluate's lines do the same), so numbers from different tools are not taken for one."""
+    (line,) = [ln for ln in runs.first.err.splitlines() if "val_loss" in ln]
+    assert line.startswith("step 6: val_loss ")
+    assert " over 60 tokens of the validation split" in line  # 4 rows x 15 next tokens
 
 
 def test_profile_holds_the_annotated_train_steps(runs):
