@@ -280,8 +280,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.peak_flops = ml_collections.FieldReference(None, field_type=float)
     cfg.train.seed = 0  # parameters, dropout and batch order
     cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
-    # prompts of the samples written during and after training
-    cfg.train.sample_prompts = ("ROMEO:",)
+    # Prompts of the samples written during and after training, e.g. ('ROMEO:',); None: the
+    # start of the first validation document (its first line, at most 16 tokens)
+    cfg.train.sample_prompts = ml_collections.FieldReference(None, field_type=object)
     cfg.train.sample_max_new_tokens = 300  # 0 = no samples
     cfg.train.sample_temperature = 0.8  # sampling temperature of those samples
     cfg.train.sample_top_k = 50  # 0 = off

@@ -125,6 +125,11 @@ def device_memory(device=None) -> dict[str, float]:
     return out
 
 
+def untimed(records: list[dict]) -> list[dict]:
+    """Log records without their TIMING_KEYS: what a resumed run must repeat exactly."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
 class Throughput:
     """The speed part of a log record, from timings the loop already took."""
 

@@ -377,6 +377,19 @@ def check_sample_settings(train_cfg, model_cfg, tokenizer) -> None:
             f"shorten the prompts")
 
 
+def data_prompt(tokens, tokenizer, max_tokens: int = 16) -> str:
+    """The sample prompt train.sample_prompts=None stands for: the start of the token stream
+    `tokens` (the validation split begins with a document), at most `max_tokens` tokens and
+    its first line, as text; a document separator before it is skipped."""
+    stream = getattr(tokens, "streams", (tokens,))[0]  # a Mixture's first source
+    ids = [int(i) for i in stream[:max_tokens + 8]]
+    sep = tokenizer.document_separator()
+    while sep and ids[:len(sep)] == sep:
+        ids = ids[len(sep):]
+    text = tokenizer.decode(ids[:max_tokens])
+    return text.strip().split("\n")[0].strip() or text
+
+
 def prepare_tokenizer(config, workdir: str):
     """The run's tokenizer: the one saved in the workdir when resuming, else built from the
     config and saved there."""
@@ -421,6 +434,10 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     check_sample_settings(t, model.config, tokenizer)  # after the run's own config is checked
 
     data = data_lib.load_dataset(config, tokenizer)
+    if t.sample_prompts is None:  # the start of a validation document (saved in config.json)
+        t.sample_prompts = (data_prompt(data.val if data.val is not None else data.train,
+                                        tokenizer),)
+        check_sample_settings(t, model.config, tokenizer)
     block, batch_size = model.config.block_size, t.batch_size
     steps_per_epoch = data_lib.steps_per_epoch(data.train, batch_size, block)
     num_steps = resolve_num_steps(t, steps_per_epoch)

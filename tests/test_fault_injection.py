@@ -127,10 +127,9 @@ def run_cli(env, module: str, args: list[str], kill: dict | None = None):
 
 def metric_records(workdir) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
-    from cleangpt_jax.metrics import TIMING_KEYS
+    from cleangpt_jax.metrics import untimed
 
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS + ("seconds",)}
-            for r in workdir_lib.read_metrics(str(workdir))]
+    return untimed(workdir_lib.read_metrics(str(workdir)))
 
 
 def stored(step_dir) -> dict[str, np.ndarray]:

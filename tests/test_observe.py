@@ -170,6 +170,18 @@ def test_the_validation_report_says_what_it_scored(runs):
     assert " over 60 tokens of the validation split" in line  # 4 rows x 15 next tokens
 
 
+def test_the_sample_prompt_is_the_start_of_a_validation_document(runs):
+    from cleangpt_jax import data as data_lib
+    from cleangpt_jax.tokenizers import load_tokenizer
+
+    saved = workdir_lib.load_config(runs.workdir)
+    (prompt,) = saved.train.sample_prompts  # resolved from None and saved with the run
+    tokenizer = load_tokenizer(os.path.join(runs.workdir, "tokenizer"))
+    val = data_lib.load_dataset(saved, tokenizer).val
+    assert prompt and prompt != "ROMEO:"
+    assert tokenizer.decode([int(i) for i in val[:64]]).lstrip().startswith(prompt)
+
+
 def test_profile_holds_the_annotated_train_steps(runs):
     traces = glob.glob(os.path.join(runs.workdir, "profile", "plugins", "profile", "*",
                                     "*.trace.json.gz"))
