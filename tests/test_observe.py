@@ -35,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TINY = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
         "train.batch_size": 4, "train.num_steps": 6, "train.log_every": 2,
-        "train.eval_every": 6, "train.eval_steps": 1, "train.checkpoint_every": 0, "train.sample_max_new_tokens": 0,
-        "train.profile_steps": "3,4", "data.max_samples": 3,
+        "train.eval_every": 6, "train.eval_steps": 1, "train.checkpoint_every": 0,
+        "train.sample_max_new_tokens": 0, "train.profile_steps": "3,4", "data.max_samples": 3,
         "train.loggers": "jsonl,tensorboard,wandb"}
 TINY_DISTILL = {"model.model_type": "vanilla", "model.n_layer": 1, "model.n_head": 2,
                 "model.n_embd": 16, "model.block_size": 16, "train.batch_size": 4,
