@@ -45,6 +45,7 @@ def persistent_cache():
     """Inside the block jax caches compiled programs in `cache_dir()` unless
     jax_compilation_cache_dir was already set; yields the directory in use (None: none)."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     current = jax.config.jax_compilation_cache_dir
     path = None if current else cache_dir()
@@ -52,10 +53,9 @@ def persistent_cache():
         yield current or None
         return
     jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # (jax reads the setting once, at its first compile)
     try:
         yield path
     finally:
         jax.config.update("jax_compilation_cache_dir", current)
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()  # the next setting takes effect from scratch
+        compilation_cache.reset_cache()
