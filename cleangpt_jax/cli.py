@@ -148,6 +148,7 @@ def run(main: Callable, *, define_flags: Callable | None = None,
 
             print(format_config(config_flag_value(flag_values=values)))
             return 0
+        quiet_logs(values)  # (before the cache logs its set-up at INFO)
         with persistent_cache():
             return main(argv, **kwargs)
 
