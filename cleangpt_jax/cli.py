@@ -69,9 +69,9 @@ def flags_parser(key_hint: str = CONFIG_KEY_HINT,
         except SystemExit as e:
             if e.code and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
                 if help_hint:
-                    print(f"Config keys: --print_config lists every key of the --config file, "
-                          f"its value and its meaning; change one with "
-                          f"--config.section.key=value.")
+                    print("Config keys: --print_config lists every key of the --config file, "
+                          "its value and its meaning; change one with "
+                          "--config.section.key=value.")
                 sys.exit(0)
             raise
         except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
