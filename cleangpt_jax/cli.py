@@ -21,7 +21,11 @@ from typing import Callable, NoReturn
 
 from absl import app, flags, logging
 
-CONFIG_KEY_HINT = "check its spelling against the config file's get_config()"
+CONFIG_KEY_HINT = ("check its spelling against the config file's get_config() (--print_config "
+                   "lists every key)")
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+PRINT_CONFIG_HELP = ("Print every key of the resolved config (the --config file with its "
+                     "--config.x=y overrides), its value and its one-line meaning, then exit.")
 
 
 def die(message, code: int = 1) -> NoReturn:
@@ -55,11 +59,21 @@ def flag_error(e: Exception, argv: list[str] | None = None,
 
 
 def flags_parser(key_hint: str = CONFIG_KEY_HINT,
-                 flag_values: flags.FlagValues = flags.FLAGS):
-    """A `flags_parser` for absl's app.run that turns every parsing failure into one line."""
+                 flag_values: flags.FlagValues = flags.FLAGS, help_hint: bool = False):
+    """A `flags_parser` for absl's app.run that turns every parsing failure into one line.
+    --help (absl prints the usage and exits 1) exits 0, after saying how to list the config
+    keys when the tool has a --config (`help_hint`)."""
     def parse(argv: list[str]) -> list[str]:
         try:
             return flag_values(argv)
+        except SystemExit as e:
+            if e.code and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+                if help_hint:
+                    print("Config keys: --print_config lists every key of the --config file, "
+                          "its value and its meaning; change one with "
+                          "--config.section.key=value.")
+                sys.exit(0)
+            raise
         except Exception as e:  # noqa: BLE001 -- also a config file that raised while loading
             flag_error(e, argv, key_hint)
     return parse
@@ -113,14 +127,32 @@ def run(main: Callable, *, define_flags: Callable | None = None,
     `define_flags(flag_values)` defines them, `main(argv, flag_values=...)` reads them. By
     default on absl's FLAGS through `app.run`; with a private `flag_values` (a test running a
     tool in-process on `sys.argv`) the same definition, parsing and errors, then `main`,
-    without absl's process set-up."""
+    without absl's process set-up. `main` runs with the persistent compilation cache on
+    (`cleangpt_jax.compile_cache`)."""
+    from cleangpt_jax.compile_cache import persistent_cache
+
     values = flags.FLAGS if flag_values is None else flag_values
     if define_flags is not None:
         try:
             define_flags(values)
         except Exception as e:  # noqa: BLE001 -- a bad --config.x=y override
             flag_error(e, key_hint=key_hint)
+
+    has_config = "config" in values
+    if has_config and "print_config" not in values:
+        flags.DEFINE_bool("print_config", False, PRINT_CONFIG_HELP, flag_values=values)
+
+    def cached_main(argv, **kwargs):  # compiled programs persist (cleangpt_jax.compile_cache)
+        if has_config and values.print_config:
+            from cleangpt_jax.config_help import format_config
+
+            print(format_config(config_flag_value(flag_values=values)))
+            return 0
+        quiet_logs(values)  # (before the cache logs its set-up at INFO)
+        with persistent_cache():
+            return main(argv, **kwargs)
+
     if flag_values is None:
-        app.run(main, flags_parser=flags_parser(key_hint))
+        app.run(cached_main, flags_parser=flags_parser(key_hint, help_hint=has_config))
     else:
-        sys.exit(main(flags_parser(key_hint, values)(sys.argv), flag_values=values))
+        sys.exit(cached_main(flags_parser(key_hint, values)(sys.argv), flag_values=values))

@@ -1,4 +1,4 @@
-"""Compile, ahead of time, the program a run would execute on a TPU slice, without a TPU.
+r"""Compile, ahead of time, the program a run would execute on a TPU slice, without a TPU.
 
     python -m cleangpt_jax.compile --config=configs/gpt2_124m.py --topology=v5e:2x2
     python -m cleangpt_jax.compile --config=configs/gpt2_124m.py:xl --topology=v5e:2x4 \
@@ -48,11 +48,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from cleangpt_jax import cli, storage
+from cleangpt_jax.metrics import param_count, train_flops_per_token
 
 FLAGS = flags.FLAGS
 WHAT = ("train", "distill", "generate")
@@ -221,17 +221,6 @@ def measure(lower: Callable[[], Any], *, topology: str, num_devices: int, what: 
                   code_bytes=m.generated_code_size_in_bytes, hbm_bytes_per_device=int(total),
                   fits=bool(total <= capacity), flops_per_device=_cost_flops(compiled),
                   compile_seconds=round(seconds, 2), **common)
-
-
-def param_count(abstract_params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
-
-
-def train_flops_per_token(n_params: int, model_cfg) -> float:
-    """6 N + 12 L H Q T: the matmul FLOPs of one token's forward and backward (PaLM's
-    appendix B; nanoGPT's estimate_mfu)."""
-    c = model_cfg
-    return 6.0 * n_params + 12.0 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
 # --------------------------------------------------------------------------- the programs

@@ -63,26 +63,27 @@ class ModelConfig:
     from them.
     """
 
-    model_type: str = "vanilla"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    vocab_size: int | None = None
-    dropout: float = 0.0
-    bias: bool = False
-    activation: str = "gelu"
-    position_encoding: str = "learned"
+    model_type: str = "vanilla"  # architecture: vanilla | sasp | factored (models registry)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 64  # context length in tokens
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    dropout: float = 0.0  # dropout rate on embeddings, attention and MLP outputs
+    bias: bool = False  # biases in the dense and LayerNorm layers
+    activation: str = "gelu"  # MLP nonlinearity: gelu | gelu_tanh
+    position_encoding: str = "learned"  # learned (wpe table) | alibi (attention biases)
+    # longest input; None: block_size (learned), 4x (alibi)
     max_position_embeddings: int | None = None
-    layer_norm_epsilon: float = 1e-5
-    use_proj: bool = False
-    use_v: bool = False
-    llama_mlp: bool = False
-    tie_embeddings: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention: str = "auto"
-    scan_layers: bool = False
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
+    use_proj: bool = False  # sasp/factored: attention output projection
+    use_v: bool = False  # sasp/factored: value projection
+    llama_mlp: bool = False  # sasp: gated (LLaMA) MLP
+    tie_embeddings: bool = True  # the output head reuses the token embeddings
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    param_dtype: str = "float32"  # parameter dtype (training keeps float32)
+    attention: str = "auto"  # kernel: auto (per backend) or one of kernels.ATTENTION_KERNELS
+    scan_layers: bool = False  # the blocks as one lax.scan (compiles one block)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -205,7 +206,8 @@ def get_config() -> ml_collections.ConfigDict:
                                  else ml_collections.FieldReference(None, field_type=int))
 
     cfg.tokenizer = ml_collections.ConfigDict()
-    cfg.tokenizer.type = "character"
+    cfg.tokenizer.type = "character"  # 'character' (from the corpus) | 'gpt2' (BPE)
+    # a saved tokenizer directory or hub name; None: built
     cfg.tokenizer.name_or_path = ml_collections.FieldReference(None, field_type=str)
 
     # Input pipeline (the cleangpt_jax/data package owns the meaning of these keys).
@@ -215,11 +217,12 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.source = "shakespeare"
     # hf: 'roneneldan/TinyStories', 'json', a directory.
     cfg.data.name = ml_collections.FieldReference(None, field_type=str)
+    # hf: the dataset's configuration name
     cfg.data.config_name = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.split = "train"
+    cfg.data.split = "train"  # hf: the training split
     # Validation: a named split (hf), else the last val_fraction of the documents.
     cfg.data.val_split = ml_collections.FieldReference(None, field_type=str)
-    cfg.data.val_fraction = 0.1
+    cfg.data.val_fraction = 0.1  # last fraction of the documents held out for validation
     # None: 'text', then 'story', then the first string column.
     cfg.data.text_column = ml_collections.FieldReference(None, field_type=str)
     # Comma-separated globs: the documents of 'text'; data_files for an hf builder such as 'json'.
@@ -252,16 +255,16 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train = ml_collections.ConfigDict()
     cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.trainer)
     cfg.train.batch_size = 16  # global: sequences per optimizer update, over all devices
-    cfg.train.num_steps = 2000
+    cfg.train.num_steps = 2000  # optimizer updates (train.num_epochs wins if set)
     cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)  # wins if set
-    cfg.train.learning_rate = 1e-3
-    cfg.train.warmup_steps = 100
+    cfg.train.learning_rate = 1e-3  # peak AdamW learning rate, reached after warmup_steps
+    cfg.train.warmup_steps = 100  # linear warmup from 0 to learning_rate
     cfg.train.lr_schedule = "cosine"  # 'cosine' | 'linear' | 'constant' (after warmup)
-    cfg.train.min_lr = 1e-4
+    cfg.train.min_lr = 1e-4  # the schedule's final learning rate
     cfg.train.weight_decay = 0.1  # AdamW, on weights of rank >= 2 only
-    cfg.train.adam_b1 = 0.9
-    cfg.train.adam_b2 = 0.99
-    cfg.train.adam_eps = 1e-8
+    cfg.train.adam_b1 = 0.9  # AdamW first-moment decay
+    cfg.train.adam_b2 = 0.99  # AdamW second-moment decay
+    cfg.train.adam_eps = 1e-8  # AdamW epsilon
     cfg.train.grad_clip = 1.0  # global-norm clipping; 0 = off
     cfg.train.grad_accum_steps = 1  # batch_size is split into this many micro-batches
     # Rematerialise each block in the backward pass: 'none' | 'block' (keep only block inputs)
@@ -275,20 +278,33 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
     cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
-    cfg.train.log_every = 50
+    cfg.train.log_every = 50  # steps per metrics record and log line
+    # Where records go: any of jsonl, tensorboard, wandb, comma-separated (cleangpt_jax.trackers)
+    cfg.train.loggers = "jsonl,tensorboard"
+    cfg.train.wandb_project = "cleangpt_jax"  # the W&B project of the wandb logger
+    # 'START,END': a jax.profiler trace of those steps into WORKDIR/profile; None = off
+    cfg.train.profile_steps = ml_collections.FieldReference(None, field_type=str)
+    # Peak FLOP/s of one device for the logged MFU; None: the chip's dense bf16 peak from
+    # cleangpt_jax.metrics.PEAK_FLOPS, or a measured matmul on CPU and unknown chips.
+    cfg.train.peak_flops = ml_collections.FieldReference(None, field_type=float)
     cfg.train.seed = 0  # parameters, dropout and batch order
     cfg.train.sample_every = 0  # samples/step_<N>.txt every N steps; 0 = only at the end
-    cfg.train.sample_prompts = ("ROMEO:",)
+    # Prompts of the samples written during and after training, e.g. ('ROMEO:',); None: the
+    # start of the first validation document (its first line, at most 16 tokens)
+    cfg.train.sample_prompts = ml_collections.FieldReference(None, field_type=object)
     cfg.train.sample_max_new_tokens = 300  # 0 = no samples
-    cfg.train.sample_temperature = 0.8
+    cfg.train.sample_temperature = 0.8  # sampling temperature of those samples
     cfg.train.sample_top_k = 50  # 0 = off
     # Devices: all local devices; `fsdp` > 1 also shards parameters and optimizer state.
     cfg.train.fsdp = 1
     # Multi-host: 'auto' runs jax.distributed.initialize() when the environment says this is
     # one process of several (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); True / False force it.
     cfg.train.distributed = "auto"
+    # multi-host: host:port of process 0
     cfg.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    # multi-host: number of processes
     cfg.train.num_processes = ml_collections.FieldReference(None, field_type=int)
+    # multi-host: this process's index
     cfg.train.process_id = ml_collections.FieldReference(None, field_type=int)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Evaluate a trained or distilled model, alone or against a teacher.
+r"""Evaluate a trained or distilled model, alone or against a teacher.
 
     python -m cleangpt_jax.evaluate --workdir=runs/default
     python -m cleangpt_jax.evaluate --workdir=runs/distill --teacher=gpt2
@@ -67,7 +67,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     line = f"student perplexity {ppl['student']:.4f}"
     if ppl["teacher"] is not None:
         line += f", teacher {ppl['teacher']:.4f}, ratio {ppl['ratio']:.4f}"
-    print(line)
+    scored = summary["data"]
+    print(f"{line} (over {scored['tokens']} tokens of the {scored['split']} split)")
     if summary["files"]:
         print(f"report: {storage.join(out, summary['files']['report'])}")
 

@@ -1,4 +1,4 @@
-"""Generate text from a training run or a Hugging Face GPT-2 checkpoint.
+r"""Generate text from a training run or a Hugging Face GPT-2 checkpoint.
 
     python -m cleangpt_jax.generate --workdir=runs/default --prompt="ROMEO:"
     python -m cleangpt_jax.generate --workdir=runs/default --prompt="ROMEO:" --prompt="JULIET:" \

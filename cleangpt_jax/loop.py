@@ -39,6 +39,8 @@ from cleangpt_jax import storage
 from cleangpt_jax.workdir import METRICS_FILE, is_writer, write_atomically
 
 TENSORBOARD_PREFIX = "events.out.tfevents"  # the events files tensorboardX writes
+# Logged once per process (metrics.jsonl and the log line), not a curve: kept out of TensorBoard.
+ONCE_KEYS = ("compile_s",)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -154,14 +156,37 @@ def agree_to_stop(event: threading.Event, *, sync: bool = True) -> bool:
 
 
 # ------------------------------------------------------------------------ reporting
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (not a file, a pipe, a notebook cell or a batch log)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def progress_bar(total: int, initial: int, *, desc: str | None = None, enabled: bool = True,
                  leave: bool = True):
-    """A tqdm bar on process 0 when stderr is a terminal (none in logs: nohup, CI)."""
-    from tqdm.auto import tqdm
+    """A tqdm bar on process 0 when stderr is a terminal; otherwise a disabled one, and the
+    loop prints a plain line per log interval instead (`log_progress`)."""
+    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=leave,
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
-                disable=None if enabled and is_writer() else True)
+                disable=not (enabled and is_writer() and on_terminal()))
+
+
+def log_progress(bar, step: int, total: int, record: dict, *, desc: str | None = None) -> None:
+    """Without a terminal (the bar disabled), one line for a log record:
+    '[desc ]step 50/2000: train_loss 2.3456, lr 1.00e-03, 5678 tok/s, 12.3 ms/step, MFU 1.23%'.
+    On a terminal the bar shows the progress and this prints nothing."""
+    from cleangpt_jax.metrics import format_speed
+
+    if not bar.disable or not is_writer():
+        return
+    shown = [f"{k} {record[k]:.4f}" for k in ("train_loss", "distill_loss") if k in record]
+    if "lr" in record:
+        shown.append(f"lr {record['lr']:.2e}")
+    speed = format_speed(record)
+    text = f"step {step}/{total}: {', '.join(shown + ([speed] if speed else []))}"
+    print(f"{desc} {text}" if desc else text, file=sys.stderr, flush=True)
 
 
 def report(bar, text: str) -> None:
@@ -185,25 +210,35 @@ class MetricWriter:
     uploaded whole after each flush (each upload replaces the object in one step).
     """
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
+                 loggers=None, config=None, wandb_project: str | None = None):
+        """`loggers`: train.loggers ('jsonl,tensorboard,wandb', `trackers`); None: jsonl, and
+        TensorBoard when `tensorboard`. `config` and `wandb_project` are W&B's."""
+        from cleangpt_jax import trackers
+
+        names = (trackers.parse_loggers(loggers) if loggers is not None
+                 else ("jsonl",) + (("tensorboard",) if tensorboard else ()))
         self.active = is_writer()
         self.workdir = workdir
         self.path = storage.join(workdir, METRICS_FILE)
-        self._tb = None
+        self._tb = self._file = self._wandb = None
+        self._jsonl = "jsonl" in names
         self._remote = storage.is_url(workdir)
         if not self.active:
             return
         storage.makedirs(workdir)
         keep = []
-        if storage.exists(self.path):
+        if self._jsonl and storage.exists(self.path):
             keep = [ln for ln in storage.read_text(self.path).splitlines(keepends=True)
                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
             write_atomically(self.path, "".join(keep))
-        if self._remote:
+        if self._jsonl and self._remote:
             self._text = "".join(keep)
-        else:
+        elif self._jsonl:
             self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if "wandb" in names:
+            self._wandb = trackers.WandbLogger(workdir, config=config, project=wandb_project)
+        if "tensorboard" in names:
             for name in storage.listdir(workdir):
                 if name.startswith(TENSORBOARD_PREFIX):
                     _drop_events_after(storage.join(workdir, name), resume_step)
@@ -218,15 +253,18 @@ class MetricWriter:
         for k, v in metrics.items():
             v = v.item() if hasattr(v, "item") else v
             record[k] = v
-        if self._remote:
+        if self._jsonl and self._remote:
             self._text += json.dumps(record) + "\n"
             storage.write_text(self.path, self._text)
-        else:
+        elif self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._wandb is not None:
+            self._wandb.write(step, {k: v for k, v in record.items() if k not in ONCE_KEYS})
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if (k != "step" and k not in ONCE_KEYS and isinstance(v, (int, float))
+                        and math.isfinite(v)):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
             self._upload_events()
@@ -240,10 +278,10 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.active:
-            if not self._remote:
-                self._file.close()
+            for sink in (self._file, self._tb, self._wandb):
+                if sink is not None:
+                    sink.close()
             if self._tb is not None:
-                self._tb.close()
                 self._upload_events()
 
 

@@ -1,4 +1,4 @@
-"""Token usage of a dataset under a tokenizer, and vocabulary pruning.
+r"""Token usage of a dataset under a tokenizer, and vocabulary pruning.
 
     python -m cleangpt_jax.token_analysis --tokenizer=gpt2 --config.data.source=hf \
         --config.data.name=roneneldan/TinyStories --config.data.max_samples=1000 --prune=0.95

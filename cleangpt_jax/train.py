@@ -54,11 +54,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
         config_flags.get_config_filename(flag_values["config"]))
 
     from cleangpt_jax import loop  # after flags: keeps --help fast
+    from cleangpt_jax import workdir as workdir_lib
     from cleangpt_jax.trainer import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir)
-    if summary.samples:
-        for prompt, text in zip(config.train.sample_prompts, summary.samples):
+    if summary.samples:  # (the prompts as resolved: None is the start of a validation text)
+        prompts = workdir_lib.load_config(summary.workdir).train.sample_prompts
+        for prompt, text in zip(prompts, summary.samples):
             print(f"\n----- sample (prompt {prompt!r}, step {summary.step}) -----\n{text}")
     print(f"\nworkdir: {summary.workdir}")
     if summary.interrupted:  # saved, not finished: a script must not take it for done

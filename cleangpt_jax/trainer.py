@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import loop, plot, sharding, storage
+from cleangpt_jax import metrics as metrics_lib
+from cleangpt_jax.profiling import StepProfiler
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -133,8 +135,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         run.checkpointer.close()
         return _summary(run)
 
-    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0)
+    writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0,
+                               loggers=t.loggers, config=run.config,
+                               wandb_project=t.wandb_project)
     bar = loop.progress_bar(run.num_steps, run.step)
+    speed = metrics_lib.Throughput(
+        metrics_lib.train_flops_per_token(metrics_lib.lm_param_count(run.state.params),
+                                          run.model.config),
+        peak_flops_per_device=t.peak_flops)
+    compile_s = None  # the first step's seconds (compiling), logged once with the next record
+    profiler = StepProfiler(t.profile_steps, run.workdir)
     stop = threading.Event()
     lag = loop.LaggedMetrics()
     newest: dict = {}  # the host metrics of the newest step fetched
@@ -159,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(run.step, {k: run.last_eval[k]
                                 for k in ("val_loss", "val_ppl", "best_val_loss")})
         loop.report(bar, f"step {run.step}: val_loss {metrics['val_loss']:.4f} (ppl "
-                         f"{metrics['val_ppl']:.2f}, best {run.best_val_loss:.4f})")
+                         f"{metrics['val_ppl']:.2f} over {metrics['val_tokens']} tokens of the "
+                         f"validation split, best {run.best_val_loss:.4f})")
         notify("eval_end")
 
     def save_now() -> None:
@@ -184,12 +195,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 notify("step_begin")
                 batch = batches.get(step)
                 t0 = time.perf_counter()
-                run.state, metrics = run.train_step(run.state, batch)
+                with profiler.annotate(step + 1):
+                    run.state, metrics = run.train_step(run.state, batch)
                 run.step = step + 1
+                profiler.stop_after(run.step, metrics)
                 if clock is None:  # this process's first step compiled the programs
                     jax.block_until_ready(metrics)
-                    loop.report(bar, f"compiled and ran the first step in "
-                                     f"{time.perf_counter() - t0:.1f}s")
+                    compile_s = time.perf_counter() - t0
+                    loop.report(bar, f"compiled and ran the first step in {compile_s:.1f}s")
                     clock = time.perf_counter()
                 else:
                     steps_timed += 1
@@ -203,8 +216,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     tok_s=f"{tokens_per_sec:.0f}", refresh=False)
 
                 if run.step % t.log_every == 0 or run.step == run.num_steps:
-                    fetch(lag.flush())
-                    writer.write(run.step, _train_record(run, newest, tokens_per_sec))
+                    fetch(lag.flush())  # (waits for the device: the window's time is all run)
+                    record = _train_record(run, newest, speed.record(
+                        steps=steps_timed, seconds=time.perf_counter() - clock,
+                        tokens_per_step=run.tokens_per_step))
+                    if compile_s is not None:
+                        record["compile_s"], compile_s = compile_s, None
+                    writer.write(run.step, record)
+                    loop.log_progress(bar, run.step, run.num_steps, record)
                     run.loss_window = (0.0, 0)
                     clock, steps_timed = time.perf_counter(), 0
                 if t.eval_every and run.step % t.eval_every == 0 and run.eval_batches:
@@ -242,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise e.stopped("training", kept, "Lower train.learning_rate, raise train.warmup_steps "
                                           "or set train.grad_clip") from None
     finally:
+        profiler.close()
         if batches is not None:
             batches.close()
         bar.close()
@@ -252,14 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _summary(run)
 
 
-def _train_record(run: TrainRun, newest: dict, tokens_per_sec: float):
+def _train_record(run: TrainRun, newest: dict, speed: dict):
     """The log record of run.step: the mean loss of the steps since the last record (those
     before a resume included), the newest step's learning rate and grad norm (and the
-    strategy's extras), throughput."""
+    strategy's extras), throughput, MFU and memory (`metrics.Throughput.record`)."""
     total, count = run.loss_window
     record = {"train_loss": total / count,
-              "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"],
-              "tokens_per_sec": tokens_per_sec}
+              "lr": run.learning_rate(run.step), "grad_norm": newest["grad_norm"], **speed}
     record.update({k: v for k, v in newest.items() if k not in ("loss", "grad_norm")})
     return record
 
@@ -313,6 +332,16 @@ def resolve_num_steps(train_cfg, steps_per_epoch: int) -> int:
     return n
 
 
+def warn_about_warmup(train_cfg, num_steps: int) -> None:
+    """A warning on stderr (process 0) when the warmup does not end before the run does: the
+    learning rate then never reaches train.learning_rate."""
+    if train_cfg.warmup_steps >= num_steps and workdir_lib.is_writer():
+        print(f"warning: train.warmup_steps={train_cfg.warmup_steps} >= the run's {num_steps} "
+              f"steps: the learning rate never reaches train.learning_rate="
+              f"{train_cfg.learning_rate}; lower train.warmup_steps", file=sys.stderr,
+              flush=True)
+
+
 def check_train_config(config) -> None:
     t = config.train
     for key in ("batch_size", "grad_accum_steps", "log_every"):
@@ -355,6 +384,19 @@ def check_sample_settings(train_cfg, model_cfg, tokenizer) -> None:
             f"={n}: {longest + n} positions, more than model.max_position_embeddings="
             f"{model_cfg.max_position_embeddings}; lower train.sample_max_new_tokens or "
             f"shorten the prompts")
+
+
+def data_prompt(tokens, tokenizer, max_tokens: int = 16) -> str:
+    """The sample prompt train.sample_prompts=None stands for: the start of the token stream
+    `tokens` (the validation split begins with a document), at most `max_tokens` tokens and
+    its first line, as text; a document separator before it is skipped."""
+    stream = getattr(tokens, "streams", (tokens,))[0]  # a Mixture's first source
+    ids = [int(i) for i in stream[:max_tokens + 8]]
+    sep = tokenizer.document_separator()
+    while sep and ids[:len(sep)] == sep:
+        ids = ids[len(sep):]
+    text = tokenizer.decode(ids[:max_tokens])
+    return text.strip().split("\n")[0].strip() or text
 
 
 def prepare_tokenizer(config, workdir: str):
@@ -401,9 +443,14 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     check_sample_settings(t, model.config, tokenizer)  # after the run's own config is checked
 
     data = data_lib.load_dataset(config, tokenizer)
+    if t.sample_prompts is None:  # the start of a validation document (saved in config.json)
+        t.sample_prompts = (data_prompt(data.val if data.val is not None else data.train,
+                                        tokenizer),)
+        check_sample_settings(t, model.config, tokenizer)
     block, batch_size = model.config.block_size, t.batch_size
     steps_per_epoch = data_lib.steps_per_epoch(data.train, batch_size, block)
     num_steps = resolve_num_steps(t, steps_per_epoch)
+    warn_about_warmup(t, num_steps)
     optimizer, schedule = make_optimizer(t, num_steps)
     loss_terms = step_lib.get_strategy(t.strategy, model, config)
     init_fn = step_lib.model_init_fn(model, t.seed)

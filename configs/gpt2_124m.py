@@ -29,6 +29,10 @@ ones need more memory per chip than a v5e-8 holds as replicas: shard parameters 
 state with --config.train.fsdp=8 (ZeRO-3 style, cleangpt_jax/sharding.py). 'xl' also recomputes each
 block in the backward pass (train.remat='block') and runs its 48 blocks as one lax.scan
 (model.scan_layers): then 4 sequences per chip fit a v5e chip with fsdp=8 (docs/benchmarks.md).
+
+Run time, roughly (scripts/estimate_run_times.py: 8.55e+18 FLOPs at the 50 GFLOP/s the default
+config sustains on a 2-core CPU, and at 80 TFLOP/s, ~40% MFU of one v5e chip): ~1980 days on a
+2-core CPU, ~29.7 h on one accelerator chip.
 """
 
 from cleangpt_jax import config as base

@@ -127,8 +127,9 @@ def run_cli(env, module: str, args: list[str], kill: dict | None = None):
 
 def metric_records(workdir) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "seconds")}
-            for r in workdir_lib.read_metrics(str(workdir))]
+    from cleangpt_jax.metrics import untimed
+
+    return untimed(workdir_lib.read_metrics(str(workdir)))
 
 
 def stored(step_dir) -> dict[str, np.ndarray]:

@@ -53,7 +53,7 @@ TINY = {
     "train.batch_size": 8, "train.num_steps": N, "train.learning_rate": 1e-2,
     "train.min_lr": 1e-3, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_steps": 2,
     "train.log_every": 1, "train.checkpoint_every": 4, "train.max_checkpoints_to_keep": 5,
-    "train.sample_max_new_tokens": 0,
+    "train.sample_max_new_tokens": 0, "train.sample_prompts": ("ROMEO:",),
     "data.max_samples": 4,  # the first 4 plays: 3 to train on, 1 for validation
 }
 SAMPLES = {"train.sample_every": 4, "train.sample_max_new_tokens": 8}

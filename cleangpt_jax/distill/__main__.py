@@ -51,7 +51,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
               else f"{info['name']:>10}: done")
     t, st = summary["teacher_val"], summary["student_val"]
     if st is not None:
-        print(f"validation perplexity: teacher {t['val_ppl']:.3f}, student {st['val_ppl']:.3f}")
+        print(f"validation perplexity: teacher {t['val_ppl']:.3f}, student {st['val_ppl']:.3f} "
+              f"(over {st['val_tokens']} tokens of the validation split)")
     print(f"Student written to {summary['workdir']} (generate / evaluate take --workdir).")
 
 

@@ -43,10 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.layer_map = per_block("uniform")  # or a list: teacher block (1-based) per student block
     d.block_stages = True               # False: no hidden-state stages (logit-only distillation)
     d.stitching = True                  # stitch_k: Dense d_s -> d_t before the hidden loss
-    d.stitching_bias = True
+    d.stitching_bias = True  # the stitching layers have a bias
     d.hidden_loss = "mse"               # any registered loss: mse | cosine | kl_div | ...
-    d.hidden_temperature = 1.0
-    d.freeze_previous_blocks = True
+    d.hidden_temperature = 1.0  # temperature of the hidden-state loss (kl_div)
+    d.freeze_previous_blocks = True  # earlier student blocks stay fixed in a block stage
     d.steps_per_block = per_block(200)  # int or one per block
     d.epochs_per_block = per_block(None)  # float or one per block; overrides steps_per_block
     d.learning_rate = per_block(1e-3)   # float or one per block
@@ -54,32 +54,33 @@ def get_config() -> ml_collections.ConfigDict:
     d.grad_clip = per_block(1.0)        # float or one per block; 0 = off
     d.warmup_steps = 20                 # per stage, at most a tenth of the stage
     d.checkpoint_every = 100            # mid-stage saves (and on SIGTERM / Ctrl-C)
-    d.log_every = 10
+    d.log_every = 10  # steps per metrics record and log line
+    d.profile_steps = optional(str)     # 'START,END' (global steps): trace into WORKDIR/profile
     d.eval_steps = 20                   # validation batches for the final student's perplexity
 
     d.head = ml_collections.ConfigDict()
-    d.head.enabled = True
-    d.head.steps = 200
+    d.head.enabled = True  # run the head (logit distillation) stage
+    d.head.steps = 200  # steps of the head stage
     d.head.epochs = optional(float)     # overrides steps
-    d.head.learning_rate = 1e-3
-    d.head.weight_decay = 0.01
-    d.head.grad_clip = 1.0
+    d.head.learning_rate = 1e-3  # peak learning rate of the head stage
+    d.head.weight_decay = 0.01  # AdamW weight decay of the head stage
+    d.head.grad_clip = 1.0  # global-norm clipping of the head stage; 0 = off
     d.head.init_from_teacher = True     # copy (equal widths) or W_t S through stitch_L
     d.head.untie = True                 # train an own lm_head; the embeddings stay frozen
     d.head.logit_loss = "kl_div"        # kl_div | mse | ce | any registered loss
-    d.head.temperature = 2.0
-    d.head.logit_weight = 1.0
+    d.head.temperature = 2.0  # softmax temperature of the logit loss
+    d.head.logit_weight = 1.0  # weight of the logit loss against the teacher
     d.head.lm_weight = 0.0              # weight of the LM cross-entropy on the data
 
     d.final = ml_collections.ConfigDict()  # optional end-to-end stage (DistilGPT2 style)
-    d.final.enabled = False
-    d.final.steps = 200
-    d.final.epochs = optional(float)
-    d.final.learning_rate = 3e-4
-    d.final.weight_decay = 0.01
-    d.final.grad_clip = 1.0
-    d.final.logit_loss = "kl_div"
-    d.final.temperature = 2.0
-    d.final.logit_weight = 1.0
-    d.final.lm_weight = 1.0
+    d.final.enabled = False  # run the end-to-end stage after the head
+    d.final.steps = 200  # steps of the final stage
+    d.final.epochs = optional(float)  # overrides steps
+    d.final.learning_rate = 3e-4  # peak learning rate of the final stage
+    d.final.weight_decay = 0.01  # AdamW weight decay of the final stage
+    d.final.grad_clip = 1.0  # global-norm clipping of the final stage; 0 = off
+    d.final.logit_loss = "kl_div"  # kl_div | mse | ce | any registered loss
+    d.final.temperature = 2.0  # softmax temperature of the logit loss
+    d.final.logit_weight = 1.0  # weight of the logit loss against the teacher
+    d.final.lm_weight = 1.0  # weight of the LM cross-entropy on the data
     return cfg

@@ -18,9 +18,11 @@ a second run in one process (a resumed run, a study sweeping variants) compiles 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 import jax
@@ -29,6 +31,7 @@ import ml_collections
 
 from cleangpt_jax import data as data_lib
 from cleangpt_jax import loop, plot, sharding, storage, train_step
+from cleangpt_jax import metrics as metrics_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
 from cleangpt_jax.distill import plan as plan_lib
@@ -38,6 +41,7 @@ from cleangpt_jax.distill.losses import get_loss
 from cleangpt_jax.distill.stitching import init_stitching, stitch_name
 from cleangpt_jax.loading import load_lm
 from cleangpt_jax.models import get_model
+from cleangpt_jax.profiling import StepProfiler
 
 STITCH_SEED_SALT = 2
 
@@ -173,7 +177,7 @@ def _stage_info(stage, first_loss, final_loss) -> dict:
 
 
 def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: threading.Event,
-              progress: bool = True):
+              progress: bool = True, profiler: StepProfiler | None = None):
     """Train one stage from `tree` (or from the stage's newest checkpoint); returns
     (tree, info). Saves every distill.checkpoint_every steps, at the end, and on `stop`."""
     cfg = s.config
@@ -213,6 +217,10 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
         bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
                                 leave=False)
         lag = loop.LaggedMetrics()
+        speed = metrics_lib.Throughput(_stage_flops_per_token(s, stage, trainable),
+                                       peak_flops_per_device=cfg.train.peak_flops)
+        tokens_per_step = cfg.train.batch_size * s.student.config.block_size
+        timer = {}  # 'compile_s' (the first step), 'clock' and 'step' of the timed window
 
         def log(fetched):
             nonlocal first_loss, last_loss
@@ -222,9 +230,18 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if step % d.log_every == 0 or step == stage.steps:
-                    writer.write(step_offset + step, {
-                        "stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
-                        "grad_norm": m["grad_norm"], "lr": float(compiled.schedule(step - 1))})
+                    now = time.perf_counter()
+                    record = {"stage": stage.name, "stage_step": step, "distill_loss": m["loss"],
+                              "grad_norm": m["grad_norm"],
+                              "lr": float(compiled.schedule(step - 1)),
+                              **speed.record(steps=step - timer["step"],
+                                             seconds=now - timer["clock"],
+                                             tokens_per_step=tokens_per_step)}
+                    if "compile_s" in timer:
+                        record["compile_s"] = timer.pop("compile_s")
+                    writer.write(step_offset + step, record)
+                    loop.log_progress(bar, step, stage.steps, record, desc=stage.name)
+                    timer.update(clock=time.perf_counter(), step=step)
 
         def make_batch(step):  # (on the devices, data.prefetch steps ahead)
             return sharding.global_batch(data_lib.with_segment_ids(data_lib.batch_for_step(
@@ -237,10 +254,18 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                                       depth=cfg.data.prefetch)
         for step in range(start, stage.steps):
             g = step_offset + step
-            trainable, opt_state, metrics = compiled.step(
-                trainable, opt_state, frozen, s.teacher_params, batches.get(step),
-                jax.random.fold_in(dropout_key, g))
+            t0 = time.perf_counter()
+            with profiler.annotate(g + 1) if profiler else contextlib.nullcontext():
+                trainable, opt_state, metrics = compiled.step(
+                    trainable, opt_state, frozen, s.teacher_params, batches.get(step),
+                    jax.random.fold_in(dropout_key, g))
             done = step + 1
+            if profiler:
+                profiler.stop_after(g + 1, metrics)
+            if not timer:  # the first step compiles (or loads) the stage's program: not timed
+                jax.block_until_ready(metrics)
+                timer.update(compile_s=time.perf_counter() - t0, clock=time.perf_counter(),
+                             step=done)
             log(lag.push(done, metrics))  # the previous step's: the device keeps working
             stopping = loop.agree_to_stop(stop) and done < stage.steps
             if stopping or (d.checkpoint_every and done % d.checkpoint_every == 0
@@ -265,6 +290,23 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
             batches.close()
         ckpt.close()
     return stage_step.join(trainable, frozen), _stage_info(stage, first_loss, last_loss)
+
+
+def _stage_flops_per_token(s: Setup, stage, trainable) -> float:
+    """`metrics.distill_flops_per_token` of a stage: forward and backward of its trainable
+    leaves (and of the student blocks among them), plus the teacher's forward (up to the
+    stage's teacher layer for a block stage, the whole model for the logit stages)."""
+    layers = {p[1] for p in trainable if p[0] == "student" and str(p[1]).startswith("h_")}
+    t_layers = s.teacher.config.n_layer
+    if stage.kind == "block":
+        t_layers = stage.teacher_layer
+        t_params = sum(metrics_lib.param_count(s.teacher_params[f"h_{i}"])
+                       for i in range(t_layers) if f"h_{i}" in s.teacher_params)
+    else:
+        t_params = metrics_lib.lm_param_count(s.teacher_params)
+    return metrics_lib.distill_flops_per_token(
+        metrics_lib.param_count(trainable), len(layers), s.student.config, t_params, t_layers,
+        s.teacher.config)
 
 
 def completed_tree(s: Setup, workdir, name):
@@ -317,8 +359,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     if done and jax.process_index() == 0:
         print(f"Completed stages {[m['name'] for m in done]}; continuing with "
               f"{remaining[0].name if remaining else 'the final student'}", flush=True)
-    writer = loop.MetricWriter(workdir, resume_step=offset + mid)
+    writer = loop.MetricWriter(workdir, resume_step=offset + mid, loggers=cfg.train.loggers,
+                               config=cfg, wandb_project=cfg.train.wandb_project)
     stop = threading.Event()
+    profiler = StepProfiler(cfg.distill.profile_steps, workdir, name="distill",
+                            key="distill.profile_steps")
     try:
         with loop.stop_on_signals(stop):
             for stage in remaining:
@@ -337,7 +382,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                     if fresh:
                         tree = init_head_from_teacher(s, tree)
                 tree, info = run_stage(s, stage, tree, workdir=workdir, step_offset=offset,
-                                       writer=writer, stop=stop, progress=progress)
+                                       writer=writer, stop=stop, progress=progress,
+                                       profiler=profiler)
                 offset += stage.steps
                 done.append(info)
                 records.write_manifest(workdir, done)
@@ -354,6 +400,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
             writer.write(offset, {"stage": "student", **summary["student_val"],
                                   "teacher_val_ppl": summary["teacher_val"]["val_ppl"]})
     finally:
+        profiler.close()
         writer.close()
     plot.write_curves(workdir)  # WORKDIR/curves.png (process 0)
     return summary
