@@ -239,7 +239,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Packed rows attend within their documents only (segment ids, a block-diagonal causal mask;
     # learned positions restart per document). Needs a one-token document separator.
     cfg.data.document_mask = False
-    cfg.data.cache_wait_seconds = 3600.0
+    cfg.data.cache_wait_seconds = 3600.0  # how long a process waits for the others' cache part
     # Training batches built this many steps ahead in a background thread; 0 = off.
     cfg.data.prefetch = 2
     # None, or several sources mixed with a weight schedule over steps, e.g.

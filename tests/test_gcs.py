@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from cleangpt_jax import storage, trainer
+from cleangpt_jax import metrics, storage, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer, path_str
 from cleangpt_jax.config import ConfigError, get_config
@@ -59,8 +59,7 @@ def flags(overrides: dict) -> list[str]:
 
 def records(workdir) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "seconds")}
-            for r in workdir_lib.read_metrics(workdir)]
+    return metrics.untimed(workdir_lib.read_metrics(workdir))
 
 
 def arrays(workdir, step: int) -> dict[str, np.ndarray]:
