@@ -282,6 +282,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Where records go: any of jsonl, tensorboard, wandb, comma-separated (cleangpt_jax.trackers)
     cfg.train.loggers = "jsonl,tensorboard"
     cfg.train.wandb_project = "cleangpt_jax"  # the W&B project of the wandb logger
+    cfg.train.curves = True  # draw WORKDIR/curves.png from metrics.jsonl when the run ends
     # 'START,END': a jax.profiler trace of those steps into WORKDIR/profile; None = off
     cfg.train.profile_steps = ml_collections.FieldReference(None, field_type=str)
     # Peak FLOP/s of one device for the logged MFU; None: the chip's dense bf16 peak from

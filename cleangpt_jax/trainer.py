@@ -268,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.close()
         run.checkpointer.close()
         logging.info("training finished at step %d", run.step)
-    plot.write_curves(run.workdir)  # WORKDIR/curves.png (process 0)
+    if config.train.curves:
+        plot.write_curves(run.workdir)  # WORKDIR/curves.png (process 0)
     return _summary(run)
 
 

@@ -53,6 +53,12 @@ def persistent_compile_cache(path: str, *, fast_compile: bool = False):
         compilation_cache.reset_cache()
 
 
+# What the tests' runs leave out, unless they check it: the end-of-run picture (tests/test_plot.py
+# checks it) and the CPU matmul that measures the MFU's peak (tests/test_observe.py checks it).
+# About a second of CPU per run otherwise.
+QUIET_RUN = {"train.curves": False, "train.peak_flops": 1e12}
+
+
 def one_line_error(excinfo) -> str:
     """The message of `pytest.raises(...)`'s exception, asserted to be one line."""
     msg = str(excinfo.value)

@@ -14,7 +14,7 @@ import pytest
 from cleangpt_jax import hf, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ModelConfig, get_config, model_config
-from helpers import persistent_compile_cache
+from helpers import QUIET_RUN, persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -35,6 +35,7 @@ TINY = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_
         "model.dropout": 0.0, "model.vocab_size": 300,
         "train.batch_size": 4, "train.num_steps": 2, "train.eval_every": 0,
         "train.log_every": 1, "train.checkpoint_every": 0, "train.sample_max_new_tokens": 0,
+        **QUIET_RUN,
         **{f"train.{k}": _DEFAULT_TRAIN[k] for k in (
             "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
             "grad_clip", "adam_b1", "adam_b2", "adam_eps", "grad_accum_steps")},

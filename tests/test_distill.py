@@ -33,7 +33,7 @@ from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
 from cleangpt_jax.metrics import untimed
-from helpers import one_line_error, persistent_compile_cache, run_tool
+from helpers import QUIET_RUN, one_line_error, persistent_compile_cache, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_CONFIG = "configs/distill_shakespeare_offline.py"
@@ -45,7 +45,7 @@ OFFLINE = {"data.max_samples": 3, "model.model_type": "vanilla", "model.n_layer"
            "train.batch_size": 4, "distill.steps_per_block": 4, "distill.learning_rate": 3e-3,
            "distill.warmup_steps": 0, "distill.checkpoint_every": 2, "distill.log_every": 1,
            "distill.eval_steps": 2, "distill.head.steps": 3, "distill.head.learning_rate": 3e-3,
-           "distill.final.steps": 3, "distill.final.logit_loss": "ce"}
+           "distill.final.steps": 3, "distill.final.logit_loss": "ce", **QUIET_RUN}
 STAGES = ["block_1", "block_2", "head", "final"]
 TEXT = ("Once upon a time there was a little fox who liked to read. The fox read books about "
         "the sea, the stars and the old oak tree. ") * 40
@@ -105,7 +105,7 @@ def offline_teacher(env):
         "model.n_layer": 4, "model.n_head": 2, "model.n_embd": TEACHER_WIDTH,
         "model.block_size": 32, "train.batch_size": 4, "train.num_steps": 3,
         "train.warmup_steps": 1, "train.eval_every": 0, "train.checkpoint_every": 0,
-        "train.sample_max_new_tokens": 0, "train.log_every": 1, "data.max_samples": 3,
+        "train.sample_max_new_tokens": 0, "train.log_every": 1, "data.max_samples": 3, **QUIET_RUN,
         "data.cache_dir": env.tokens})
     workdir = str(env.root / "teacher")
     trainer.train_and_evaluate(cfg, workdir)

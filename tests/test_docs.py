@@ -31,6 +31,8 @@ import sys
 
 import pytest
 
+from helpers import QUIET_RUN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
@@ -41,16 +43,17 @@ WARM_PYTHON = os.path.join(ROOT, "tests", "warm_python.py")
 _MODEL = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=2",
           "--config.model.block_size=32"]
 _DATA = ["--config.data.max_samples=2"]
+_QUIET = [f"--config.{k}={v}" for k, v in QUIET_RUN.items()]
 TINY = {
     "cleangpt_jax.train": _MODEL + _DATA + [
         "--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=2", "--config.train.eval_steps=1",
-        "--config.train.warmup_steps=1", "--config.train.sample_max_new_tokens=4"],
+        "--config.train.warmup_steps=1", "--config.train.sample_max_new_tokens=4"] + _QUIET,
     "cleangpt_jax.distill": ["--config.model.n_layer=1", "--config.model.n_embd=16",
                              "--config.model.n_head=2", "--config.model.block_size=32",
                              "--config.train.batch_size=8", "--config.distill.steps_per_block=2",
                              "--config.distill.head.steps=2", "--config.distill.final.steps=2",
-                             "--config.distill.eval_steps=1"] + _DATA,
+                             "--config.distill.eval_steps=1"] + _DATA + _QUIET,
     "cleangpt_jax.generate": ["--max_new_tokens=4"],
     "cleangpt_jax.evaluate": ["--config.eval.num_batches=1", "--config.eval.max_new_tokens=4",
                               "--config.eval.num_prompts=1"] + _DATA,

