@@ -48,7 +48,9 @@ TINY = {
     "cleangpt_jax.train": _MODEL + _DATA + [
         "--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=2", "--config.train.eval_steps=1",
-        "--config.train.warmup_steps=1", "--config.train.sample_max_new_tokens=4"] + _QUIET,
+        "--config.train.warmup_steps=1", "--config.train.sample_max_new_tokens=0"] + _QUIET,
+    # (no end-of-run samples: the documented generate commands run the generator, and each
+    # run's samples would compile a generation loop of their own)
     "cleangpt_jax.distill": ["--config.model.n_layer=1", "--config.model.n_embd=16",
                              "--config.model.n_head=2", "--config.model.block_size=32",
                              "--config.train.batch_size=8", "--config.distill.steps_per_block=2",

@@ -285,9 +285,9 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
     assert 2 <= stopped < N, err1[-2000:]
     assert "SIGTERM received" in err1 and f"stopped at step {stopped}" in err1
 
-    # The rerun evaluates 2 batches a step: evaluation settings may change across a resume
+    # The rerun evaluates 20 batches a step: evaluation settings may change across a resume
     # (only the model and tokenizer may not), and 100 x 10 batches would dominate the test.
-    second = subprocess.run([*cmd, "--config.train.eval_steps=2"], cwd=REPO, env=env.sub_env,
+    second = subprocess.run([*cmd, "--config.train.eval_steps=20"], cwd=REPO, env=env.sub_env,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming from step {stopped}" in second.stdout
@@ -305,7 +305,7 @@ def test_cli_writes_the_run_resumes_after_sigterm_and_the_loss_falls(env, straig
     saved = workdir_lib.load_config(str(workdir))
     assert saved.model.vocab_size == create_tokenizer(
         "character", name_or_path=str(workdir / "tokenizer")).vocab_size
-    assert (saved.train.num_steps, saved.model.n_embd, saved.train.eval_steps) == (N, 32, 2)
+    assert (saved.train.num_steps, saved.model.n_embd, saved.train.eval_steps) == (N, 32, 20)
     records = workdir_lib.read_metrics(str(workdir))
     train_records = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, N + 1))
