@@ -2,7 +2,12 @@
 
 import os
 
-import pytest
+from helpers import TEST_XLA_FLAGS
+
+# Before any test starts JAX's CPU backend (which reads XLA_FLAGS once).
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
+
+import pytest  # noqa: E402
 
 from cleangpt_jax.tokenizers.testing import build_local_gpt2_tokenizer
 from helpers import persistent_compile_cache

@@ -19,13 +19,25 @@ from jax.experimental.compilation_cache import compilation_cache
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# XLA flags of every test process (conftest.py sets them for pytest's own processes, and the
+# environments below pass them on): XLA:CPU's elemental emitters instead of its fusion
+# emitters compile the tests' small programs in about half the time.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(*more: str) -> str:
+    """XLA_FLAGS for a test subprocess: TEST_XLA_FLAGS plus `more` (e.g. a device count)."""
+    return " ".join((TEST_XLA_FLAGS, *more))
+
+
 @contextlib.contextmanager
 def persistent_compile_cache(path: str, *, fast_compile: bool = False):
     """Inside the block this process caches every compiled program under `path`; yields the
-    environment for subprocesses that share the cache (CPU, this checkout on PYTHONPATH, no
-    XLA_FLAGS from the caller). fast_compile turns XLA's optimisation passes off: ~3x cheaper
-    compiles, still millisecond steps, and bitwise comparisons stay valid between programs
-    compiled the same way. The previous settings are restored afterwards."""
+    environment for subprocesses that share the cache (CPU, this checkout on PYTHONPATH,
+    TEST_XLA_FLAGS and no other XLA_FLAGS from the caller). fast_compile turns XLA's
+    optimisation passes off: ~3x cheaper compiles, still millisecond steps, and bitwise
+    comparisons stay valid between programs compiled the same way. The previous settings are
+    restored afterwards."""
     flags = {"jax_compilation_cache_dir": path,
              "jax_persistent_cache_min_compile_time_secs": 0.0,
              "jax_persistent_cache_min_entry_size_bytes": -1,
@@ -44,7 +56,7 @@ def persistent_compile_cache(path: str, *, fast_compile: bool = False):
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     if fast_compile:
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()
     try:
         yield env
     finally:

@@ -28,7 +28,7 @@ from cleangpt_jax.loading import LM
 from cleangpt_jax.distill import init_stitching
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
-from helpers import run_tool
+from helpers import run_tool, xla_flags
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -117,7 +117,7 @@ def stacked(batches):
 
 
 def run_cli(env, module, *args, devices=1):
-    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(env, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env, timeout=300)
 

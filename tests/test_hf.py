@@ -28,7 +28,7 @@ from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.hf import config_from_hf, export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
-from helpers import run_tool
+from helpers import run_tool, xla_flags
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -359,7 +359,7 @@ def test_mesh_load_lands_sharded(gpt2_dirs, fast_compile):
         np.testing.assert_allclose(np.asarray(logits), np.load({os.path.join(os.path.dirname(directory), "ref_logits.npy")!r}), rtol=1e-5, atol=1e-5)
         print("OK")
     """)
-    env = dict(fast_compile, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(fast_compile, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from helpers import xla_flags
 from test_docs import ROOT, doc_env, local_gpt2  # noqa: F401 -- fixtures, one set per module
 
 
@@ -24,7 +25,7 @@ def test_colab_notebook_runs_top_to_bottom_in_smoke_mode(local_gpt2, doc_env, tm
         f"WORKDIR = {str(tmp_path / 'runs')!r}"))
     for key, value in doc_env[1].items():  # the kernel shares the commands' caches
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": ROOT}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"

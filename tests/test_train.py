@@ -40,7 +40,8 @@ from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
-from helpers import QUIET_RUN, one_line_error, persistent_compile_cache, run_tool
+from helpers import (QUIET_RUN, one_line_error, persistent_compile_cache, run_tool,
+                     xla_flags)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, HALF = 12, 6  # steps of the short runs; the interrupted run stops at HALF
@@ -864,7 +865,7 @@ def background(env, resumed, tmp_path_factory):
             "resume_dir": str(root / "resume8"), "bad_dir": str(root / "bad")}
     (root / "eight").mkdir()
     eight = Job(root / "eight", [[sys.executable, "-c", SHARDING_SCRIPT, json.dumps(args)]],
-                dict(env.sub_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                dict(env.sub_env, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")))
     port, two_dir = free_port(), root / "two"
     (root / "workers").mkdir()
     commands = []
