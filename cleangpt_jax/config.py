@@ -253,7 +253,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimizer (cleangpt_jax/optim.py) and training loop (cleangpt_jax/trainer.py).
     cfg.train = ml_collections.ConfigDict()
-    cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.trainer)
+    cfg.train.strategy = "lm"  # a registered step/loss strategy (cleangpt_jax.train_step)
     cfg.train.batch_size = 16  # global: sequences per optimizer update, over all devices
     cfg.train.num_steps = 2000  # optimizer updates (train.num_epochs wins if set)
     cfg.train.num_epochs = ml_collections.FieldReference(None, field_type=float)  # wins if set

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from cleangpt_jax import trainer
+from cleangpt_jax import train_setup
 from cleangpt_jax.config import get_config, model_config
 from cleangpt_jax.distill import config as distill_config
 
@@ -64,7 +64,7 @@ def test_gpt2_presets_build_and_validate(preset, shape):
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (*shape, 1024)
     assert (c.dtype, c.param_dtype, c.head_dim) == ("bfloat16", "float32", 64)
     assert cfg.tokenizer.type == "gpt2" and cfg.data.source == "hf"
-    trainer.check_train_config(cfg)
+    train_setup.check_train_config(cfg)
     assert cfg.train.batch_size * c.block_size == 524_288  # tokens per update
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         module.get_config("huge")

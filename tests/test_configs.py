@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from cleangpt_jax import hf, trainer
+from cleangpt_jax import hf, train_setup, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ModelConfig, get_config, model_config
 from helpers import QUIET_RUN, persistent_compile_cache
@@ -85,7 +85,7 @@ def test_the_expected_configs_exist_document_their_command_and_validate():
         cfg = module.get_config()
         assert flat_keys(cfg) == default_keys, name  # no invented or dropped keys
         model_config(cfg.model)  # raises ConfigError on a bad combination
-        trainer.check_train_config(cfg)
+        train_setup.check_train_config(cfg)
 
 
 def test_config_semantics():

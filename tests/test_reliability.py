@@ -88,7 +88,7 @@ def test_a_distilled_student_loads_but_refuses_training(runs):
     """A distillation's final student is a model workdir that generate/evaluate load
     (`load_lm`), recorded as 'distill': `train` into it refuses and changes nothing."""
     from cleangpt_jax.loading import load_lm
-    from cleangpt_jax.trainer import prepare_run
+    from cleangpt_jax.train_setup import prepare_run
 
     assert workdir_lib.run_kind(runs["distill"]) == "distill"
     assert load_lm(runs["distill"]).step == 0
@@ -142,7 +142,7 @@ def test_train_and_evaluate_refuse_a_file_as_output_before_working(runs, tmp_pat
                                                                    fast_compile):
     """Item 10: train --workdir=FILE and evaluate --output_dir=FILE (the real CLI) fail with
     one line naming the file before any work."""
-    from cleangpt_jax.trainer import prepare_run
+    from cleangpt_jax.train_setup import prepare_run
 
     file = tmp_path / "file"
     file.write_text("x")
@@ -165,7 +165,7 @@ def test_train_and_evaluate_refuse_a_file_as_output_before_working(runs, tmp_pat
 def test_a_wrongly_shaped_config_json_gets_one_line(runs, tmp_path, capsys, content):
     """Item 12: train and generate on a run whose config.json is valid JSON of the wrong shape
     name the file instead of a traceback."""
-    from cleangpt_jax.trainer import prepare_run
+    from cleangpt_jax.train_setup import prepare_run
 
     run = tmp_path / "run"
     shutil.copytree(runs["train"], run)
@@ -226,7 +226,7 @@ def test_a_prompt_outside_a_character_vocabulary_is_refused(runs, capsys):
     character vocabulary lacks, naming them, instead of dropping them ('hé' -> 'h'); training
     refuses such a train.sample_prompts entry before it starts."""
     from cleangpt_jax.tokenizers.character import CharacterTokenizer
-    from cleangpt_jax.trainer import check_sample_settings
+    from cleangpt_jax.train_setup import check_sample_settings
 
     code, out, err = generate_main([f"--workdir={runs['train']}", "--prompt=abéZé"], capsys)
     assert code == 1 and not out and err.strip().splitlines() == [
@@ -245,7 +245,7 @@ def test_a_read_only_workdir_or_output_dir_gets_one_line(runs, tmp_path, monkeyp
     """Item 13: train into, or evaluate out to, a directory that is not writable (or one to be
     created under such a parent) fails in one line naming it, before any work. The tests run
     as root, whom chmod does not stop, so os.access reports the directory read-only."""
-    from cleangpt_jax.trainer import prepare_run
+    from cleangpt_jax.train_setup import prepare_run
 
     locked = str(tmp_path / "locked")
     os.mkdir(locked)

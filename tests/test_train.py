@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import pytest
 
-from cleangpt_jax import loop, optim, trainer
+from cleangpt_jax import loop, optim, train_setup, trainer
 from cleangpt_jax import train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
@@ -412,10 +412,10 @@ def test_num_epochs_and_a_mixture_from_the_train_config(env, straight, tmp_path)
     kinds = [set(r) for r in first["rows"]]
     assert all(k <= {"a", "b"} or k <= {"x", "y", "z"} for k in kinds), first["rows"]
     assert any(k <= {"a", "b"} for k in kinds) and any(k <= {"x", "y", "z"} for k in kinds)
-    assert trainer.resolve_num_steps(ml_collections.ConfigDict(
+    assert train_setup.resolve_num_steps(ml_collections.ConfigDict(
         {"num_epochs": 2.5, "num_steps": 7}), 10) == 25
     with pytest.raises(ConfigError, match="train.num_epochs must be positive"):
-        trainer.resolve_num_steps(ml_collections.ConfigDict({"num_epochs": 0.0}), 10)
+        train_setup.resolve_num_steps(ml_collections.ConfigDict({"num_epochs": 0.0}), 10)
 
 
 # ------------------------------------------------------------------ strategies and NaN
