@@ -28,7 +28,7 @@ from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.hf import config_from_hf, export_gpt2, load_gpt2
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import CharacterTokenizer, GPT2Tokenizer, load_tokenizer
-from helpers import run_tool, xla_flags
+from helpers import QUIET_RUN, run_tool, xla_flags
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -496,8 +496,8 @@ def trained_run(tmp_path_factory):
     cfg.data.max_samples = 2
     cfg.data.cache_dir = str(root / "cache")
     cfg.train.update(dict(num_steps=3, batch_size=4, warmup_steps=1, eval_every=0, log_every=1,
-                          checkpoint_every=3, sample_max_new_tokens=0, curves=False,
-                          peak_flops=1e12))
+                          checkpoint_every=3, sample_max_new_tokens=0))
+    cfg.update_from_flattened_dict(QUIET_RUN)
     train_and_evaluate(cfg, str(root / "run"))
     return str(root / "run")
 
