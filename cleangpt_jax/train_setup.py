@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cleangpt_jax import sharding, storage
+from cleangpt_jax import profiling, sharding, storage, trackers
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import Checkpointer
@@ -110,6 +110,8 @@ def check_train_config(config) -> None:
             zero = "all" if key == "max_checkpoints_to_keep" else "off"
             raise ConfigError(f"train.{key} must be an integer >= 0 (0 = {zero}), got {v!r}")
     prefetch_depth(config.data.prefetch)
+    trackers.parse_loggers(t.loggers)  # (before the run writes anything, not at the writer)
+    profiling.parse_window(t.profile_steps)
     if config.model.param_dtype != "float32":
         raise ConfigError(f"model.param_dtype={config.model.param_dtype!r}: training keeps "
                           f"float32 master weights and optimizer state; set model.dtype="

@@ -376,6 +376,8 @@ def test_loss_types_architectures_and_head_stage_on_or_off(gpt2_teacher, tmp_pat
     ({"distill.hidden_loss": "huber"}, "registered losses"),
     ({"model.block_size": 64}, "exceeds the teacher's 32 positions"),
     ({"distill.learning_rate": [1e-3]}, "has 1 values for 2 blocks"),
+    ({"distill.profile_steps": "0,2"}, r"need 1 <= START <= END"),
+    ({"train.loggers": "tensorboard,foo"}, r"unknown train.loggers \['foo'\]"),
 ])
 def test_bad_setups_get_one_line_errors_and_write_nothing(gpt2_teacher, tmp_path, overrides,
                                                          message):

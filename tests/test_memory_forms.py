@@ -147,6 +147,9 @@ def test_bad_memory_settings_are_one_line_config_errors():
     with pytest.raises(ConfigError) as e:
         train_step.lm_strategy(_model("vanilla"), _train_config(loss_chunk_tokens=-1))
     assert "train.loss_chunk_tokens" in one_line_error(e)
+    with pytest.raises(ConfigError) as e:
+        _model("vanilla", scan_layers="yes")
+    assert "model.scan_layers must be True or False" in one_line_error(e)
 
 
 def test_chunking_rule():

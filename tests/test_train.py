@@ -509,11 +509,16 @@ def test_the_final_checkpoint_is_saved_before_the_final_sample(env, straight, tm
      "train.sample_prompts need up to 6 tokens plus train.sample_max_new_tokens=59: 65 "
      "positions, more than model.max_position_embeddings=64; lower "
      "train.sample_max_new_tokens or shorten the prompts"),
-], ids=["nan_lr", "inf_lr", "sample_too_long"])
+    ({"train.loggers": "jsonl,foo"}, "unknown train.loggers ['foo']: choose any of ('jsonl', "
+     "'tensorboard', 'wandb'), comma-separated (e.g. --config.train.loggers=jsonl,tensorboard)"),
+    ({"train.profile_steps": "9,3"}, "train.profile_steps='9,3': need 1 <= START <= END (steps "
+     "are numbered from 1)"),
+], ids=["nan_lr", "inf_lr", "sample_too_long", "logger", "profile_window"])
 def test_settings_that_fail_later_are_refused_up_front_and_write_nothing(changes, message, env,
                                                                         tmp_path):
-    """A non-finite learning rate (caught at step 2 before) and samples the model cannot serve
-    (caught at the end-of-run sample before): one line before anything is written."""
+    """A non-finite learning rate (caught at step 2 before), samples the model cannot serve
+    (caught at the end-of-run sample before), an unknown logger and a bad profile window
+    (caught when the loop opened them): one line before anything is written."""
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
         run(make_config(env, **changes), workdir)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cleangpt_jax import data as data_lib
-from cleangpt_jax import loop, plot, sharding, storage, train_step
+from cleangpt_jax import loop, plot, sharding, storage, trackers, train_step
 from cleangpt_jax import metrics as metrics_lib
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError, ModelConfig, model_config
@@ -41,7 +41,7 @@ from cleangpt_jax.distill.losses import get_loss
 from cleangpt_jax.distill.stitching import init_stitching, stitch_name
 from cleangpt_jax.loading import load_lm
 from cleangpt_jax.models import get_model
-from cleangpt_jax.profiling import StepProfiler
+from cleangpt_jax.profiling import StepProfiler, parse_window
 
 STITCH_SEED_SALT = 2
 
@@ -74,6 +74,8 @@ def check_config(cfg) -> None:
     if not isinstance(d.log_every, int) or d.log_every <= 0:
         raise ConfigError(f"distill.log_every must be a positive integer, got {d.log_every!r}")
     data_lib.prefetch_depth(cfg.data.prefetch)
+    trackers.parse_loggers(cfg.train.loggers)  # (before the run writes anything)
+    parse_window(d.profile_steps, "distill.profile_steps")
     if d.block_stages:
         get_loss(d.hidden_loss)
     for name in ("head", "final"):
