@@ -276,6 +276,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.loss_chunk_tokens = 8192
     cfg.train.eval_every = 250  # 0 = off
     cfg.train.eval_steps = 20  # validation batches (of batch_size / grad_accum_steps rows)
+    # Stop after this many evaluations in a row without a val_loss below the best by more than
+    # early_stopping_min_delta (a checkpoint is saved at every new best); 0 = off
+    cfg.train.early_stopping_patience = 0
+    cfg.train.early_stopping_min_delta = 0.0  # the improvement that counts as one
     cfg.train.checkpoint_every = 500  # also at the end and on SIGTERM / Ctrl-C
     cfg.train.max_checkpoints_to_keep = 3  # the newest N steps stay on disk; 0 = all
     cfg.train.log_every = 50  # steps per metrics record and log line

@@ -50,6 +50,9 @@ class TrainRun:
     resumed_from: int | None            # the restored checkpoint's step; None: a fresh run
     step: int = 0                       # updates applied so far
     best_val_loss: float | None = None
+    best_step: int | None = None        # the step of best_val_loss
+    evals_since_best: int = 0           # evaluations in a row without a new best
+    early_stopped: bool = False         # train.early_stopping_patience ended the run
     last_eval: dict | None = None       # {'val_loss', 'val_ppl', 'val_tokens', 'best_val_loss'}
     train_loss: float | None = None     # the newest loss fetched from the device
     loss_window: tuple[float, int] = (0.0, 0)  # (sum, count) of the losses since the last log
@@ -70,7 +73,9 @@ class TrainRun:
         log record average the same steps as an uninterrupted run's."""
         return {"step": self.step, "data_seed": int(self.config.train.seed),
                 "tokens_seen": self.step * self.tokens_per_step, "num_steps": self.num_steps,
-                "best_val_loss": self.best_val_loss, "loss_window": list(self.loss_window)}
+                "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+                "evals_since_best": self.evals_since_best, "early_stopped": self.early_stopped,
+                "loss_window": list(self.loss_window)}
 
 
 def resolve_num_steps(train_cfg, steps_per_epoch: int) -> int:
@@ -104,11 +109,17 @@ def check_train_config(config) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {v!r}")
     for key in ("eval_every", "eval_steps", "checkpoint_every", "sample_every",
-                "sample_max_new_tokens", "max_checkpoints_to_keep"):
+                "sample_max_new_tokens", "max_checkpoints_to_keep", "early_stopping_patience"):
         v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             zero = "all" if key == "max_checkpoints_to_keep" else "off"
             raise ConfigError(f"train.{key} must be an integer >= 0 (0 = {zero}), got {v!r}")
+    if t.early_stopping_patience and not (t.eval_every and t.eval_steps):
+        raise ConfigError(f"train.early_stopping_patience={t.early_stopping_patience} needs "
+                          f"evaluations: set train.eval_every and train.eval_steps > 0")
+    if not float(t.early_stopping_min_delta) >= 0:
+        raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got "
+                          f"{t.early_stopping_min_delta!r}")
     prefetch_depth(config.data.prefetch)
     trackers.parse_loggers(t.loggers)  # (before the run writes anything, not at the writer)
     profiling.parse_window(t.profile_steps)
@@ -260,5 +271,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         resumed_from=None if restored is None else restored.step,
         step=0 if restored is None else restored.step,
         best_val_loss=None if restored is None else restored.meta.get("best_val_loss"),
+        best_step=None if restored is None else restored.meta.get("best_step"),
+        evals_since_best=0 if restored is None else restored.meta.get("evals_since_best", 0),
+        early_stopped=False if restored is None else restored.meta.get("early_stopped", False),
         loss_window=(0.0, 0) if restored is None else tuple(restored.meta.get("loss_window",
                                                                               (0.0, 0))))

@@ -29,6 +29,7 @@ from cleangpt_jax import loop, plot, sharding, storage
 from cleangpt_jax import metrics as metrics_lib
 from cleangpt_jax import train_step as step_lib
 from cleangpt_jax import workdir as workdir_lib
+from cleangpt_jax.config import ConfigError
 from cleangpt_jax.data.prefetch import Prefetcher
 from cleangpt_jax.profiling import StepProfiler
 from cleangpt_jax.train_setup import TrainRun, prepare_run
@@ -48,6 +49,8 @@ class Summary:
     samples: list[str]
     workdir: str
     stop_signal: int | None = None  # the signal that interrupted the run (None: none received)
+    best_step: int | None = None  # the step of best_val_loss
+    early_stopped: bool = False  # train.early_stopping_patience ended the run
 
 
 # The events a callback receives, as fn(event, run), in loop order. epoch_* fire every
@@ -64,9 +67,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Each step, in this order: the update; the previous step's metrics fetched and checked (a
     NaN or infinite loss, gradient norm or updated-parameter norm stops the run, and every
     pending step is checked before a save); the log record; evaluation; samples; the checkpoint
-    (so its meta holds the evaluation of its step); the stop check (SIGTERM, Ctrl-C). After the
-    last step: the final evaluation, the checkpoint, then the samples (a failing sample loses
-    nothing); after an interrupt, the checkpoint only (`interrupted` and `stop_signal` say so).
+    (so its meta holds the evaluation of its step; with train.early_stopping_patience, also at
+    every new best, and the run ends after `patience` evaluations without one); the stop check
+    (SIGTERM, Ctrl-C). After the last step: the final evaluation, the checkpoint, then the
+    samples (a failing sample loses nothing); after an interrupt, the checkpoint only (`interrupted` and `stop_signal` say so).
     `callbacks` are called as fn(event, run) (see EVENTS).
     """
     run = prepare_run(config, workdir)
@@ -77,13 +81,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for callback in callbacks:
             callback(event, run)
 
-    if run.step >= run.num_steps:
+    if run.step >= run.num_steps or run.early_stopped:
         if workdir_lib.is_writer():
             print(f"{run.workdir} is already trained to step {run.step} (num_steps="
-                  f"{run.num_steps}): nothing to do; raise train.num_steps to train further",
-                  flush=True)
+                  f"{run.num_steps}{', stopped early' if run.early_stopped else ''}): nothing "
+                  f"to do; raise train.num_steps to train further", flush=True)
         run.checkpointer.close()
         return _summary(run)
+    if t.early_stopping_patience and run.eval_batches is None:
+        run.checkpointer.close()
+        raise ConfigError("train.early_stopping_patience needs validation data: set "
+                          "data.val_fraction > 0 (or give a validation split)")
 
     writer = loop.MetricWriter(run.workdir, resume_step=run.resumed_from or 0,
                                loggers=t.loggers, config=run.config,
@@ -113,7 +121,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         notify("eval_begin")
         metrics = step_lib.evaluate(run.eval_step, run.state.params, run.eval_batches(), run.mesh)
         if run.best_val_loss is None or metrics["val_loss"] < run.best_val_loss:
-            run.best_val_loss = metrics["val_loss"]
+            improved = (run.best_val_loss is None or metrics["val_loss"]
+                        < run.best_val_loss - float(t.early_stopping_min_delta))
+            run.best_val_loss, run.best_step = metrics["val_loss"], run.step
+            run.evals_since_best = 0 if improved else run.evals_since_best + 1
+        else:
+            run.evals_since_best += 1
         run.last_eval = dict(metrics, best_val_loss=run.best_val_loss)
         evaluated_at = run.step
         writer.write(run.step, {k: run.last_eval[k]
@@ -178,6 +191,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     clock, steps_timed = time.perf_counter(), 0
                 if t.eval_every and run.step % t.eval_every == 0 and run.eval_batches:
                     evaluate_now()
+                    if t.early_stopping_patience:
+                        run.early_stopped = run.evals_since_best >= t.early_stopping_patience
+                        if run.best_step == run.step:
+                            save_now()  # every new best is on disk: export_hf --step=best_step
+                    if run.early_stopped:
+                        loop.report(bar, f"step {run.step}: no val_loss improvement in "
+                                         f"{run.evals_since_best} evaluations; stopping early "
+                                         f"(best {run.best_val_loss:.4f} at step "
+                                         f"{run.best_step})")
                 if (t.sample_every and run.step % t.sample_every == 0
                         and run.step < run.num_steps):
                     write_samples(run)
@@ -186,6 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 notify("step_end")
                 if run.step % run.steps_per_epoch == 0 or run.step == run.num_steps:
                     notify("epoch_end")
+                if run.early_stopped:  # (every process evaluated the same global batches)
+                    break
                 # Several processes all-gather their flags at log steps only.
                 if loop.agree_to_stop(stop, sync=run.step % t.log_every == 0):
                     run.interrupted = True
@@ -237,7 +261,8 @@ def _train_record(run: TrainRun, newest: dict, speed: dict):
 def _summary(run: TrainRun) -> Summary:
     return Summary(step=run.step, num_steps=run.num_steps, train_loss=run.train_loss,
                    val_loss=run.last_eval["val_loss"] if run.last_eval else None,
-                   best_val_loss=run.best_val_loss, interrupted=run.interrupted,
+                   best_val_loss=run.best_val_loss, best_step=run.best_step,
+                   early_stopped=run.early_stopped, interrupted=run.interrupted,
                    samples=list(run.samples), workdir=run.workdir, stop_signal=run.stop_signal)
 
 

@@ -232,6 +232,33 @@ def test_exact_resume_after_sigterm(straight, resumed):
     assert second.samples == straight.summary.samples
 
 
+def test_early_stopping_ends_the_run_and_keeps_the_best(env, straight, tmp_path, capsys):
+    """train.early_stopping_patience: with a min_delta no evaluation can beat, the evaluation
+    at step 4 sets the best and the one at step 8 (patience 1) ends the run there; every new
+    best is checkpointed (even one below the delta), the losses up to step 8 are the straight
+    run's, and a rerun has nothing to do."""
+    workdir = tmp_path / "early"
+    cfg = make_config(env, **SAMPLES, **{"train.early_stopping_patience": 1,
+                                         "train.early_stopping_min_delta": 100.0,
+                                         "train.checkpoint_every": 0})
+    summary = run(cfg, workdir)
+    assert summary.early_stopped and summary.step == 8 and not summary.interrupted
+    vals = [dict(x[1:])["val_loss"] for x in straight.losses
+            if x[0] <= 8 and "val_loss" in dict(x[1:])]
+    assert summary.best_val_loss == min(vals)
+    assert summary.best_step == 4 * (1 + vals.index(min(vals)))
+    assert checkpoint_steps(workdir) == sorted({4, summary.best_step, 8})
+    assert [x for x in losses(workdir) if x[0] <= 8] == [x for x in straight.losses
+                                                        if x[0] <= 8]
+    capsys.readouterr()
+    again = run(cfg, workdir)
+    assert again.step == 8 and again.early_stopped
+    assert "stopped early" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="early_stopping_patience=1 needs evaluations"):
+        run(make_config(env, **{"train.early_stopping_patience": 1, "train.eval_every": 0}),
+            tmp_path / "no_eval")
+
+
 def test_a_finished_run_rerun_writes_nothing(env, straight, tmp_path, capsys):
     """Issue 13 item 13: rerunning a run already at num_steps has nothing to do and leaves its
     workdir byte for byte as it was (config.json is not rewritten)."""
