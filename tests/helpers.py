@@ -5,6 +5,7 @@ without a subprocess's seconds of imports). persistent_compile_cache: compiling,
 is what the tiny runs in these tests cost; with one persistent XLA cache per module each
 program compiles once, in the test process or in any CLI subprocess. one_line_error: the
 message of a raised project error, checked to be the one line the standards ask for.
+GPT2_TOKENIZER_DIR: GPT-2's real tokenizer, committed under tests/data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# GPT-2's real tokenizer (vocab.json + merges.txt, 50,257 tokens), committed so that tests and
+# scripts have it without the hub: scripts/build_gpt2_tokenizer.py built it from openai-whisper's
+# sdist (tests/data/gpt2_tokenizer/README.md). Scripts outside tests/ use the same path relative
+# to the repository root.
+GPT2_TOKENIZER_DIR = os.path.join(REPO, "tests", "data", "gpt2_tokenizer")
 
 
 # XLA flags of every test process (conftest.py sets them for pytest's own processes, and the
