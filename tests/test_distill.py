@@ -217,9 +217,15 @@ def test_each_stage_changes_only_its_parameters(offline, reference):
     head_init = runner.init_head_from_teacher(s, b2)
     assert changed(b2, head_init) == {"lm_head"}
     w_t = np.asarray(s.teacher_params["wte"]["embedding"])
+    g_t = np.asarray(s.teacher_params["ln_f"]["scale"])
     kernel = np.asarray(b2["stitch"]["stitch_2"]["kernel"])
-    np.testing.assert_allclose(head_init["student"]["lm_head"], w_t @ kernel.T, rtol=1e-5,
-                               atol=1e-6)
+    # W_t diag(g_t) K^T (distill.head.fold_ln_scale, the default), W_t K^T without the fold.
+    np.testing.assert_allclose(head_init["student"]["lm_head"], (w_t * g_t) @ kernel.T,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g_t, 1.0, atol=1e-4)  # (the fold is visible)
+    s.config.distill.head.fold_ln_scale = False
+    np.testing.assert_allclose(runner.init_head_from_teacher(s, b2)["student"]["lm_head"],
+                               w_t @ kernel.T, rtol=1e-5, atol=1e-6)
     assert changed(head_init, head) == {"lm_head", "ln_f"}
     np.testing.assert_array_equal(head["student"]["wte"]["embedding"],
                                   b1["student"]["wte"]["embedding"])
@@ -366,6 +372,41 @@ def test_loss_types_architectures_and_head_stage_on_or_off(gpt2_teacher, tmp_pat
             np.testing.assert_array_equal(v, s.teacher_params["ln_f"][k])
     else:
         assert summary["layer_map"] == [1] and run.config.distill.layer_map == [1]
+
+
+def test_init_from_teacher_copies_mapped_blocks_and_eval_every_records_val(gpt2_teacher,
+                                                                         tmp_path):
+    """distill.init_from_teacher (DistilGPT2's initialisation): a 1-block student at the
+    teacher's width starts as teacher block map(1) = 2 with the teacher's embeddings, ln_f and
+    head; a 2-block one computes the teacher's logits. distill.eval_every writes the student's
+    val_loss every N global steps, the last one the summary's own."""
+    copy = {"model.n_embd": TEACHER_WIDTH, "model.bias": True, "model.activation": "gelu_tanh",
+            "distill.init_from_teacher": True, "data.val_fraction": 0.2,
+            "distill.eval_every": 2, "distill.eval_steps": 1}
+    cfg = gpt2_teacher.config(**copy, **{"model.n_layer": 1, "distill.block_stages": False,
+                                         "distill.head.enabled": False,
+                                         "distill.final.enabled": True,
+                                         "distill.final.steps": 4})
+    s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
+    student, teacher = flat(runner.init_tree(s, 0)["student"]), flat(s.teacher_params)
+    for k, v in student.items():
+        source = ("h_1" + k[3:] if k.startswith("h_0") else
+                  "wte/embedding" if k == "lm_head" else k)
+        np.testing.assert_array_equal(v, teacher[source][:len(v)], err_msg=k)
+    summary = runner.run(cfg, str(tmp_path / "run"), progress=False)
+    vals = [m for m in workdir_lib.read_metrics(str(tmp_path / "run")) if "val_loss" in m]
+    assert [m["step"] for m in vals] == [2, 4, 4] and vals[0]["stage"] == "final"
+    assert vals[1]["val_loss"] == summary["student_val"]["val_loss"]
+
+    s = runner.setup(ml_collections.ConfigDict(gpt2_teacher.config(**copy).to_dict()))
+    ids = np.arange(16, dtype=np.int32)[None] % 300
+    ours = s.student.apply({"params": runner.init_tree(s, 0)["student"]}, ids).logits
+    theirs = s.teacher.apply({"params": s.teacher_params}, ids).logits
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="student's model.activation='gelu'"):
+        runner.setup(gpt2_teacher.config(**{**copy, "model.activation": "gelu"}))
+    with pytest.raises(ConfigError, match="has no teacher leaf of its shape"):
+        runner.setup(gpt2_teacher.config(**{**copy, "model.n_embd": 16}))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.log_every = 10  # steps per metrics record and log line
     d.profile_steps = optional(str)     # 'START,END' (global steps): trace into WORKDIR/profile
     d.eval_steps = 20                   # validation batches for the final student's perplexity
+    d.eval_every = 0                    # the student's val_loss every N global steps; 0 = off
+    # DistilGPT2's initialisation: student block k <- teacher block layer_map(k), embeddings,
+    # ln_f and head <- the teacher's (needs the teacher's architecture and width)
+    d.init_from_teacher = False
 
     d.head = ml_collections.ConfigDict()
     d.head.enabled = True  # run the head (logit distillation) stage
@@ -67,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.head.grad_clip = 1.0  # global-norm clipping of the head stage; 0 = off
     d.head.init_from_teacher = True     # copy (equal widths) or W_t S through stitch_L
     d.head.untie = True                 # train an own lm_head; the embeddings stay frozen
+    d.head.fold_ln_scale = True  # at other widths: W_t diag(ln_f scale) S, not W_t S
     d.head.logit_loss = "kl_div"        # kl_div | mse | ce | any registered loss
     d.head.temperature = 2.0  # softmax temperature of the logit loss
     d.head.logit_weight = 1.0  # weight of the logit loss against the teacher

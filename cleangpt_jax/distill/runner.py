@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from cleangpt_jax import data as data_lib
 from cleangpt_jax import loop, plot, sharding, storage, trackers, train_step
@@ -67,7 +68,7 @@ def check_config(cfg) -> None:
     if cfg.model.param_dtype != "float32":
         raise ConfigError(f"model.param_dtype={cfg.model.param_dtype!r}: distillation keeps "
                           f"float32 master weights; set model.dtype='bfloat16' for bf16 compute")
-    for key in ("checkpoint_every", "eval_steps", "warmup_steps"):
+    for key in ("checkpoint_every", "eval_steps", "eval_every", "warmup_steps"):
         v = d[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"distill.{key} must be an integer >= 0, got {v!r}")
@@ -122,6 +123,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Setup:
         raise ConfigError("distill.head.init_from_teacher at different widths maps the "
                           "teacher's head through the last trained stitching layer, which "
                           "distill.block_stages=False never trains: set init_from_teacher=False")
+    if d.init_from_teacher:
+        check_copyable(get_model(config=s_cfg), get_model(config=t_cfg))
     data = data_lib.load_dataset(cfg, tokenizer)
     steps_per_epoch = data_lib.steps_per_epoch(data.train, cfg.train.batch_size,
                                                s_cfg.block_size)
@@ -149,13 +152,69 @@ def init_tree(s: Setup, seed: int):
         return tree
 
     shapes = jax.eval_shape(init)
-    return jax.jit(init, out_shardings=sharding.state_shardings(shapes, s.mesh))()
+    tree = jax.jit(init, out_shardings=sharding.state_shardings(shapes, s.mesh))()
+    if s.config.distill.init_from_teacher:
+        tree = init_from_teacher_blocks(s, tree)
+    return tree
+
+
+def _leaf_shapes(model) -> dict:
+    """{leaf path: shape} of `model`'s parameters (traced, nothing allocated)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+    return {p: x.shape for p, x in traverse_util.flatten_dict(shapes["params"]).items()}
+
+
+def check_copyable(student, teacher) -> None:
+    """distill.init_from_teacher needs every student leaf outside the head to exist in the
+    teacher with the same shape (same architecture and width, fewer or equal blocks, a context
+    no longer than the teacher's), and the same activation and LayerNorm."""
+    s, t = _leaf_shapes(student), _leaf_shapes(teacher)
+    def fits(path, shape):  # a shorter context takes the teacher's first position rows
+        theirs = t.get(path)
+        return theirs == shape or (path[0] == "wpe" and theirs is not None
+                                   and theirs[1:] == shape[1:] and theirs[0] >= shape[0])
+
+    missing = [p for p, shape in s.items() if p[0] != "lm_head" and not fits(p, shape)]
+    for key in ("model_type", "activation", "layer_norm_epsilon", "position_encoding"):
+        mine, theirs = getattr(student.config, key), getattr(teacher.config, key)
+        if mine != theirs:
+            raise ConfigError(f"distill.init_from_teacher copies teacher blocks, but the "
+                              f"student's model.{key}={mine!r} is not the teacher's {theirs!r}: "
+                              f"set model.{key}={theirs!r} or init_from_teacher=False")
+    if missing:
+        raise ConfigError(f"distill.init_from_teacher copies teacher blocks into the student, "
+                          f"but the student's {'/'.join(missing[0])} has no teacher leaf of its "
+                          f"shape: give the student the teacher's architecture and width "
+                          f"(model_type, n_embd, n_head, bias) or set init_from_teacher=False")
+
+
+def init_from_teacher_blocks(s: Setup, tree):
+    """DistilGPT2's initialisation: student block k <- teacher block map(k) (distill.layer_map),
+    and the embeddings (wpe: its first block_size rows), ln_f and the head <- the teacher's.
+    Fresh buffers (donated later)."""
+    student = traverse_util.flatten_dict(tree["student"])
+    teacher = traverse_util.flatten_dict(s.teacher_params)
+    mapping = plan_lib.layer_map(s.config.distill.layer_map, s.student.config.n_layer,
+                                 s.teacher.config.n_layer)
+    for path, leaf in student.items():
+        top = path[0]
+        if top.startswith("h_"):
+            source = (f"h_{mapping[int(top[2:])] - 1}",) + path[1:]
+        elif top == "lm_head":
+            source = ("lm_head",) if ("lm_head",) in teacher else ("wte", "embedding")
+        else:
+            source = path
+        student[path] = jnp.array(teacher[source][:leaf.shape[0]], leaf.dtype, copy=True)
+    return dict(tree, student=traverse_util.unflatten_dict(student))
 
 
 def init_head_from_teacher(s: Setup, tree):
     """lm_head (and ln_f at equal width) from the teacher: copies at equal widths, otherwise
     W_s = W_t K^T with K (d_s, d_t) the last stitching layer's kernel (h_t ~ h_s K), which
-    maps the student's final hidden state into the space the teacher's head reads."""
+    maps the student's final hidden state into the space the teacher's head reads. With
+    distill.head.fold_ln_scale the teacher's final LayerNorm scale g_t is folded in,
+    W_s = W_t diag(g_t) K^T: the teacher's logits are (g_t * n(h_t) + b_t) W_t^T, so its head
+    reads the normalised state through g_t (b_t and the stitching bias are dropped)."""
     student = dict(tree["student"])
     if "lm_head" not in student:
         return tree
@@ -169,7 +228,10 @@ def init_head_from_teacher(s: Setup, tree):
                                for k, v in student["ln_f"].items()}
     else:
         kernel = tree["stitch"][stitch_name(s.student.config.n_layer)]["kernel"]
-        student["lm_head"] = (w_t.astype(jnp.float32) @ kernel.T).astype(dtype)
+        w = w_t.astype(jnp.float32)
+        if s.config.distill.head.fold_ln_scale and "scale" in s.teacher_params.get("ln_f", {}):
+            w = w * s.teacher_params["ln_f"]["scale"].astype(jnp.float32)  # W_t diag(g_t)
+        student["lm_head"] = (w @ kernel.T).astype(dtype)
     return dict(tree, student=student)
 
 
@@ -179,9 +241,11 @@ def _stage_info(stage, first_loss, final_loss) -> dict:
 
 
 def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: threading.Event,
-              progress: bool = True, profiler: StepProfiler | None = None):
+              progress: bool = True, profiler: StepProfiler | None = None,
+              evaluate_student=None):
     """Train one stage from `tree` (or from the stage's newest checkpoint); returns
-    (tree, info). Saves every distill.checkpoint_every steps, at the end, and on `stop`."""
+    (tree, info). Saves every distill.checkpoint_every steps, at the end, and on `stop`;
+    writes evaluate_student(student params) every distill.eval_every global steps."""
     cfg = s.config
     d = cfg.distill
     paths = stage_step.trainable_paths(tree, stage, cfg, s.student.config.tie_embeddings)
@@ -269,6 +333,11 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 timer.update(compile_s=time.perf_counter() - t0, clock=time.perf_counter(),
                              step=done)
             log(lag.push(done, metrics))  # the previous step's: the device keeps working
+            if evaluate_student and d.eval_every and (g + 1) % d.eval_every == 0:
+                log(lag.flush())
+                val = evaluate_student(stage_step.join(trainable, frozen)["student"])
+                writer.write(g + 1, {"stage": stage.name, "val_loss": val["val_loss"],
+                                     "val_ppl": val["val_ppl"]})
             stopping = loop.agree_to_stop(stop) and done < stage.steps
             if stopping or (d.checkpoint_every and done % d.checkpoint_every == 0
                             and done < stage.steps):
@@ -321,20 +390,29 @@ def completed_tree(s: Setup, workdir, name):
         c.close()
 
 
-def val_loss(model, params, tokens, cfg, mesh, separator=None) -> dict | None:
-    """Token-weighted LM validation loss of `model` on the first distill.eval_steps batches
-    of `tokens` ({'val_loss', 'val_ppl', 'val_tokens'}); None without data or eval_steps.
-    separator: the document separator when data.document_mask is on (segment ids)."""
+def val_evaluator(model, params_like, tokens, cfg, mesh, separator=None):
+    """params -> {'val_loss', 'val_ppl', 'val_tokens'}: the token-weighted LM validation loss
+    of `model` on the first distill.eval_steps batches of `tokens`, compiled once for params
+    laid out like `params_like`; None without data or eval_steps. separator: the document
+    separator when data.document_mask is on (segment ids)."""
     n = cfg.distill.eval_steps
     if tokens is None or not n:
         return None
     step = train_step.make_eval_step(train_step.lm_strategy(model), mesh=mesh,
-                                  params_shardings=sharding.state_shardings(params, mesh))
+                                     params_shardings=sharding.state_shardings(params_like,
+                                                                               mesh))
     batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
     batches = [data_lib.with_segment_ids(b, separator) for b in batches]
-    return train_step.evaluate(step, stage_step.place(params, mesh), batches, mesh)
+    return lambda params: train_step.evaluate(step, stage_step.place(params, mesh), batches,
+                                              mesh)
+
+
+def val_loss(model, params, tokens, cfg, mesh, separator=None) -> dict | None:
+    """`val_evaluator` of `model` applied once to `params`."""
+    evaluate = val_evaluator(model, params, tokens, cfg, mesh, separator)
+    return None if evaluate is None else evaluate(params)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
@@ -366,6 +444,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     stop = threading.Event()
     profiler = StepProfiler(cfg.distill.profile_steps, workdir, name="distill",
                             key="distill.profile_steps")
+    separator = data_lib.document_separator_id(cfg.data, s.tokenizer)
+    evaluate_student = (val_evaluator(s.student, tree["student"], s.data.val, cfg, s.mesh,
+                                      separator) if cfg.distill.eval_every else None)
     try:
         with loop.stop_on_signals(stop):
             for stage in remaining:
@@ -385,14 +466,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                         tree = init_head_from_teacher(s, tree)
                 tree, info = run_stage(s, stage, tree, workdir=workdir, step_offset=offset,
                                        writer=writer, stop=stop, progress=progress,
-                                       profiler=profiler)
+                                       profiler=profiler, evaluate_student=evaluate_student)
                 offset += stage.steps
                 done.append(info)
                 records.write_manifest(workdir, done)
                 logging.info("stage %s done: %s", stage.name, info)
         records.write_student(s, tree, workdir, step=offset)
         student = sharding.to_host(tree["student"])
-        separator = data_lib.document_separator_id(cfg.data, s.tokenizer)
         summary = {"stages": done, "layer_map": s.layer_map, "workdir": workdir,
                    "teacher_val": val_loss(s.teacher, s.teacher_params, s.data.val, cfg,
                                            s.mesh, separator),
