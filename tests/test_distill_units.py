@@ -258,3 +258,39 @@ def test_a_stage_step_uses_the_configs_adam_settings():
                                         ("student", "h_0"), ("stitch", "stitch_1")}
     assert any(not np.allclose(default[k], changed[k], rtol=0, atol=1e-6) for k in default)
     two_updates(adam_b1=0.5, adam_eps=1e-3)
+
+
+def test_linear_cka_is_one_for_rotated_scaled_copies_and_low_for_unrelated_states():
+    """CKA(X, c X Q) = 1 for an orthogonal Q (any width: Q may embed d_x into d_y > d_x) and a
+    scalar c; unrelated Gaussian states give a small value; it is symmetric."""
+    from cleangpt_jax.distill.analysis import linear_cka
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 16))
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    y = 3.0 * x @ q[:16] + 5.0  # (a constant shift: CKA centres the tokens)
+    assert linear_cka(x, y) == pytest.approx(1.0, abs=1e-12)
+    unrelated = rng.normal(size=(512, 32))
+    assert linear_cka(x, unrelated) < 0.1
+    assert linear_cka(x, unrelated) == pytest.approx(linear_cka(unrelated, x), abs=1e-12)
+    half = np.concatenate([x[:, :8], rng.normal(size=(512, 8))], axis=1)
+    assert 0.3 < linear_cka(x, half) < 0.8
+
+
+def test_paired_difference_is_the_student_t_interval_of_the_per_seed_differences():
+    """n = 3 seeds: the interval is mean +- 4.303 sd / sqrt(3) (t_{0.975, 2} = 4.3027)."""
+    from cleangpt_jax.distill.analysis import paired_difference
+
+    a, b = [2.0, 2.2, 2.1], [1.5, 1.9, 1.5]
+    d = paired_difference(a, b)
+    diffs = np.subtract(a, b)
+    half = 4.302653 * diffs.std(ddof=1) / np.sqrt(3)
+    assert d["mean"] == pytest.approx(diffs.mean()) and d["n"] == 3
+    assert (d["low"], d["high"]) == (pytest.approx(diffs.mean() - half, abs=1e-5),
+                                     pytest.approx(diffs.mean() + half, abs=1e-5))
+    assert d["spread"] == pytest.approx(np.std(b, ddof=1))  # the larger seed sd of the two
+    assert d["significant"] and d["exceeds_spread"]
+    flat = paired_difference([2.0, 2.1, 2.0], [2.01, 2.0, 2.05])
+    assert not flat["significant"] and not flat["exceeds_spread"]
+    with pytest.raises(ValueError, match="two equal-length lists of >= 2 values"):
+        paired_difference([1.0], [2.0])
