@@ -1,48 +1,65 @@
-"""Distillation study on the offline Shakespeare teacher; writes docs/distillation_study.md.
+"""The distillation study: does the original cleanGPT's method beat its alternatives?
 
-    python scripts/distill_study.py                                 # trains its own teacher
-    python scripts/distill_study.py --teacher=runs/teacher_hf       # an exported teacher
+    python scripts/distill_study.py                    # the full study -> docs/distillation_study.md
+    python scripts/distill_study.py --preset=quick     # minutes: every code path, tiny shapes
+    python scripts/distill_study.py --only=char        # one setting (the report covers what ran)
 
-What it measures (all on one machine, in one process, on the same validation batches):
+The original made three claims: block-by-block transfer beats distilling the logits alone,
+stitching layers help, and the head stage matters. This script tests them, and writes the
+whole report (tables, plots, answers, the machine, the code version and the wall time).
 
-  1. The teacher: configs/gpt2_teacher_shakespeare.py (4 blocks; --teacher_width, --block_size,
-     --teacher_steps) trained and exported with export_hf, unless --teacher is given.
-  2. For each student architecture (vanilla, sasp, factored) at half the teacher's width and
-     its depth: validation perplexity of
-       - block-by-block distillation: 4 block stages (hidden MSE through stitching layers),
-         the head stage (KL, T = 2, head initialised as W_t S_4), the end-to-end stage
-         (KL + LM loss); N optimizer steps in all;
-       - the same student trained from scratch for N steps on the same batches (the LM loss,
-         the training library's AdamW with warmup and cosine decay);
-       - logit-only distillation: the end-to-end stage alone for N steps.
-  3. Ablations (Vanilla student), the original tutorial's three hypotheses:
-       - block-by-block transfer: the table's block-by-block column against logit-only;
-       - stitching vs none at equal width (the teacher's width; blocks + head stages);
-       - with vs without the head stage (half width; blocks only vs blocks + head).
-  4. Step time of every block stage with the truncated forward (teacher up to map(k), student
-     up to k) against a full-forward step (both models run every block and their heads, as the
-     original did), the two alternating on the same batch; for the study's student and, as a
-     second row, the same shapes with GPT-2's 50257-token vocabulary (random weights).
+Settings: character-level Shakespeare, and Shakespeare under GPT-2's real byte-level BPE
+(tests/data/gpt2_tokenizer, 50,257 tokens). In each, a Vanilla teacher with GPT-2's block is
+trained until its validation loss stops improving (train.early_stopping_patience), exported
+with export_hf at its best step and loaded as a GPT-2 directory.
 
-Every run lives in --workdir (default runs/distill_study) and resumes: rerunning the command
-after an interruption skips what is done. The Markdown report (tables, goals, the command)
-goes to --out.
+Students, at the teacher's depth and half its width for every architecture (vanilla, sasp,
+factored), plus a shallower Vanilla student at the teacher's width (L/2 blocks, layer map
+2, 4, ..., L), trained by each method for the same N optimizer steps on the same batches in the
+same order (a pure function of the seed and the global step), from the same initialisation,
+with the same AdamW, weight decay, clipping and untied head:
+
+    scratch       the LM loss (python -m cleangpt_jax.train)
+    kd            logit-only KD: KL(teacher || student) at T = 2 plus the LM loss (DistilGPT2)
+    distilgpt2    student block k <- teacher block map(k), embeddings and head copied, then kd
+                  (the shallow student only: the widths must match)
+    bbb           block stages (hidden MSE through stitching layers), the head stage (KL,
+                  head initialised from the teacher's), then the end-to-end kd stage
+    bbb_nostitch  bbb without stitching layers (equal widths: the shallow student only)
+    bbb_nohead    bbb without the head stage (its steps go to the end-to-end stage)
+    bbb_nofinal   bbb without the end-to-end stage (its steps go to the head stage)
+
+Every cell runs for --seeds seeds; a seed fixes the student's initialisation and the batch
+order, so methods are compared seed by seed (paired differences, Student-t intervals).
+
+Caching and resuming: every run lives in WORKDIR/runs/... and resumes from its checkpoints;
+every finished run's numbers are kept in WORKDIR/results.json under a key made of its
+settings, the code version (a hash of the package's code and of this script's
+MEASUREMENT_VERSION) and a fingerprint of the teacher's parameters. Rerunning the command after an interruption, or on
+another day, computes only what is missing; a code change reruns everything it touches.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import io
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -50,181 +67,407 @@ from cleangpt_jax import data as data_lib  # noqa: E402
 from cleangpt_jax import hf, sharding, trainer  # noqa: E402
 from cleangpt_jax import workdir as workdir_lib  # noqa: E402
 from cleangpt_jax.config import get_config  # noqa: E402
+from cleangpt_jax.distill import analysis  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
 from cleangpt_jax.distill import plan as plan_lib  # noqa: E402
-from cleangpt_jax.distill import records, runner, stage_step  # noqa: E402
+from cleangpt_jax.distill import runner, stage_step  # noqa: E402
+from cleangpt_jax.loading import load_lm  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = ("vanilla", "sasp", "factored")
+GPT2_TOKENIZER = os.path.join(REPO, "tests", "data", "gpt2_tokenizer")
+METHODS = ("scratch", "kd", "distilgpt2", "bbb", "bbb_nostitch", "bbb_nohead", "bbb_nofinal")
+METHOD_LABELS = {
+    "scratch": "from scratch", "kd": "logit-only KD", "distilgpt2": "DistilGPT2 init + KD",
+    "bbb": "block-by-block", "bbb_nostitch": "block-by-block, no stitching",
+    "bbb_nohead": "block-by-block, no head stage", "bbb_nofinal": "block-by-block, no final stage"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One regime of the study: data, teacher, budget. Every field is part of the cache key."""
+    name: str
+    tokenizer: str              # 'character' | 'gpt2' (GPT-2's real BPE, tests/data)
+    teacher_layers: int
+    teacher_width: int
+    heads: int
+    block_size: int
+    batch_size: int
+    teacher_lr: float
+    teacher_max_steps: int      # the cosine schedule's length; early stopping ends sooner
+    teacher_eval_every: int
+    teacher_patience: int       # evaluations without a better val_loss (by min_delta)
+    teacher_min_delta: float
+    teacher_dropout: float
+    steps: int                  # N: every student's optimizer steps
+    block_steps: int            # per block stage
+    head_steps: int
+    lr: float                   # peak lr: scratch, kd, the head and end-to-end stages
+    block_lr: float
+    warmup: int
+    weight_decay: float
+    eval_every: int             # the validation curves
+    eval_steps: int             # validation batches of every reported number
+    cka_batches: int
+    archs: tuple                # the half-width students
+    ablation_archs: tuple       # half-width students that also get bbb_nohead / bbb_nofinal
+    max_samples: int | None = None  # plays (None: all)
+
+
+FULL = (
+    Setting("char", "character", teacher_layers=4, teacher_width=128, heads=4, block_size=64,
+            batch_size=16, teacher_lr=2e-3, teacher_max_steps=4000, teacher_eval_every=200,
+            teacher_patience=3, teacher_min_delta=0.005, teacher_dropout=0.1, steps=600,
+            block_steps=40, head_steps=60, lr=2e-3, block_lr=2e-3, warmup=30,
+            weight_decay=0.1, eval_every=50, eval_steps=16, cka_batches=4,
+            archs=("vanilla", "sasp", "factored"), ablation_archs=("vanilla",)),
+    Setting("gpt2", "gpt2", teacher_layers=4, teacher_width=128, heads=4, block_size=64,
+            batch_size=8, teacher_lr=2e-3, teacher_max_steps=2000, teacher_eval_every=100,
+            teacher_patience=3, teacher_min_delta=0.005, teacher_dropout=0.1, steps=300,
+            block_steps=20, head_steps=40, lr=2e-3, block_lr=2e-3, warmup=20,
+            weight_decay=0.1, eval_every=25, eval_steps=16, cka_batches=4,
+            archs=("vanilla",), ablation_archs=(), max_samples=8),
+)
+QUICK = (
+    Setting("char", "character", teacher_layers=2, teacher_width=32, heads=2, block_size=32,
+            batch_size=8, teacher_lr=3e-3, teacher_max_steps=80, teacher_eval_every=20,
+            teacher_patience=2, teacher_min_delta=0.0, teacher_dropout=0.0, steps=24,
+            block_steps=3, head_steps=3, lr=3e-3, block_lr=3e-3, warmup=2, weight_decay=0.1,
+            eval_every=8, eval_steps=2, cka_batches=2, archs=("vanilla",), ablation_archs=(),
+            max_samples=3),
+)
+PRESETS = {"full": {"settings": FULL, "seeds": 3, "timing": True},
+           "quick": {"settings": QUICK, "seeds": 2, "timing": False}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default=None, help="exported HF teacher directory (default: "
-                   "train configs/gpt2_teacher_shakespeare.py into WORKDIR/teacher)")
-    p.add_argument("--workdir", default="runs/distill_study")
-    p.add_argument("--out", default=os.path.join(REPO, "docs", "distillation_study.md"))
-    p.add_argument("--teacher_width", type=int, default=128)
-    p.add_argument("--teacher_heads", type=int, default=4)
-    p.add_argument("--teacher_steps", type=int, default=1000)
-    p.add_argument("--block_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--steps_per_block", type=int, default=40)
-    p.add_argument("--head_steps", type=int, default=40)
-    p.add_argument("--final_steps", type=int, default=1960)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the block "
-                   "and head stages, logit-only distillation and from-scratch training")
-    p.add_argument("--final_lr", type=float, default=2e-3)
-    p.add_argument("--eval_steps", type=int, default=40)
-    p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--no_ablations", action="store_true")
-    p.add_argument("--no_timing", action="store_true")
-    p.add_argument("--timing_steps", type=int, default=8, help="steps per timed repeat")
-    p.add_argument("--timing_repeats", type=int, default=7)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--workdir", default=None, help="default: runs/distill_study_<preset>")
+    p.add_argument("--out", default=None, help="the report (default: docs/distillation_study.md "
+                   "for the full preset, WORKDIR/distillation_study.md otherwise)")
+    p.add_argument("--images", default=None, help="where the plots go (default: docs/images "
+                   "for the full preset, WORKDIR otherwise)")
+    p.add_argument("--only", default=None, help="comma-separated setting names to run")
+    p.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
     return p.parse_args(argv)
 
 
-# ------------------------------------------------------------------------------- pieces
-# Flags that do not change any measurement (which rows run, where the report goes).
-_NOT_SETTINGS = ("workdir", "out", "archs", "no_ablations", "no_timing")
+# --------------------------------------------------------------------------- bookkeeping
+# Bump when run_cell, head_init_losses or the configs below measure differently (the report
+# and the plots are not part of it: they are redrawn from the cached numbers).
+MEASUREMENT_VERSION = 1
+
+
+def code_version() -> str:
+    """sha256 of the package's code (each module's syntax tree without docstrings, so that
+    comments and docs leave the cache alone), the teacher config and MEASUREMENT_VERSION."""
+    import ast
+
+    files = sorted(glob.glob(os.path.join(REPO, "cleangpt_jax", "**", "*.py"), recursive=True))
+    files.append(os.path.join(REPO, "configs", "gpt2_teacher_shakespeare.py"))
+    h = hashlib.sha256(str(MEASUREMENT_VERSION).encode())
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(os.path.relpath(path, REPO).encode())
+        h.update(ast.dump(tree).encode())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--",
+                                "cleangpt_jax", "scripts"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return out + ("+local changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
 
 
 class Results:
-    """results.json in the workdir: every finished measurement, so a rerun skips it. The
-    settings it was measured with are stored alongside; other settings need another workdir."""
+    """WORKDIR/results.json: {key: result}, rewritten atomically after every finished run."""
 
-    def __init__(self, path, args):
+    def __init__(self, path):
         self.path = path
-        self.data = json.load(open(path)) if os.path.exists(path) else {}
-        settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
-        if self.data and "_settings" not in self.data:
-            sys.exit(f"error: {path} does not record the settings it was measured with (an "
-                     f"older version of this script wrote it): give another --workdir")
-        stored = self.data.setdefault("_settings", settings)
-        if stored != settings:
-            changed = sorted(k for k in settings if stored.get(k) != settings[k])
-            sys.exit(f"error: {path} was measured with other settings ({', '.join(changed)}): "
-                     f"rerun with those or give another --workdir")
+        self.data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
 
-    def get(self, key, fn):
+    def get(self, key, label, fn):
         if key not in self.data:
             t0 = time.time()
-            self.data[key] = fn()
-            print(f"[{key}] {self.data[key]} ({time.time() - t0:.0f}s)", flush=True)
+            result = fn()
+            result["seconds"] = time.time() - t0
+            result["label"] = label
+            self.data[key] = result
+            print(f"[{label}] " + (f"val_loss {result['val_loss']:.4f} " if "val_loss" in result
+                                   else "") + f"({result['seconds']:.0f}s)", flush=True)
             with open(self.path + ".tmp", "w") as f:
-                json.dump(self.data, f, indent=2)
+                json.dump(self.data, f, indent=1)
             os.replace(self.path + ".tmp", self.path)
         return self.data[key]
 
 
-def train_teacher(args, workdir) -> str:
-    """configs/gpt2_teacher_shakespeare.py at the study's size, exported with export_hf."""
-    out = os.path.join(workdir, "teacher_hf")
-    if os.path.isfile(os.path.join(out, hf.SAFETENSORS_FILE)):
-        return out
+@contextlib.contextmanager
+def quiet():
+    """The runs' own progress lines go to WORKDIR/study.log's caller, not the terminal."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+
+
+# ------------------------------------------------------------------------------ teacher
+def teacher_config(st: Setting, data_dir: str):
+    spec_path = os.path.join(REPO, "configs", "gpt2_teacher_shakespeare.py")
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "teacher_config", os.path.join(REPO, "configs", "gpt2_teacher_shakespeare.py"))
+    spec = importlib.util.spec_from_file_location("teacher_config", spec_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    cfg.model.update(n_embd=args.teacher_width, n_head=args.teacher_heads,
-                     block_size=args.block_size)
-    cfg.train.update(batch_size=args.batch_size, num_steps=args.teacher_steps,
-                     learning_rate=args.lr, min_lr=args.lr / 10, warmup_steps=100,
-                     eval_every=0, checkpoint_every=250, sample_max_new_tokens=0,
-                     log_every=50)
-    teacher_dir = os.path.join(workdir, "teacher")
-    trainer.train_and_evaluate(cfg, teacher_dir)
-    return hf.export_run(teacher_dir, out, overwrite=True)
+    cfg.model.update(n_layer=st.teacher_layers, n_embd=st.teacher_width, n_head=st.heads,
+                     block_size=st.block_size, dropout=st.teacher_dropout)
+    if st.tokenizer == "gpt2":
+        cfg.tokenizer.update(type="gpt2", name_or_path=GPT2_TOKENIZER)
+    cfg.data.update(source="shakespeare", val_fraction=0.1, cache_dir=data_dir,
+                    max_samples=st.max_samples)
+    cfg.train.update(batch_size=st.batch_size, num_steps=st.teacher_max_steps,
+                     learning_rate=st.teacher_lr, min_lr=st.teacher_lr / 10,
+                     warmup_steps=min(100, st.teacher_max_steps // 10),
+                     weight_decay=st.weight_decay, eval_every=st.teacher_eval_every,
+                     eval_steps=st.eval_steps, early_stopping_patience=st.teacher_patience,
+                     early_stopping_min_delta=st.teacher_min_delta, checkpoint_every=0,
+                     max_checkpoints_to_keep=3, sample_max_new_tokens=0, log_every=50,
+                     loggers="jsonl", curves=False, peak_flops=1e12)
+    return cfg
 
 
-def student_config(args, teacher: str, arch: str, width: int, **distill):
-    """configs/distill_shakespeare_offline.py at the study's sizes."""
+def train_teacher(st: Setting, workdir: str, data_dir: str) -> dict:
+    """Train until early stopping; export the best step as a GPT-2 directory."""
+    cfg = teacher_config(st, data_dir)
+    run_dir = os.path.join(workdir, "train")
+    with quiet():
+        summary = trainer.train_and_evaluate(cfg, run_dir)
+    stopped(summary)
+    out = os.path.join(workdir, "hf")
+    hf.export_run(run_dir, out, step=summary.best_step, overwrite=True)
+    curve = [[m["step"], m["val_loss"]] for m in workdir_lib.read_metrics(run_dir)
+             if "val_loss" in m]
+    return {"hf_dir": out, "steps_run": summary.step, "best_step": summary.best_step,
+            "early_stopped": summary.early_stopped, "curve": curve,
+            "fingerprint": params_fingerprint(out)}
+
+
+def stopped(summary) -> None:
+    """An interrupted run (SIGTERM, Ctrl-C) saved its state: leave, record nothing."""
+    if summary.interrupted:
+        sys.exit(f"stopped at step {summary.step} of {summary.workdir} (saved): rerun the same "
+                 f"command to continue the study")
+
+
+def params_fingerprint(hf_dir: str) -> str:
+    with open(os.path.join(hf_dir, hf.SAFETENSORS_FILE), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- students
+@dataclasses.dataclass(frozen=True)
+class Student:
+    arch: str
+    n_layer: int
+    width: int
+    heads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch} {self.n_layer}x{self.width}"
+
+
+def students_of(st: Setting) -> list[tuple[Student, tuple]]:
+    """(student, methods) of a setting: half width at the teacher's depth for each arch, and
+    the shallow Vanilla student at the teacher's width with every method."""
+    half = st.teacher_width // 2
+    out = []
+    for arch in st.archs:
+        methods = ("scratch", "kd", "bbb")
+        if arch in st.ablation_archs:
+            methods += ("bbb_nohead", "bbb_nofinal")
+        out.append((Student(arch, st.teacher_layers, half, st.heads), methods))
+    out.append((Student("vanilla", st.teacher_layers // 2, st.teacher_width, st.heads),
+                METHODS))
+    return out
+
+
+def model_overrides(student: Student, st: Setting) -> dict:
+    """The student's model section, the same for every method: GPT-2's block (bias, tanh
+    GELU), an untied head (the head stage trains one), no dropout."""
+    return dict(model_type=student.arch, n_layer=student.n_layer, n_head=student.heads,
+                n_embd=student.width, block_size=st.block_size, dropout=0.0, bias=True,
+                activation="gelu_tanh", tie_embeddings=False)
+
+
+def distill_cfg(st: Setting, student: Student, method: str, teacher: str, seed: int,
+                data_dir: str):
     cfg = distill_config.get_config()
-    cfg.model.update(model_type=arch, n_layer=4, n_head=4, n_embd=width,
-                     block_size=args.block_size, dropout=0.0, bias=False)
-    cfg.data.update(source="shakespeare", val_fraction=0.1)
-    cfg.train.batch_size = args.batch_size
+    cfg.model.update(model_overrides(student, st))
+    cfg.data.update(source="shakespeare", val_fraction=0.1, cache_dir=data_dir,
+                    max_samples=st.max_samples)
+    cfg.train.update(batch_size=st.batch_size, seed=seed, loggers="jsonl", curves=False,
+                     peak_flops=1e12)
     d = cfg.distill
-    d.teacher = teacher
-    d.steps_per_block = args.steps_per_block
-    d.learning_rate = args.lr
-    d.warmup_steps = 20
-    d.checkpoint_every = 200
-    d.log_every = 25
-    d.eval_steps = args.eval_steps
-    d.head.update(steps=args.head_steps, learning_rate=args.lr, logit_loss="kl_div",
-                  temperature=2.0, lm_weight=0.0)
-    d.final.update(enabled=True, steps=args.final_steps, learning_rate=args.final_lr,
-                   logit_loss="kl_div", temperature=2.0, logit_weight=1.0, lm_weight=1.0)
-    d.update_from_flattened_dict(distill)
+    d.update(teacher=teacher, steps_per_block=st.block_steps, learning_rate=st.block_lr,
+             weight_decay=st.weight_decay, warmup_steps=st.warmup, checkpoint_every=200,
+             log_every=50, eval_steps=st.eval_steps, eval_every=st.eval_every)
+    d.head.update(steps=st.head_steps, learning_rate=st.lr, weight_decay=st.weight_decay,
+                  logit_loss="kl_div", temperature=2.0, lm_weight=0.0)
+    blocks = student.n_layer * st.block_steps
+    d.final.update(enabled=True, steps=st.steps - blocks - st.head_steps, learning_rate=st.lr,
+                   weight_decay=st.weight_decay, logit_loss="kl_div", temperature=2.0,
+                   logit_weight=1.0, lm_weight=1.0)
+    if method in ("kd", "distilgpt2"):
+        d.block_stages = False
+        d.head.enabled = False
+        d.final.steps = st.steps
+        d.init_from_teacher = method == "distilgpt2"
+    elif method == "bbb_nostitch":
+        d.stitching = False
+    elif method == "bbb_nohead":
+        d.head.enabled = False
+        d.final.steps = st.steps - blocks
+    elif method == "bbb_nofinal":
+        d.final.enabled = False
+        d.head.steps = st.steps - blocks
+    return cfg
+
+
+def scratch_cfg(st: Setting, student: Student, teacher: str, seed: int, data_dir: str):
+    """python -m cleangpt_jax.train with the stage optimizer's schedule: warmup
+    min(warmup, N // 10), cosine to lr / 10 over N steps."""
+    cfg = get_config()
+    cfg.model.update(model_overrides(student, st))
+    cfg.tokenizer.update(type=st.tokenizer, name_or_path=teacher)
+    cfg.data.update(source="shakespeare", val_fraction=0.1, cache_dir=data_dir,
+                    max_samples=st.max_samples)
+    cfg.train.update(batch_size=st.batch_size, num_steps=st.steps, seed=seed,
+                     learning_rate=st.lr, min_lr=st.lr / 10,
+                     warmup_steps=min(st.warmup, st.steps // 10),
+                     weight_decay=st.weight_decay, eval_every=st.eval_every,
+                     eval_steps=st.eval_steps, checkpoint_every=200, log_every=50,
+                     sample_max_new_tokens=0, loggers="jsonl", curves=False, peak_flops=1e12)
     return cfg
 
 
 def total_steps(cfg) -> int:
-    stages = plan_lib.build_stages(cfg.distill, cfg.model.n_layer, 4, steps_per_epoch=1)
-    return sum(st.steps for st in stages)
+    stages = plan_lib.build_stages(cfg.distill, cfg.model.n_layer, 10 ** 6, steps_per_epoch=1)
+    return sum(s.steps for s in stages)
 
 
-def distill_run(cfg, workdir) -> dict:
-    summary = runner.run(cfg, workdir, progress=False)
-    stages = {m["name"]: m["final_loss"] for m in summary["stages"]}
-    return {"val_ppl": summary["student_val"]["val_ppl"],
-            "val_loss": summary["student_val"]["val_loss"],
-            "teacher_val_ppl": summary["teacher_val"]["val_ppl"],
-            "steps": total_steps(cfg), "final_losses": stages}
+class Teacher:
+    """The exported teacher, its data and the validation batches every number is taken on."""
+
+    def __init__(self, st: Setting, hf_dir: str, data_dir: str):
+        self.hf_dir = hf_dir
+        self.lm = load_lm(hf_dir)
+        self.model = get_model(config=self.lm.config)
+        cfg = teacher_config(st, data_dir)
+        cfg.tokenizer.update(type=st.tokenizer, name_or_path=hf_dir)
+        self.data = data_lib.load_dataset(cfg, self.lm.tokenizer)
+        self.mesh = sharding.create_mesh()
+        self.eval_cfg = ml_collections.ConfigDict({"distill": {"eval_steps": st.eval_steps},
+                                                   "train": {"batch_size": st.batch_size}})
+        self.cka_batches = data_lib.eval_batches(
+            self.data.val, global_batch_size=st.batch_size, block_size=st.block_size,
+            num_batches=st.cka_batches)
+
+    def val(self, model, params) -> dict:
+        return runner.val_loss(model, params, self.data.val, self.eval_cfg, self.mesh)
 
 
-def stage_val(args, cfg, workdir, stage_name) -> dict:
-    """Validation perplexity of a distillation run's student as a completed stage left it."""
+def layer_map_of(student: Student, st: Setting) -> list[int]:
+    return plan_lib.layer_map("uniform", student.n_layer, st.teacher_layers)
+
+
+def val_curve(workdir: str) -> list[list]:
+    """[(global step, val_loss)] of a run's metrics.jsonl (the last record of a step wins)."""
+    points = {}
+    for m in workdir_lib.read_metrics(workdir):
+        if "val_loss" in m:
+            points[m["step"]] = m["val_loss"]
+    return [[s, points[s]] for s in sorted(points)]
+
+
+def head_init_losses(cfg, workdir: str, n_layer: int) -> dict:
+    """The head stage's loss at initialisation (before any head step) on the validation
+    batches, with the teacher's ln_f scale folded into W_t S and without: issue 17 item 7."""
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
-    tree = runner.completed_tree(s, workdir, stage_name)
-    val = runner.val_loss(s.student, tree["student"], s.data.val, s.config, s.mesh)
-    losses = {m["name"]: m["final_loss"] for m in records.read_manifest(workdir)}
-    return {"val_ppl": val["val_ppl"], "val_loss": val["val_loss"], "final_losses": losses}
+    tree = runner.completed_tree(s, workdir, f"block_{n_layer}")
+    stage = next(x for x in s.stages if x.kind == "head")
+    batches = data_lib.eval_batches(s.data.val, global_batch_size=cfg.train.batch_size,
+                                    block_size=cfg.model.block_size,
+                                    num_batches=cfg.distill.eval_steps)
+    out = {}
+    for fold in (True, False):
+        s.config.distill.head.fold_ln_scale = fold
+        t = runner.init_head_from_teacher(s, tree)
+        paths = stage_step.trainable_paths(t, stage, s.config, s.student.config.tie_embeddings)
+        loss_fn = jax.jit(stage_step.stage_loss_fn(stage_step.step_spec(s, stage, paths)))
+        trainable, frozen = stage_step.split(t, paths)
+        losses = [float(loss_fn(trainable, frozen, s.teacher_params,
+                                {k: jnp.asarray(v) for k, v in b.items()},
+                                jax.random.key(0))[0]) for b in batches]
+        out["fold" if fold else "plain"] = float(np.mean(losses))
+    return out
 
 
-def scratch_run(args, teacher: str, arch: str, width: int, steps: int, workdir) -> dict:
-    """The student's architecture trained on the LM loss alone, same data, batches, steps."""
-    cfg = get_config()
-    s = student_config(args, teacher, arch, width)
-    cfg.model.update(s.model.to_dict())
-    cfg.tokenizer.update(type="character", name_or_path=teacher)  # the teacher's characters
-    cfg.data.update(s.data.to_dict())
-    cfg.train.update(batch_size=args.batch_size, num_steps=steps, learning_rate=args.lr,
-                     min_lr=args.lr / 10, warmup_steps=20, weight_decay=0.01, eval_every=0,
-                     checkpoint_every=0, sample_max_new_tokens=0, log_every=50)
-    trainer.train_and_evaluate(cfg, workdir)
-    run = workdir_lib.load_run(workdir)
-    data = data_lib.load_dataset(cfg, run.tokenizer)
-    mesh = sharding.create_mesh()
-    val = runner.val_loss(run.model, run.params, data.val, _eval_cfg(args), mesh)
-    return {"val_ppl": val["val_ppl"], "val_loss": val["val_loss"], "steps": steps}
-
-
-def _eval_cfg(args):
-    return ml_collections.ConfigDict({"distill": {"eval_steps": args.eval_steps},
-                                      "train": {"batch_size": args.batch_size}})
+def run_cell(st: Setting, student: Student, method: str, seed: int, teacher: Teacher,
+             run_dir: str, data_dir: str) -> dict:
+    """One student, one method, one seed: train (resuming), then the numbers."""
+    if method == "scratch":
+        cfg = scratch_cfg(st, student, teacher.hf_dir, seed, data_dir)
+        with quiet():
+            stopped(trainer.train_and_evaluate(cfg, run_dir))
+        steps = cfg.train.num_steps
+    else:
+        cfg = distill_cfg(st, student, method, teacher.hf_dir, seed, data_dir)
+        with quiet():
+            runner.run(cfg, run_dir, progress=False)
+        steps = total_steps(cfg)
+    assert steps == st.steps, (method, steps)
+    run = workdir_lib.load_run(run_dir)
+    val = teacher.val(run.model, run.params)
+    result = {"val_loss": val["val_loss"], "val_ppl": val["val_ppl"], "steps": steps,
+              "curve": val_curve(run_dir),
+              "cka": analysis.hidden_state_agreement(
+                  run.model, run.params, teacher.model, teacher.lm.params, teacher.cka_batches,
+                  layer_map_of(student, st))}
+    if method == "bbb" and student.width != st.teacher_width:
+        result["head_init"] = head_init_losses(cfg, run_dir, student.n_layer)
+    return result
 
 
 # ------------------------------------------------------------------------------- timing
-def time_stages(args, cfg, label: str, vocab_size: int | None = None) -> dict:
+def time_stages(cfg, *, repeats: int = 5, steps: int = 6) -> dict:
     """ms per block-stage step, truncated vs full forward, alternating repeats (medians)."""
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
-    if vocab_size is not None:  # the same shapes with a bigger (random) vocabulary
-        t_cfg = s.teacher.config.replace(vocab_size=vocab_size)
-        s.teacher = get_model(config=t_cfg)
-        s.teacher_params = s.teacher.init(jax.random.key(1), np.zeros((1, 8), np.int32))[
-            "params"]
-        s.student = get_model(config=s.student.config.replace(vocab_size=vocab_size))
     tree = runner.init_tree(s, 0)
-    batch = data_lib.batch_for_step(s.data.train, seed=0, step=0,
-                                    global_batch_size=args.batch_size,
-                                    block_size=s.student.config.block_size)
-    batch = sharding.global_batch(batch, s.mesh)
+    batch = sharding.global_batch(data_lib.batch_for_step(
+        s.data.train, seed=0, step=0, global_batch_size=cfg.train.batch_size,
+        block_size=s.student.config.block_size), s.mesh)
     key = jax.random.key(0)
     rows = []
     for stage in [st for st in s.stages if st.kind == "block"]:
@@ -240,214 +483,351 @@ def time_stages(args, cfg, label: str, vocab_size: int | None = None) -> dict:
             jax.block_until_ready(m)
             states[truncate] = [c, tr, opt, fr]
         times = {True: [], False: []}
-        for _ in range(args.timing_repeats):
+        for _ in range(repeats):
             for truncate in (True, False):
                 c, tr, opt, fr = states[truncate]
                 t0 = time.perf_counter()
-                for _ in range(args.timing_steps):
+                for _ in range(steps):
                     tr, opt, m = c.step(tr, opt, fr, s.teacher_params, batch, key)
                 jax.block_until_ready((tr, m))
-                times[truncate].append((time.perf_counter() - t0) / args.timing_steps)
+                times[truncate].append((time.perf_counter() - t0) / steps)
                 states[truncate][1:3] = [tr, opt]
         trunc, full = (1000 * statistics.median(times[t]) for t in (True, False))
         rows.append({"stage": stage.name, "teacher_blocks": stage.teacher_layer,
-                     "truncated_ms": trunc, "full_ms": full, "ratio": trunc / full})
-    mean_ratio = (sum(r["truncated_ms"] for r in rows) / sum(r["full_ms"] for r in rows))
-    return {"label": label, "vocab_size": s.teacher.config.vocab_size, "rows": rows,
-            "total_ratio": mean_ratio}
+                     "truncated_ms": trunc, "full_ms": full})
+    return {"rows": rows, "vocab_size": s.teacher.config.vocab_size,
+            "total_ratio": sum(r["truncated_ms"] for r in rows) / sum(r["full_ms"]
+                                                                      for r in rows)}
 
 
 # ------------------------------------------------------------------------------- report
-def fmt(x, spec=".3f"):
-    return "—" if x is None else format(x, spec)
+HYPOTHESES = (
+    # (claim number or None, label, better method, other method)
+    (1, "block-by-block beats logit-only KD", "bbb", "kd"),
+    (2, "stitching layers help", "bbb", "bbb_nostitch"),
+    (3, "the head stage matters", "bbb", "bbb_nohead"),
+    (None, "the end-to-end stage matters", "bbb", "bbb_nofinal"),
+    (None, "block-by-block beats training from scratch", "bbb", "scratch"),
+    (None, "logit-only KD beats training from scratch", "kd", "scratch"),
+    (None, "block-by-block beats DistilGPT2's initialisation + KD", "bbb", "distilgpt2"),
+)
+CLAIMS = {1: "Block-by-block transfer beats distilling the logits alone",
+          2: "Stitching layers help", 3: "The head stage matters"}
 
 
-def report(args, r: dict, command: str) -> str:
-    t_ppl = r["teacher"]["val_ppl"]
-    lines = ["# Distillation study: the offline Shakespeare teacher", "",
-             "Produced by `scripts/distill_study.py`; reproduce with:", "",
-             f"    {command}", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
-             f"jobs while it ran), jax {jax.__version__}, backend {jax.default_backend()}.", "",
-             "## Setup", "",
-             f"- Teacher: `configs/gpt2_teacher_shakespeare.py` (Vanilla with GPT-2's block: "
-             f"bias, tanh-GELU, tied head), 4 blocks x {r['teacher']['width']} wide, "
-             f"{args.teacher_heads} heads, context {args.block_size}, character-level "
-             f"Shakespeare (validation: the last 10% of the plays), "
-             f"{r['teacher'].get('steps', '?')} steps, exported with `export_hf` and loaded "
-             f"as a GPT-2 directory.",
-             f"- Students: 4 blocks x {r['teacher']['width'] // 2} wide (half), 4 heads, same "
-             f"context, batch {args.batch_size}. Block-by-block: {args.steps_per_block} steps "
-             f"per block (hidden MSE through stitching layers, lr {args.lr}), head "
-             f"{args.head_steps} steps (KL at T = 2, head initialised as W_t S_4), end-to-end "
-             f"{args.final_steps} steps (KL at T = 2 + LM loss, lr {args.final_lr}).",
-             f"- From scratch: the LM loss for the same number of optimizer steps N on the same "
-             f"batches (peak lr {args.lr}, warmup 20, cosine to 10%). Logit-only: the "
-             f"end-to-end stage alone for N steps (peak lr {args.lr}).",
-             "- The ablation row 'blocks + head' is the Vanilla block-by-block run's student as "
-             "its head stage left it (before the end-to-end stage).",
-             f"- Validation perplexity: exp of the token-weighted mean cross-entropy over the "
-             f"same {args.eval_steps} validation batches of {args.batch_size} x "
-             f"{args.block_size} characters for every model.", "",
-             "## Students at half the teacher's width", "",
-             "| student | N steps | teacher ppl | block-by-block ppl (x teacher) | from scratch "
-             "ppl (x teacher) | logit-only ppl (x teacher) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for arch in r["archs"]:
-        a = r["students"][arch]
-        cells = [f"{fmt(a[k]['val_ppl'])} ({a[k]['val_ppl'] / t_ppl:.3f}x)"
-                 for k in ("distilled", "scratch", "logit_only")]
-        lines.append(f"| {arch} | {a['distilled']['steps']} | {fmt(t_ppl)} | "
-                     + " | ".join(cells) + " |")
-    goal_ppl = all(r["students"][a]["distilled"]["val_ppl"] <= 1.15 * t_ppl for a in r["archs"])
-    goal_scratch = all(r["students"][a]["distilled"]["val_ppl"]
-                       < r["students"][a]["scratch"]["val_ppl"] for a in r["archs"])
-    ratios = ", ".join(f"{a} {r['students'][a]['distilled']['val_ppl'] / t_ppl:.3f}x"
-                       for a in r["archs"])
-    lines += ["", f"- Goal: distilled student within 1.15x the teacher's perplexity: "
-              f"**{'met' if goal_ppl else 'not met'}** ({ratios}).",
-              f"- Goal: better than from scratch at equal steps: "
-              f"**{'met' if goal_scratch else 'not met'}**."]
-    beaten = [a for a in r["archs"] if r["students"][a]["scratch"]["val_ppl"] <= 1.15 * t_ppl]
-    if beaten:
-        lines.append(f"- Read the ratios with care: trained from scratch for the same steps, "
-                     f"{', '.join(beaten)} also come(s) within 1.15x of the teacher, i.e. the "
-                     f"teacher is weak for this budget (it is trained for --teacher_steps only, "
-                     f"and the students' end-to-end stage also learns from the data). The "
-                     f"comparison that isolates distillation is the row: block-by-block against "
-                     f"from scratch and logit-only at equal steps.")
+def fmt_ms(values) -> str:
+    mean, sd = analysis.mean_sd(values)
+    return f"{mean:.4f} ± {sd:.4f}"
+
+
+VERDICTS = {"yes": "yes", "opposite": "no: the opposite", "unresolved": "not resolved"}
+
+
+def verdict(d: dict) -> str:
+    """'yes' (the first method better, resolved), 'opposite' (worse, resolved) or
+    'unresolved' (the interval holds 0, or |mean| is within the seed spread)."""
+    if d["significant"] and d["exceeds_spread"]:
+        return "yes" if d["mean"] > 0 else "opposite"
+    return "unresolved"
+
+
+def plot_setting(st: Setting, cells: dict, teacher_val: float, images: str) -> list[str]:
+    """Two PNGs: validation curves per method (mean over seeds, min-max band) and the
+    per-block linear CKA with the teacher, one panel per student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cleangpt_jax import plot as plot_lib
+
+    students = list(cells)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    paths = []
+    for kind in ("curves", "cka"):
+        fig, axes = plt.subplots(1, len(students), figsize=(4.2 * len(students), 3.6),
+                                 squeeze=False)
+        for ax, name in zip(axes[0], students):
+            finals = []
+            for method, runs in cells[name].items():
+                if kind == "curves":
+                    steps = sorted(set.intersection(*[{p[0] for p in r["curve"]} for r in runs]))
+                    ys = np.array([[dict(map(tuple, r["curve"]))[s] for s in steps]
+                                   for r in runs])
+                    finals.append(ys[:, -1].mean())
+                    x = np.array(steps)
+                else:
+                    ys = np.array([r["cka"] for r in runs])
+                    x = np.arange(1, ys.shape[1] + 1)
+                ax.plot(x, ys.mean(0), label=METHOD_LABELS[method], color=colors[method],
+                        marker="o" if kind == "cka" else None, markersize=3)
+                ax.fill_between(x, ys.min(0), ys.max(0), color=colors[method], alpha=0.2)
+            ax.set_title(name, fontsize=10)
+            if kind == "curves":
+                ax.axhline(teacher_val, color="black", linestyle="--", linewidth=1,
+                           label="teacher")
+                ax.set_ylim(teacher_val - 0.1, max(finals) + 0.8)
+                ax.set_xlabel("optimizer step")
+                ax.set_ylabel("validation loss (nats/token)")
+            else:
+                ax.set_ylim(0, 1.02)
+                ax.set_xlabel("student block k (vs teacher block map(k))")
+                ax.set_ylabel("linear CKA")
+            ax.grid(alpha=0.3)
+        handles, labels = [], []
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = os.path.join(images, f"distillation_study_{st.name}_{kind}.png")
+        plot_lib.save_png(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(args, preset, r: dict, out_path: str) -> str:
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(out_path)))
+    seeds = r["seeds"]
+    lines = ["# Distillation study: does block-by-block distillation earn its keep?", "",
+             "Produced in full by `scripts/distill_study.py` (tables, plots, answers); "
+             "reproduce with:", "", f"    {r['command']}", "",
+             f"- Code version {r['code_version']} (a hash of the package's code and the "
+             f"script's measurement version; git {r['git']}); the results are cached under it "
+             f"in the study's workdir, keyed also on each setting and the teacher's "
+             f"parameters.",
+             f"- Machine: {r['machine']}.",
+             f"- Wall time: {r['compute_hours']:.2f} h of runs in all (the sum of every "
+             f"cached run's seconds, teachers included); this invocation took "
+             f"{r['invocation_minutes']:.1f} min.",
+             f"- {seeds} seeds per cell; a seed fixes the student's initialisation and the "
+             f"batch order, so every comparison pairs the methods seed by seed.", ""]
+    lines += ["## The three claims, answered", ""]
+    for n, claim in CLAIMS.items():
+        rows = [h for h in r["hypotheses"] if h["claim"] == n]
+        if not rows:
+            lines.append(f"{n}. **{claim}**: not measured in this run.")
+            continue
+        yes = [h for h in rows if verdict(h["d"]) == "yes"]
+        opposite = [h for h in rows if verdict(h["d"]) == "opposite"]
+        detail = "; ".join(f"{h['setting']} {h['student']}: Δ = {h['d']['mean']:+.4f} "
+                           f"[{h['d']['low']:+.4f}, {h['d']['high']:+.4f}]" for h in rows)
+        if yes and not opposite and len(yes) == len(rows):
+            answer = "yes"
+        elif opposite and not yes and len(opposite) == len(rows):
+            answer = "no, the opposite holds"
+        elif not yes and not opposite:
+            answer = "not shown: every difference is within the seed noise"
+        else:
+            answer = "only in some cases"
+        lines.append(f"{n}. **{claim}?** {answer.capitalize()} ({len(yes)} of {len(rows)} "
+                     f"student/setting pairs better by more than the seed spread with a 95% "
+                     f"interval excluding 0, {len(opposite)} worse); Δ = validation loss of "
+                     f"the alternative minus block-by-block's, nats/token: {detail}.")
     lines.append("")
-    if r.get("ablations"):
-        ab = r["ablations"]
-        lines += ["## Ablations (Vanilla student)", "",
-                  "| hypothesis | variant | width | stages | val ppl (x teacher) | last block's "
-                  "hidden loss |", "|---|---|---:|---|---:|---:|"]
-        for row in ab:
-            lines.append(f"| {row['hypothesis']} | {row['variant']} | {row['width']} | "
-                         f"{row['stages']} | {fmt(row['val_ppl'])} "
-                         f"({row['val_ppl'] / t_ppl:.3f}x) | {fmt(row.get('block_loss'), '.4f')} |")
+    lines += ["## Setup", "",
+              "| setting | tokenizer | teacher | students | N steps | batch x context | "
+              "blocks / head / final steps | lr (blocks) | eval batches |",
+              "|---|---|---|---|---:|---|---|---|---:|"]
+    for st in r["settings"]:
+        t = r["teachers"][st.name]
+        studs = ", ".join(s.name for s, _ in students_of(st))
+        lines.append(f"| {st.name} | {st.tokenizer} ({t['vocab_size']} tokens) | vanilla "
+                     f"{st.teacher_layers}x{st.teacher_width} | {studs} | {st.steps} | "
+                     f"{st.batch_size} x {st.block_size} | {st.block_steps} per block / "
+                     f"{st.head_steps} / the rest | {st.lr} ({st.block_lr}) | "
+                     f"{st.eval_steps} |")
+    lines += ["",
+              "- Every student: GPT-2's block (bias, tanh GELU), an untied head, no dropout; "
+              "AdamW (b1 0.9, b2 0.99), weight decay as in the table, clipping at 1.0, linear "
+              "warmup then cosine to a tenth of the peak, per stage; the same batches in the "
+              "same order (a function of the seed and the global step).",
+              "- KD and the end-to-end stage: KL(teacher || student) at T = 2 plus the LM "
+              "loss (DistilGPT2's recipe). Block stages: MSE of the stitched hidden state "
+              "against teacher block map(k) (map: 1..L at equal depth; 2, 4, ..., L for the "
+              "shallow student). Head stage: KL at T = 2, the head initialised from the "
+              "teacher's (W_t diag(g_t) S at half width, a copy at equal width).",
+              "- Validation loss: the token-weighted mean cross-entropy over the same first "
+              "validation batches (the last 10% of the plays) for every model, teacher "
+              "included; perplexity = exp(loss).", ""]
+    lines += ["## Teachers", "",
+              "| setting | steps run (early stop) | best step | val loss | val ppl | best "
+              "half-width scratch student | margin | seed spread | beats every scratch "
+              "student by more than the spread |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for st in r["settings"]:
+        t = r["teachers"][st.name]
+        scratch = {name: analysis.mean_sd([x["val_loss"] for x in m["scratch"]])
+                   for name, m in r["cells"][st.name].items()
+                   if name.split()[1].endswith(f"x{st.teacher_width // 2}")}
+        best = min(scratch, key=lambda k: scratch[k][0])
+        margin = scratch[best][0] - t["val_loss"]
+        spread = max(sd for _, sd in scratch.values())
+        ok = margin > spread
+        lines.append(f"| {st.name} | {t['steps_run']} ({'yes' if t['early_stopped'] else 'no'}"
+                     f") | {t['best_step']} | {t['val_loss']:.4f} | {math.exp(t['val_loss']):.3f}"
+                     f" | {best}: {scratch[best][0]:.4f} | {margin:.4f} | {spread:.4f} | "
+                     f"**{'yes' if ok else 'no'}** |")
+    lines += ["", f"Early stopping: an evaluation every `teacher_eval_every` steps on "
+              f"the validation batches; training stops after `teacher_patience` evaluations "
+              f"without an improvement larger than `teacher_min_delta`, and the best step is "
+              f"exported. " + "; ".join(
+                  f"{st.name}: every {st.teacher_eval_every} steps, patience "
+                  f"{st.teacher_patience}, min delta {st.teacher_min_delta}, cosine schedule "
+                  f"over {st.teacher_max_steps} steps, dropout {st.teacher_dropout}"
+                  for st in r["settings"]) + ".", ""]
+    for st in r["settings"]:
+        cells = r["cells"][st.name]
+        t_loss = r["teachers"][st.name]["val_loss"]
+        lines += [f"## Results: {st.name}", "",
+                  f"Validation loss, mean ± standard deviation over {seeds} seeds (teacher "
+                  f"{t_loss:.4f}); — where a method does not apply.", "",
+                  "| student | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |",
+                  "|---|" + "---:|" * len(METHODS)]
+        for name, methods in cells.items():
+            lines.append(f"| {name} | " + " | ".join(
+                fmt_ms([x["val_loss"] for x in methods[m]]) if m in methods else "—"
+                for m in METHODS) + " |")
+        lines += ["", f"![validation curves]({rel(r['images'][st.name][0])})", "",
+                  "Validation loss against optimizer steps (mean over seeds, band: min to "
+                  "max). Block-by-block runs start high: until the head stage, the student's "
+                  "head is untrained.", "",
+                  f"![per-block agreement]({rel(r['images'][st.name][1])})", "",
+                  "Linear CKA between the student's hidden state after block k and the "
+                  "teacher's after block map(k), on the validation tokens (the raw states: "
+                  "CKA compares different widths without the stitching layers, so every "
+                  "method is measured the same way).", ""]
+    lines += ["## Paired differences", "",
+              "Δ = validation loss of the second method minus the first's, per seed, then "
+              "the mean, its 95% Student-t interval and the seed spread (the larger of the two "
+              "cells' standard deviations). Positive: the first method is better. 'Resolved' "
+              "needs the interval to exclude 0 and |Δ| to exceed the spread.", "",
+              "| setting | student | hypothesis | Δ mean | 95% interval | spread | "
+              "answer |", "|---|---|---|---:|---|---:|---|"]
+    for h in r["hypotheses"]:
+        d = h["d"]
+        lines.append(f"| {h['setting']} | {h['student']} | {h['label']} | {d['mean']:+.4f} | "
+                     f"[{d['low']:+.4f}, {d['high']:+.4f}] | {d['spread']:.4f} | "
+                     f"{VERDICTS[verdict(d)]} |")
+    lines.append("")
+    if r["head_init"]:
+        lines += ["## The head's initialisation at half width", "",
+                  "The head stage's loss (KL at T = 2) at its first step, on the validation "
+                  "batches, from the same block stages, with the head initialised as "
+                  "W_t diag(g_t) S (the teacher's final LayerNorm scale folded in, "
+                  "`distill.head.fold_ln_scale`, the default) and as W_t S.", "",
+                  "| setting | student | W_t diag(g_t) S | W_t S | paired Δ (95% interval) |",
+                  "|---|---|---:|---:|---|"]
+        for row in r["head_init"]:
+            d = row["d"]
+            lines.append(f"| {row['setting']} | {row['student']} | {fmt_ms(row['fold'])} | "
+                         f"{fmt_ms(row['plain'])} | {d['mean']:+.4f} [{d['low']:+.4f}, "
+                         f"{d['high']:+.4f}] |")
         lines.append("")
-    if r["timing"]:
+    if r.get("timing"):
+        t = r["timing"]
         lines += ["## Step time: truncated forward vs full forward", "",
-                  "A block stage k runs the teacher up to block map(k) and the student up to block "
-                  "k; the full-forward step runs both models through every block and their heads "
-                  "(what the original computed each step) and keeps the logits alive so XLA cannot "
-                  "prune them. Same batch, same trainable set, compiled steps, truncated and full "
-                  "alternating in repeats; medians in milliseconds.", ""]
-        for t in r["timing"]:
-            lines += [f"**{t['label']}** (vocabulary {t['vocab_size']})", "",
-                      "| stage | teacher blocks run | truncated ms | full ms | ratio |",
-                      "|---|---:|---:|---:|---:|"]
-            for row in t["rows"]:
-                lines.append(f"| {row['stage']} | {row['teacher_blocks']} | "
-                             f"{row['truncated_ms']:.1f} | {row['full_ms']:.1f} | "
-                             f"{row['ratio']:.3f} |")
-            lines += [f"| all block stages (sum) | | | | **{t['total_ratio']:.3f}** |", ""]
-        ratios = ", ".join(f"{t['label']}: {t['total_ratio']:.3f}" for t in r["timing"])
-        met = all(t["total_ratio"] <= 0.6 for t in r["timing"])
-        lines += [f"- Goal: truncated step time <= 0.6x a full-forward step over the block "
-                  f"stages: **{'met' if met else 'not met in every row'}** ({ratios}).", "",
-                  "Why the character-level row cannot go far below 0.6: in stage k the truncated "
-                  "step runs map(k) of the teacher's L blocks and k of the student's, so summed "
-                  "over the stages of an equal-depth map it does (L + 1) / 2L of the full step's "
-                  "forward block work (0.625 at L = 4), plus the same backward pass through one "
-                  "block and the same per-step overheads. What the truncation removes beyond that "
-                  "is the two "
-                  f"language-model heads: negligible with {r['timing'][0]['vocab_size']} "
-                  f"characters, dominant with GPT-2's 50257 tokens (the second table), which is "
-                  f"the setting the original's README example distils in.", ""]
+                  f"A block stage k runs the teacher up to block map(k) and the student up to "
+                  f"block k; the full-forward step runs both models through every block and "
+                  f"their heads (what the original computed each step). The {t['label']}; "
+                  f"compiled steps, the two alternating on one batch; medians in ms.", "",
+                  "| stage | teacher blocks run | truncated ms | full ms | ratio |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in t["rows"]:
+            lines.append(f"| {row['stage']} | {row['teacher_blocks']} | "
+                         f"{row['truncated_ms']:.1f} | {row['full_ms']:.1f} | "
+                         f"{row['truncated_ms'] / row['full_ms']:.3f} |")
+        lines += [f"| all block stages (sum) | | | | **{t['total_ratio']:.3f}** |", ""]
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
-    results = Results(os.path.join(args.workdir, "results.json"), args)
-    teacher = os.path.abspath(args.teacher) if args.teacher else \
-        os.path.abspath(train_teacher(args, args.workdir))
-    t_cfg, _ = hf.load_gpt2(teacher)
-    half = t_cfg.n_embd // 2
-    archs = [a for a in args.archs.split(",") if a]
-    r = {"archs": archs, "students": {}}
-    ref_cfg = student_config(args, teacher, "vanilla", half)
-    n_steps = total_steps(ref_cfg)
-
-    def teacher_val():
-        s = runner.setup(ml_collections.ConfigDict(ref_cfg.to_dict()))
-        val = runner.val_loss(s.teacher, s.teacher_params, s.data.val, s.config, s.mesh)
-        return {"val_ppl": val["val_ppl"], "val_loss": val["val_loss"],
-                "width": t_cfg.n_embd, "steps": args.teacher_steps if not args.teacher else None}
-
-    r["teacher"] = results.get("teacher", teacher_val)
-    for arch in archs:
-        wd = os.path.join(args.workdir, arch)
-        r["students"][arch] = {
-            "distilled": results.get(f"{arch}/distilled", lambda: distill_run(
-                student_config(args, teacher, arch, half), os.path.join(wd, "distilled"))),
-            "scratch": results.get(f"{arch}/scratch", lambda: scratch_run(
-                args, teacher, arch, half, n_steps, os.path.join(wd, "scratch"))),
-            "logit_only": results.get(f"{arch}/logit_only", lambda: distill_run(
-                student_config(args, teacher, arch, half, block_stages=False,
-                               **{"head.enabled": False, "final.steps": n_steps,
-                                  "final.learning_rate": args.lr}),
-                os.path.join(wd, "logit_only"))),
-        }
-    if not args.no_ablations:
-        wd = os.path.join(args.workdir, "ablations")
-        if "vanilla" in archs:  # the Vanilla run's student as its head stage left it
-            head = results.get("ablation/blocks + head", lambda: stage_val(
-                args, ref_cfg, os.path.join(args.workdir, "vanilla", "distilled"), "head"))
-        variants = [
-            ("with vs without the head stage", "blocks only (tied head, never trained)", half,
-             {"final.enabled": False, "head.enabled": False}),
-            ("stitching vs none at equal width", "stitching (identity init, trained)",
-             t_cfg.n_embd, {"final.enabled": False}),
-            ("stitching vs none at equal width", "no stitching", t_cfg.n_embd,
-             {"final.enabled": False, "stitching": False}),
-        ]
-        rows = []
-        for hypothesis, variant, width, overrides in variants:
-            key = f"ablation/{variant}/{width}"
-            cfg = student_config(args, teacher, "vanilla", width, **overrides)
-            out = results.get(key, lambda: distill_run(cfg, os.path.join(
-                wd, f"{width}_{len(rows)}")))
-            stages = [n for n in ("blocks", "head", "final")
-                      if n == "blocks" or cfg.distill[n].enabled]
-            rows.append({"hypothesis": hypothesis, "variant": variant, "width": width,
-                         "stages": " + ".join(stages), "val_ppl": out["val_ppl"],
-                         "block_loss": out["final_losses"].get("block_4")})
-        d = r["students"].get("vanilla")
-        if d:
-            rows.insert(0, {"hypothesis": "with vs without the head stage",
-                            "variant": "blocks + head (the Vanilla run before its final stage)",
-                            "width": half, "stages": "blocks + head",
-                            "val_ppl": head["val_ppl"],
-                            "block_loss": head["final_losses"].get("block_4")})
-            rows.insert(0, {"hypothesis": "block-by-block transfer",
-                            "variant": "block stages, then head and end-to-end", "width": half,
-                            "stages": "blocks + head + final",
-                            "val_ppl": d["distilled"]["val_ppl"],
-                            "block_loss": d["distilled"]["final_losses"].get("block_4")})
-            rows.insert(1, {"hypothesis": "block-by-block transfer",
-                            "variant": "logit-only (no block stages), same steps",
-                            "width": half, "stages": "final", "val_ppl":
-                            d["logit_only"]["val_ppl"], "block_loss": None})
-        r["ablations"] = rows
-    r["timing"] = [] if args.no_timing else [
-        results.get("timing/study", lambda: time_stages(
-            args, ref_cfg, f"study student (4 x {half}) and teacher (4 x {t_cfg.n_embd})")),
-        results.get("timing/gpt2_vocab", lambda: time_stages(
-            args, ref_cfg, "same shapes, GPT-2 vocabulary (random weights)",
-            vocab_size=50257)),
-    ]
-    command = "python scripts/distill_study.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out"))
-    text = report(args, r, command.strip())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    t_start = time.time()
+    preset = PRESETS[args.preset]
+    seeds = args.seeds or preset["seeds"]
+    settings = [st for st in preset["settings"]
+                if not args.only or st.name in args.only.split(",")]
+    workdir = os.path.abspath(args.workdir or os.path.join("runs",
+                                                           f"distill_study_{args.preset}"))
+    if workdir_lib.run_kind(workdir) is not None:
+        sys.exit(f"error: --workdir {workdir} holds a {workdir_lib.run_kind(workdir)} run: "
+                 f"give the study a directory of its own")
+    full = args.preset == "full"
+    out_path = os.path.abspath(args.out or (os.path.join(REPO, "docs", "distillation_study.md")
+                                            if full else os.path.join(workdir,
+                                                                      "distillation_study.md")))
+    images = os.path.abspath(args.images or (os.path.join(REPO, "docs", "images") if full
+                                             else workdir))
+    os.makedirs(workdir, exist_ok=True)
+    data_dir = os.path.join(workdir, "tokens")
+    results = Results(os.path.join(workdir, "results.json"))
+    code = code_version()
+    r = {"seeds": seeds, "settings": settings, "teachers": {}, "cells": {}, "hypotheses": [],
+         "head_init": [], "images": {}, "code_version": code, "git": git_commit()}
+    for st in settings:
+        setting = dataclasses.asdict(st)
+        tkey = key_of("teacher", setting, code)
+        t = results.get(tkey, f"{st.name} teacher", lambda: train_teacher(
+            st, os.path.join(workdir, "teachers", f"{st.name}-{tkey}"), data_dir))
+        teacher = Teacher(st, t["hf_dir"], data_dir)
+        tval = teacher.val(teacher.model, teacher.lm.params)
+        r["teachers"][st.name] = dict(t, val_loss=tval["val_loss"],
+                                      vocab_size=teacher.lm.config.vocab_size)
+        cells = r["cells"][st.name] = {}
+        for seed in range(seeds):  # every cell's seed 0 first: partial runs are balanced
+            for student, methods in students_of(st):
+                for method in methods:
+                    key = key_of(setting, dataclasses.asdict(student), method, seed, code,
+                                 t["fingerprint"])
+                    run_dir = os.path.join(workdir, "runs", st.name,
+                                           student.name.replace(" ", "_"), method,
+                                           f"seed{seed}-{key}")
+                    res = results.get(key, f"{st.name} {student.name} {method} seed {seed}",
+                                      lambda: run_cell(st, student, method, seed, teacher,
+                                                       run_dir, data_dir))
+                    cells.setdefault(student.name, {}).setdefault(method, []).append(res)
+        for name, methods in cells.items():
+            for claim, label, a, b in HYPOTHESES:
+                if a in methods and b in methods:
+                    r["hypotheses"].append({
+                        "claim": claim, "label": label, "setting": st.name, "student": name,
+                        "d": analysis.paired_difference([x["val_loss"] for x in methods[b]],
+                                                        [x["val_loss"] for x in methods[a]])})
+            runs = methods.get("bbb", [])
+            if runs and "head_init" in runs[0]:
+                fold = [x["head_init"]["fold"] for x in runs]
+                plain = [x["head_init"]["plain"] for x in runs]
+                r["head_init"].append({"setting": st.name, "student": name, "fold": fold,
+                                       "plain": plain,
+                                       "d": analysis.paired_difference(plain, fold)})
+        r["images"][st.name] = plot_setting(st, cells, tval["val_loss"], images)
+    if preset["timing"] and any(st.tokenizer == "gpt2" for st in settings):
+        st = next(s for s in settings if s.tokenizer == "gpt2")
+        student = students_of(st)[0][0]
+        t = r["teachers"][st.name]
+        cfg = distill_cfg(st, student, "bbb", t["hf_dir"], 0, data_dir)
+        timing = results.get(key_of("timing", dataclasses.asdict(st), code, t["fingerprint"],
+                                    platform.node()), "timing", lambda: time_stages(cfg))
+        r["timing"] = dict(timing, label=f"{st.name} setting's {student.name} student and "
+                                         f"{st.teacher_layers}x{st.teacher_width} teacher, "
+                                         f"vocabulary {timing['vocab_size']}")
+    r["compute_hours"] = sum(v.get("seconds", 0.0) for v in results.data.values()) / 3600
+    r["invocation_minutes"] = (time.time() - t_start) / 60
+    r["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+                    f"backend {jax.default_backend()}")
+    r["command"] = ("python scripts/distill_study.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+        if not a.startswith(("--out", "--images", "--workdir")))).strip()
+    text = report(args, preset, r, out_path)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
         f.write(text)
-    print(text)
+    print(f"wrote {out_path}", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""scripts/distill_study.py --preset=quick: every code path of the study at tiny shapes (a
+teacher trained to early stopping, every method, two seeds, statistics, plots and the report),
+run twice into two workdirs: the two runs give the same numbers, to the last bit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+from helpers import persistent_compile_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location(
+        "distill_study", os.path.join(REPO, "scripts", "distill_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def numbers(results_path) -> dict:
+    """Every cached result without its wall time and its paths, by label."""
+    with open(results_path) as f:
+        data = json.load(f)
+    drop = ("seconds", "hf_dir")
+    return {v["label"]: {k: x for k, x in v.items() if k not in drop} for v in data.values()}
+
+
+def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
+    study = load_study()
+    runs = []
+    with persistent_compile_cache(str(tmp_path / "jit_cache"), fast_compile=True):
+        for name in ("a", "b"):
+            workdir = tmp_path / name
+            r = study.main(["--preset=quick", f"--workdir={workdir}"])
+            runs.append((workdir, r))
+    (a, ra), (b, rb) = runs
+    first, second = numbers(a / "results.json"), numbers(b / "results.json")
+    # The teacher, then 2 seeds x (3 half-width + 7 shallow-student methods).
+    assert len(first) == 1 + 2 * (3 + 7)
+    assert first == second
+    assert ra["code_version"] == rb["code_version"]
+    report = (a / "distillation_study.md").read_text()
+    assert report.replace(str(a), "") .split("- Wall time")[0] == \
+        (b / "distillation_study.md").read_text().split("- Wall time")[0]
+    for claim in study.CLAIMS.values():
+        assert f"**{claim}?**" in report
+    for png in ("curves", "cka"):
+        assert (a / f"distillation_study_char_{png}.png").stat().st_size > 10_000
+    # The shallow student at the teacher's width: DistilGPT2's initialisation starts from the
+    # teacher's blocks, so it ends closer to the teacher than training from scratch.
+    cells = ra["cells"]["char"]["vanilla 1x32"]
+    assert all(x["val_loss"] < y["val_loss"]
+               for x, y in zip(cells["distilgpt2"], cells["scratch"]))
+    half = ra["cells"]["char"]["vanilla 2x16"]["bbb"]
+    assert all(set(x["head_init"]) == {"fold", "plain"} for x in half)
+    assert all(len(x["cka"]) == 2 and all(0 <= c <= 1 for c in x["cka"]) for x in half)
