@@ -41,8 +41,8 @@ def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
             runs.append((workdir, r))
     (a, ra), (b, rb) = runs
     first, second = numbers(a / "results.json"), numbers(b / "results.json")
-    # The teacher, then 2 seeds x (3 half-width + 7 shallow-student methods).
-    assert len(first) == 1 + 2 * (3 + 7)
+    # The teacher, then 2 seeds x (4 half-width + 7 shallow-student methods).
+    assert len(first) == 1 + 2 * (4 + 7)
     assert first == second
     assert ra["code_version"] == rb["code_version"]
     report = (a / "distillation_study.md").read_text()
