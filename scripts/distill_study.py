@@ -132,8 +132,8 @@ FULL = (
             archs=("vanilla",), ablation_archs=(), max_samples=8),
 )
 QUICK = (
-    Setting("char", "character", teacher_layers=2, teacher_width=32, heads=2, block_size=32,
-            batch_size=8, teacher_lr=3e-3, teacher_max_steps=80, teacher_eval_every=20,
+    Setting("tiny", "character", teacher_layers=2, teacher_width=32, heads=2, block_size=32,
+            batch_size=8, teacher_lr=3e-3, teacher_max_steps=60, teacher_eval_every=20,
             teacher_patience=2, teacher_min_delta=0.0, teacher_dropout=0.0, steps=24,
             block_steps=3, head_steps=3, lr=3e-3, block_lr=3e-3, warmup=2, weight_decay=0.1,
             eval_every=8, eval_steps=2, cka_batches=2, archs=("vanilla",), ablation_archs=(),
@@ -142,7 +142,8 @@ QUICK = (
 # Methods a setting leaves out (besides those that do not apply): the GPT-2 setting's steps cost
 # ~10x the character setting's, so it skips the two ablations the three claims do not need.
 # (Not a Setting field, so that the cached runs' keys stay as they are.)
-SKIPPED_METHODS = {"gpt2": ("bbb_nofinal", "bbb_nofold")}
+SKIPPED_METHODS = {"gpt2": {"half": ("bbb_nofold",), "shallow": ("bbb_nofinal",)},
+                   "tiny": {"half": ("kd",)}}  # (--preset=quick: the shallow student runs kd)
 PRESETS = {"full": {"settings": FULL, "seeds": 3, "timing": True},
            "quick": {"settings": QUICK, "seeds": 2, "timing": False}}
 
@@ -317,8 +318,10 @@ def students_of(st: Setting) -> list[tuple[Student, tuple]]:
         out.append((Student(arch, st.teacher_layers, half, st.heads), methods))
     out.append((Student("vanilla", st.teacher_layers // 2, st.teacher_width, st.heads),
                 tuple(m for m in METHODS if m != "bbb_nofold")))
-    skipped = SKIPPED_METHODS.get(st.name, ())
-    return [(student, tuple(m for m in methods if m not in skipped)) for student, methods in out]
+    skipped = SKIPPED_METHODS.get(st.name, {})
+    return [(student, tuple(m for m in methods if m not in skipped.get(
+        "half" if student.width < st.teacher_width else "shallow", ())))
+        for student, methods in out]
 
 
 def model_overrides(student: Student, st: Setting) -> dict:
@@ -400,12 +403,17 @@ class Teacher:
         self.mesh = sharding.create_mesh()
         self.eval_cfg = ml_collections.ConfigDict({"distill": {"eval_steps": st.eval_steps},
                                                    "train": {"batch_size": st.batch_size}})
+        self._evaluators = {}
         self.cka_batches = data_lib.eval_batches(
             self.data.val, global_batch_size=st.batch_size, block_size=st.block_size,
             num_batches=st.cka_batches)
 
     def val(self, model, params) -> dict:
-        return runner.val_loss(model, params, self.data.val, self.eval_cfg, self.mesh)
+        """runner.val_loss, with one compiled evaluator per model shape for the whole study."""
+        if model.config not in self._evaluators:
+            self._evaluators[model.config] = runner.val_evaluator(
+                model, params, self.data.val, self.eval_cfg, self.mesh)
+        return self._evaluators[model.config](params)
 
 
 def layer_map_of(student: Student, st: Setting) -> list[int]:

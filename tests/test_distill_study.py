@@ -41,8 +41,8 @@ def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
             runs.append((workdir, r))
     (a, ra), (b, rb) = runs
     first, second = numbers(a / "results.json"), numbers(b / "results.json")
-    # The teacher, then 2 seeds x (4 half-width + 7 shallow-student methods).
-    assert len(first) == 1 + 2 * (4 + 7)
+    # The teacher, then 2 seeds x (3 half-width + 7 shallow-student methods).
+    assert len(first) == 1 + 2 * (3 + 7)
     assert first == second
     assert ra["code_version"] == rb["code_version"]
     report = (a / "distillation_study.md").read_text()
@@ -51,12 +51,12 @@ def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
     for claim in study.CLAIMS.values():
         assert f"**{claim}?**" in report
     for png in ("curves", "cka"):
-        assert (a / f"distillation_study_char_{png}.png").stat().st_size > 10_000
+        assert (a / f"distillation_study_tiny_{png}.png").stat().st_size > 10_000
     # The shallow student at the teacher's width: DistilGPT2's initialisation starts from the
     # teacher's blocks, so it ends closer to the teacher than training from scratch.
-    cells = ra["cells"]["char"]["vanilla 1x32"]
+    cells = ra["cells"]["tiny"]["vanilla 1x32"]
     assert all(x["val_loss"] < y["val_loss"]
                for x, y in zip(cells["distilgpt2"], cells["scratch"]))
-    half = ra["cells"]["char"]["vanilla 2x16"]["bbb"]
+    half = ra["cells"]["tiny"]["vanilla 2x16"]["bbb"]
     assert all(set(x["head_init"]) == {"fold", "plain"} for x in half)
     assert all(len(x["cka"]) == 2 and all(0 <= c <= 1 for c in x["cka"]) for x in half)
