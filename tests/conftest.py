@@ -35,7 +35,7 @@ def fast_compile(tmp_path_factory) -> dict[str, str]:
 # `-n auto --dist loadfile` each worker takes the next whole file when it is free, so starting
 # with the long ones lets the workers finish together. xdist would otherwise reorder the files
 # by their number of tests, which says little about their time.
-LONGEST_FIRST = ["test_docs.py", "test_train.py", "test_distill_study.py",
+LONGEST_FIRST = ["test_distill_study.py", "test_docs.py", "test_train.py",
                  "test_fault_injection.py", "test_distill.py",
                  "test_memory_forms.py", "test_generation.py", "test_compile.py",
                  "test_attention_kernels.py", "test_hf.py", "test_gcs.py", "test_notebook.py",

@@ -32,24 +32,23 @@ def numbers(results_path) -> dict:
 
 
 def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
+    """The quick preset in full (two seeds: the statistics, plots and report), then again in a
+    fresh workdir with one seed (a second teacher and every seed-0 cell computed from nothing,
+    half the cost): every number the two runs share is identical."""
     study = load_study()
-    runs = []
     with persistent_compile_cache(str(tmp_path / "jit_cache"), fast_compile=True):
-        for name in ("a", "b"):
-            workdir = tmp_path / name
-            r = study.main(["--preset=quick", f"--workdir={workdir}"])
-            runs.append((workdir, r))
-    (a, ra), (b, rb) = runs
-    first, second = numbers(a / "results.json"), numbers(b / "results.json")
+        ra = study.main(["--preset=quick", f"--workdir={tmp_path / 'a'}"])
+        rb = study.main(["--preset=quick", "--seeds=1", f"--workdir={tmp_path / 'b'}"])
+    a = tmp_path / "a"
+    first, second = numbers(a / "results.json"), numbers(tmp_path / "b" / "results.json")
     # The teacher, then 2 seeds x (3 half-width + 7 shallow-student methods).
-    assert len(first) == 1 + 2 * (3 + 7)
-    assert first == second
+    assert len(first) == 1 + 2 * (3 + 7) and len(second) == 1 + 3 + 7
+    assert second == {label: first[label] for label in second}
     assert ra["code_version"] == rb["code_version"]
     report = (a / "distillation_study.md").read_text()
-    assert report.replace(str(a), "") .split("- Wall time")[0] == \
-        (b / "distillation_study.md").read_text().split("- Wall time")[0]
     for claim in study.CLAIMS.values():
         assert f"**{claim}?**" in report
+    assert "not measured" not in report
     for png in ("curves", "cka"):
         assert (a / f"distillation_study_tiny_{png}.png").stat().st_size > 10_000
     # The shallow student at the teacher's width: DistilGPT2's initialisation starts from the
