@@ -145,7 +145,9 @@ QUICK = (
 # (Not a Setting field, so that the cached runs' keys stay as they are.)
 SKIPPED_METHODS = {"gpt2": {"half": ("bbb_nofold",),
                             "shallow": ("bbb_nofinal", "distilgpt2", "bbb_nostitch")},
-                   "tiny": {"half": ("kd",)}}  # (--preset=quick: the shallow student runs kd)
+                   # --preset=quick: each code path once (the shallow student runs kd; the
+                   # head-only and no-fold plans are config flags tests/test_distill.py runs)
+                   "tiny": {"half": ("kd", "bbb_nofold"), "shallow": ("bbb_nofinal",)}}
 PRESETS = {"full": {"settings": FULL, "seeds": 3, "timing": True},
            "quick": {"settings": QUICK, "seeds": 2, "timing": False}}
 

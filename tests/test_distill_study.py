@@ -41,8 +41,8 @@ def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
         rb = study.main(["--preset=quick", "--seeds=1", f"--workdir={tmp_path / 'b'}"])
     a = tmp_path / "a"
     first, second = numbers(a / "results.json"), numbers(tmp_path / "b" / "results.json")
-    # The teacher, then 2 seeds x (3 half-width + 7 shallow-student methods).
-    assert len(first) == 1 + 2 * (3 + 7) and len(second) == 1 + 3 + 7
+    # The teacher, then 2 seeds x (2 half-width + 6 shallow-student methods).
+    assert len(first) == 1 + 2 * (2 + 6) and len(second) == 1 + 2 + 6
     assert second == {label: first[label] for label in second}
     assert ra["code_version"] == rb["code_version"]
     report = (a / "distillation_study.md").read_text()
