@@ -162,6 +162,8 @@ def parse_args(argv=None):
                    "for the full preset, WORKDIR otherwise)")
     p.add_argument("--only", default=None, help="comma-separated setting names to run")
     p.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
+    p.add_argument("--methods", default=None, help="comma-separated methods to run (default: "
+                   "every method that applies; the report covers what ran)")
     return p.parse_args(argv)
 
 
@@ -685,7 +687,9 @@ def report(args, preset, r: dict, out_path: str) -> str:
         t = r["teachers"][st.name]
         scratch = {name: analysis.mean_sd([x["val_loss"] for x in m["scratch"]])
                    for name, m in r["cells"][st.name].items()
-                   if name.split()[1].endswith(f"x{st.teacher_width // 2}")}
+                   if name.split()[1].endswith(f"x{st.teacher_width // 2}") and "scratch" in m}
+        if not scratch:  # (--methods without scratch)
+            continue
         best = min(scratch, key=lambda k: scratch[k][0])
         margin = scratch[best][0] - t["val_loss"]
         spread = max(sd for _, sd in scratch.values())
@@ -805,6 +809,8 @@ def main(argv=None):
         for seed in range(seeds):  # every cell's seed 0 first: partial runs are balanced
             for student, methods in students_of(st):
                 for method in methods:
+                    if args.methods and method not in args.methods.split(","):
+                        continue
                     key = key_of(setting, dataclasses.asdict(student), method, seed, code,
                                  t["fingerprint"])
                     run_dir = os.path.join(workdir, "runs", st.name,

@@ -33,16 +33,19 @@ def numbers(results_path) -> dict:
 
 def test_quick_study_twice_gives_identical_numbers_and_a_full_report(tmp_path):
     """The quick preset in full (two seeds: the statistics, plots and report), then again in a
-    fresh workdir with one seed (a second teacher and every seed-0 cell computed from nothing,
-    half the cost): every number the two runs share is identical."""
+    fresh workdir for seed 0's block-by-block students (a second teacher trained to early
+    stopping, then block, head and end-to-end stages at two widths, computed from nothing):
+    every number the two runs share is identical."""
     study = load_study()
     with persistent_compile_cache(str(tmp_path / "jit_cache"), fast_compile=True):
         ra = study.main(["--preset=quick", f"--workdir={tmp_path / 'a'}"])
-        rb = study.main(["--preset=quick", "--seeds=1", f"--workdir={tmp_path / 'b'}"])
+        rb = study.main(["--preset=quick", "--seeds=1", "--methods=bbb",
+                         f"--workdir={tmp_path / 'b'}"])
     a = tmp_path / "a"
     first, second = numbers(a / "results.json"), numbers(tmp_path / "b" / "results.json")
-    # The teacher, then 2 seeds x (2 half-width + 6 shallow-student methods).
-    assert len(first) == 1 + 2 * (2 + 6) and len(second) == 1 + 2 + 6
+    # The teacher, then 2 seeds x (2 half-width + 6 shallow-student methods); the second run:
+    # the teacher and seed 0's block-by-block students (every stage kind, both widths).
+    assert len(first) == 1 + 2 * (2 + 6) and len(second) == 1 + 2
     assert second == {label: first[label] for label in second}
     assert ra["code_version"] == rb["code_version"]
     report = (a / "distillation_study.md").read_text()
