@@ -15,6 +15,7 @@ map(k) under every method, with or without stitching layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -38,13 +39,7 @@ def hidden_state_agreement(student, student_params, teacher, teacher_params,
     """Linear CKA, per student block k = 1..L_s, between the student's hidden state after
     block k and the teacher's after block mapping[k - 1], over the tokens of `batches`
     (padding excluded through attention_mask)."""
-    @jax.jit
-    def hidden(s_params, t_params, ids):
-        s = student.apply({"params": s_params}, ids, output_hidden_states=True, head=False)
-        t = teacher.apply({"params": t_params}, ids, output_hidden_states=True, head=False)
-        return ([s.hidden_states[k] for k in range(1, len(mapping) + 1)],
-                [t.hidden_states[m] for m in mapping])
-
+    hidden = _paired_hidden_states(student, teacher, tuple(mapping))
     s_rows = [[] for _ in mapping]
     t_rows = [[] for _ in mapping]
     for batch in batches:
@@ -54,6 +49,20 @@ def hidden_state_agreement(student, student_params, teacher, teacher_params,
             s_rows[k].append(np.asarray(s_h[k], np.float32).reshape(keep.size, -1)[keep])
             t_rows[k].append(np.asarray(t_h[k], np.float32).reshape(keep.size, -1)[keep])
     return [linear_cka(np.concatenate(s), np.concatenate(t)) for s, t in zip(s_rows, t_rows)]
+
+
+@functools.lru_cache(maxsize=16)
+def _paired_hidden_states(student, teacher, mapping: tuple[int, ...]):
+    """jit (s_params, t_params, ids) -> ([student h_1..h_L], [teacher h_map(1)..h_map(L)]),
+    one program per (student, teacher, mapping) for the whole process."""
+    @jax.jit
+    def hidden(s_params, t_params, ids):
+        s = student.apply({"params": s_params}, ids, output_hidden_states=True, head=False)
+        t = teacher.apply({"params": t_params}, ids, output_hidden_states=True, head=False)
+        return ([s.hidden_states[k] for k in range(1, len(mapping) + 1)],
+                [t.hidden_states[m] for m in mapping])
+
+    return hidden
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

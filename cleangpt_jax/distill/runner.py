@@ -12,14 +12,16 @@ Resume: batches are a pure function of (train.seed, global step), the dropout ke
 fold_in(fold_in(key(seed), 1), global step), and a stage checkpoint holds the whole
 {'student', 'stitch'} tree with the optimizer state. A run killed at any point and rerun
 therefore computes what the uninterrupted run computes, bit for bit on CPU, and skips the
-stages the manifest lists. Compiled steps are cached per (models, stage, loss, optimizer), so
-a second run in one process (a resumed run, a study sweeping variants) compiles nothing again.
+stages the manifest lists. Compiled steps are cached per (models, stage, loss, optimizer), and
+evaluation steps per (model, mesh, parameter layout), so a second run in one process (a resumed
+run, a study sweeping variants) compiles nothing again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -392,21 +394,30 @@ def completed_tree(s: Setup, workdir, name):
 
 def val_evaluator(model, params_like, tokens, cfg, mesh, separator=None):
     """params -> {'val_loss', 'val_ppl', 'val_tokens'}: the token-weighted LM validation loss
-    of `model` on the first distill.eval_steps batches of `tokens`, compiled once for params
-    laid out like `params_like`; None without data or eval_steps. separator: the document
-    separator when data.document_mask is on (segment ids)."""
+    of `model` on the first distill.eval_steps batches of `tokens`, compiled once per process
+    for `model` with params laid out like `params_like`; None without data or eval_steps.
+    separator: the document separator when data.document_mask is on (segment ids)."""
     n = cfg.distill.eval_steps
     if tokens is None or not n:
         return None
-    step = train_step.make_eval_step(train_step.lm_strategy(model), mesh=mesh,
-                                     params_shardings=sharding.state_shardings(params_like,
-                                                                               mesh))
+    shardings = sharding.state_shardings(params_like, mesh)
+    step = _eval_step(model, mesh, jax.tree.structure(shardings),
+                      tuple(jax.tree.leaves(shardings)))
     batches = data_lib.eval_batches(
         tokens, global_batch_size=cfg.train.batch_size, block_size=model.config.block_size,
         num_batches=n, process_index=jax.process_index(), process_count=jax.process_count())
     batches = [data_lib.with_segment_ids(b, separator) for b in batches]
     return lambda params: train_step.evaluate(step, stage_step.place(params, mesh), batches,
                                               mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(model, mesh, shardings_treedef, shardings_leaves):
+    """The jitted LM evaluation step of `model` (modules and meshes hash by value): one per
+    model and layout, whichever run asks (its teacher, its student, every stage's eval_every)."""
+    shardings = jax.tree.unflatten(shardings_treedef, shardings_leaves)
+    return train_step.make_eval_step(train_step.lm_strategy(model), mesh=mesh,
+                                     params_shardings=shardings)
 
 
 def val_loss(model, params, tokens, cfg, mesh, separator=None) -> dict | None:
