@@ -257,12 +257,11 @@ def train_programs(cfg, devices, topology: str) -> list[Report]:
     model = get_model(config=model_cfg)
     optimizer, _ = make_optimizer(t, int(t.num_steps))
     loss_terms = train_step.get_strategy(t.strategy, model, cfg)
-    init = train_step.model_init_fn(model, int(t.seed))
+    init = train_step.model_init_fn(model)
     state, shardings = train_step.abstract_train_state(init, optimizer, mesh)
     step = train_step.make_train_step(loss_terms, optimizer, mesh=mesh,
                                       state_shardings=shardings,
-                                      grad_accum_steps=int(t.grad_accum_steps),
-                                      seed=int(t.seed))
+                                      grad_accum_steps=int(t.grad_accum_steps))
     segments = bool(cfg.data.get("document_mask"))
     batch = abstract_batch(t.batch_size, model_cfg.block_size, sharding.batch_sharding(mesh),
                            segments)
@@ -321,7 +320,7 @@ def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callabl
     setup = runner.Setup(cfg, teacher, None, student, None, None, mesh, stages, None)
     tree = sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(setup, 0)), mesh)
     teacher_params = sharding.abstract_state(
-        jax.eval_shape(runner.train_step.model_init_fn(teacher, 0)), mesh)
+        jax.eval_shape(runner.train_step.model_init_fn(teacher), jax.random.key(0)), mesh)
     batch = abstract_batch(cfg.train.batch_size, s_cfg.block_size, sharding.batch_sharding(mesh),
                            bool(cfg.data.get("document_mask")))
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
@@ -368,7 +367,7 @@ def generate_program(cfg, devices, topology: str, *, batch_size: int, prompt_len
         return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
 
     params = jax.tree.map(lambda x: sds(x.shape, x.dtype),
-                          jax.eval_shape(model_init_fn(model, 0)))
+                          jax.eval_shape(model_init_fn(model), jax.random.key(0)))
     learned = model_cfg.position_encoding == "learned"
     limit = model_cfg.block_size if learned else model_cfg.max_position_embeddings
     width = min(generation.bucket(prompt_length), limit)

@@ -221,7 +221,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     warn_about_warmup(t, num_steps)
     optimizer, schedule = make_optimizer(t, num_steps)
     loss_terms = step_lib.get_strategy(t.strategy, model, config)
-    init_fn = step_lib.model_init_fn(model, t.seed)
+    init_fn = step_lib.model_init_fn(model)
     abstract, shardings = step_lib.abstract_train_state(init_fn, optimizer, mesh)
 
     checkpointer = workdir_lib.open_checkpointer(
@@ -229,11 +229,12 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     restored = checkpointer.restore_latest(params=abstract.params,
                                            opt_state=abstract.opt_state)
     if restored is None:
-        state, _ = step_lib.create_train_state(init_fn, optimizer, mesh)
+        state, _ = step_lib.create_train_state(init_fn, optimizer, mesh, seed=t.seed)
     else:
         step = jax.device_put(jnp.asarray(restored.step, jnp.int32), shardings.step)
-        state = step_lib.TrainState(step=step, params=restored.params,
-                                    opt_state=restored.opt_state)
+        state = step_lib.TrainState(
+            step=step, params=restored.params, opt_state=restored.opt_state,
+            dropout_key=jax.device_put(step_lib.dropout_key(t.seed), shardings.dropout_key))
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 
@@ -261,7 +262,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         state=state, num_steps=num_steps, steps_per_epoch=steps_per_epoch, schedule=schedule,
         train_step=step_lib.make_train_step(loss_terms, optimizer, mesh=mesh,
                                             state_shardings=shardings,
-                                            grad_accum_steps=t.grad_accum_steps, seed=t.seed),
+                                            grad_accum_steps=t.grad_accum_steps),
         eval_step=step_lib.make_eval_step(loss_terms, mesh=mesh,
                                           params_shardings=shardings.params),
         batch_for_step=batch_for_step,

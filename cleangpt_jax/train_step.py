@@ -1,7 +1,7 @@
 """The training step: loss strategies, the train state, the sharded train and eval steps.
 
     loss_terms = get_strategy(config.train.strategy, model, config)    # `STRATEGIES` by name
-    state, shardings = create_train_state(model_init_fn(model, seed), optimizer, mesh)
+    state, shardings = create_train_state(model_init_fn(model), optimizer, mesh, seed=seed)
     train_step = make_train_step(loss_terms, optimizer, mesh=mesh, state_shardings=shardings)
     state, metrics = train_step(state, batch)      # jit-compiled, sharded, state donated
 
@@ -19,11 +19,14 @@ over every micro-batch (gradient accumulation) and every device (the batch is sh
 mesh, XLA inserts the all-reduce), so both equal the token-weighted mean over the global batch.
 
 Randomness: parameters come from fold_in(key(seed), 0); the dropout key of step s is
-fold_in(fold_in(key(seed), 1), s) (and fold_in(., i) for micro-batch i).
+fold_in(fold_in(key(seed), 1), s) (and fold_in(., i) for micro-batch i). The seed's keys enter
+the compiled programs as arguments (the init's key; TrainState.dropout_key), never as
+constants, so every seed runs the same programs and a seed sweep compiles them once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -80,38 +83,53 @@ def lm_strategy(model, config=None) -> LossTerms:
 # ----------------------------------------------------------------------------- train state
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: number of updates applied
+    """What a step reads and returns. A checkpoint keeps params and opt_state (and the step in
+    its meta); dropout_key is rebuilt from train.seed on restore (`dropout_key`)."""
+    step: jax.Array         # int32 scalar: number of updates applied
     params: Any
     opt_state: Any
+    dropout_key: jax.Array  # typed key: fold_in(key(seed), DROPOUT_SEED_SALT)
 
 
-def _initial_state(init_params: Callable[[], Any], optimizer) -> TrainState:
-    params = init_params()
+def params_key(seed: int) -> jax.Array:
+    """The key a run's parameters are initialised from: fold_in(key(seed), 0)."""
+    return jax.random.fold_in(jax.random.key(seed), PARAMS_SEED_SALT)
+
+
+def dropout_key(seed: int) -> jax.Array:
+    """The key whose fold_in(., step) is step's dropout key: fold_in(key(seed), 1)."""
+    return jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
+
+
+def model_init_fn(model) -> Callable[[jax.Array], Any]:
+    """key -> `model`'s parameter tree (trace it under jit: nothing is built on one device)."""
+    ids = jnp.zeros((1, model.config.block_size), jnp.int32)
+    return lambda key: model.init(key, ids)["params"]
+
+
+def _initial_state(init_params: Callable[[jax.Array], Any], optimizer, seed_key) -> TrainState:
+    params = init_params(jax.random.fold_in(seed_key, PARAMS_SEED_SALT))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params),
+                      dropout_key=jax.random.fold_in(seed_key, DROPOUT_SEED_SALT))
 
 
-def abstract_train_state(init_params: Callable[[], Any], optimizer, mesh):
+def abstract_train_state(init_params: Callable[[jax.Array], Any], optimizer, mesh):
     """(TrainState of ShapeDtypeStructs with target shardings, the shardings tree)."""
-    shapes = jax.eval_shape(lambda: _initial_state(init_params, optimizer))
+    shapes = jax.eval_shape(functools.partial(_initial_state, init_params, optimizer),
+                            jax.random.key(0))
     return sharding.abstract_state(shapes, mesh), sharding.state_shardings(shapes, mesh)
 
 
-def create_train_state(init_params: Callable[[], Any], optimizer, mesh):
-    """Fresh TrainState built directly in its sharded layout; returns (state, shardings).
-
-    `init_params` is a closure returning the parameter tree (traced under jit, so nothing is
-    materialised on one device first).
+def create_train_state(init_params: Callable[[jax.Array], Any], optimizer, mesh, *, seed: int):
+    """Fresh TrainState for `seed`, built directly in its sharded layout; returns (state,
+    shardings). `init_params` (`model_init_fn`) is traced under jit with key(seed) as an
+    argument, so nothing is materialised on one device first and every seed shares the program.
     """
     _, shardings = abstract_train_state(init_params, optimizer, mesh)
-    state = jax.jit(lambda: _initial_state(init_params, optimizer), out_shardings=shardings)()
+    state = jax.jit(functools.partial(_initial_state, init_params, optimizer),
+                    out_shardings=shardings)(jax.random.key(seed))
     return state, shardings
-
-
-def model_init_fn(model, seed: int) -> Callable[[], Any]:
-    key = jax.random.fold_in(jax.random.key(seed), PARAMS_SEED_SALT)
-    ids = jnp.zeros((1, model.config.block_size), jnp.int32)
-    return lambda: model.init(key, ids)["params"]
 
 
 # ------------------------------------------------------------------------------ the step
@@ -154,18 +172,16 @@ def loss_and_grads(loss_terms: LossTerms, params, batch, *, rng, step, grad_accu
 
 
 def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
-                    grad_accum_steps: int = 1, seed: int = 0):
+                    grad_accum_steps: int = 1):
     """jit-compiled (state, batch) -> (state, metrics); the input state is donated.
 
     metrics (replicated float32 scalars): loss (of the parameters before the update), grad_norm
     (before clipping), param_norm (the global norm of the updated parameters: what
     `loop.fetch_finite` checks before the state is saved) and the strategy's extras.
     """
-    dropout_key = jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
-
     @sharding.traced_under(mesh)
     def step_fn(state: TrainState, batch):
-        rng = jax.random.fold_in(dropout_key, state.step)
+        rng = jax.random.fold_in(state.dropout_key, state.step)
         loss, extra, grads = loss_and_grads(loss_terms, state.params, batch, rng=rng,
                                             step=state.step, grad_accum_steps=grad_accum_steps,
                                             mesh=mesh)
@@ -173,7 +189,7 @@ def make_train_step(loss_terms: LossTerms, optimizer, *, mesh, state_shardings,
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params), **extra}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),

@@ -86,10 +86,10 @@ def build_ours(case: dict, seed: int = 0):
     mesh = sharding.create_mesh(1)
     optimizer, _ = make_optimizer(t, t.num_steps)
     loss_terms = train_step.get_strategy("lm", model, cfg)
-    init = train_step.model_init_fn(model, seed)
-    state, shardings = train_step.create_train_state(init, optimizer, mesh)
+    init = train_step.model_init_fn(model)
+    state, shardings = train_step.create_train_state(init, optimizer, mesh, seed=seed)
     step = train_step.make_train_step(loss_terms, optimizer, mesh=mesh,
-                                      state_shardings=shardings, seed=seed)
+                                      state_shardings=shardings)
     ids = np.random.default_rng(seed).integers(0, case["vocab_size"],
                                                (case["batch"], case["block_size"]), np.int32)
     batch = sharding.global_batch({"input_ids": ids}, mesh)

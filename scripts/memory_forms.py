@@ -41,7 +41,7 @@ def compiled_step(cfg, mesh, batch_size: int):
     optimizer, _ = make_optimizer(cfg.train, cfg.train.num_steps)
     loss_terms = train_step.get_strategy("lm", model, cfg)
     abstract, shardings = train_step.abstract_train_state(
-        train_step.model_init_fn(model, 0), optimizer, mesh)
+        train_step.model_init_fn(model), optimizer, mesh)
     step = train_step.make_train_step(loss_terms, optimizer, mesh=mesh,
                                       state_shardings=shardings)
     tokens = jax.ShapeDtypeStruct((batch_size, cfg.model.block_size), jnp.int32,

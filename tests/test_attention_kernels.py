@@ -141,7 +141,7 @@ def test_auto_compiles_splash_into_a_tpu_training_program():
         model = get_model(config=config)
         optimizer = optax.adamw(1e-3)
         state, shardings = train_step.abstract_train_state(
-            train_step.model_init_fn(model, 0), optimizer, mesh)
+            train_step.model_init_fn(model), optimizer, mesh)
         step = train_step.make_train_step(train_step.lm_strategy(model), optimizer, mesh=mesh,
                                           state_shardings=shardings)
         batch = {k: jax.ShapeDtypeStruct((8, config.block_size), jnp.int32,

@@ -209,7 +209,7 @@ def test_a_document_masked_train_step_still_compiles_splash_for_tpu():
                          vocab_size=64, dtype="bfloat16")
     model = get_model(config=config)
     optimizer = optax.adamw(1e-3)
-    state, shardings = train_step.abstract_train_state(train_step.model_init_fn(model, 0),
+    state, shardings = train_step.abstract_train_state(train_step.model_init_fn(model),
                                                        optimizer, mesh)
     step = train_step.make_train_step(train_step.lm_strategy(model), optimizer, mesh=mesh,
                                       state_shardings=shardings)

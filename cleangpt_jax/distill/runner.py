@@ -143,18 +143,20 @@ def init_tree(s: Setup, seed: int):
     """{'student': params, 'stitch': {'stitch_k': ...}} at initialisation, one compiled call.
     The student gets the parameters `python -m cleangpt_jax.train` gives it with this seed."""
     c = s.student.config
-    init_student = train_step.model_init_fn(s.student, seed)
+    init_student = train_step.model_init_fn(s.student)
 
-    def init():
-        tree = {"student": init_student()}
+    def init(seed_key):  # (the key is an argument: every seed shares the program)
+        tree = {"student": init_student(
+            jax.random.fold_in(seed_key, train_step.PARAMS_SEED_SALT))}
         if s.config.distill.stitching and s.config.distill.block_stages:
-            key = jax.random.fold_in(jax.random.key(seed), STITCH_SEED_SALT)
+            key = jax.random.fold_in(seed_key, STITCH_SEED_SALT)
             tree["stitch"] = init_stitching(key, c.n_layer, c.n_embd, s.teacher.config.n_embd,
                                             s.config.distill.stitching_bias)
         return tree
 
-    shapes = jax.eval_shape(init)
-    tree = jax.jit(init, out_shardings=sharding.state_shardings(shapes, s.mesh))()
+    seed_key = jax.random.key(seed)
+    shapes = jax.eval_shape(init, seed_key)
+    tree = jax.jit(init, out_shardings=sharding.state_shardings(shapes, s.mesh))(seed_key)
     if s.config.distill.init_from_teacher:
         tree = init_from_teacher_blocks(s, tree)
     return tree
@@ -281,7 +283,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                       meta={"stage": stage.name, "global_step": step_offset + step,
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
 
-        dropout_key = jax.random.fold_in(jax.random.key(seed), train_step.DROPOUT_SEED_SALT)
+        dropout_key = train_step.dropout_key(seed)
         bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
                                 leave=False)
         lag = loop.LaggedMetrics()
