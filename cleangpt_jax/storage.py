@@ -7,9 +7,10 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
 `scheme://` other than file://; fsspec (gcsfs for gs://, the `gcs` extra) serves it.
 
     is_url(p)  join(p, *parts)  absolute(p)  parent(p)  basename(p)
-    exists(p)  isdir(p)  isfile(p)  listdir(p)  makedirs(p)  remove(p)  move(src, dst)
-    glob_files(url_pattern)  file_version(p)
+    exists(p)  isdir(p)  isfile(p)  listdir(p)  makedirs(p)  remove(p)  remove_tree(p)
+    move(src, dst)  glob_files(url_pattern)  file_version(p)
     read_text(p)  read_bytes(p)  write_text(p, text)  write_bytes(p, data)  open_file(p, mode)
+    write_with(p, write)                 write(file) fills `p` atomically (streams, np.savez)
     local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)  download_dir(url, dir)
     check_reachable(p, what)             a ConfigError naming the URL when it cannot be used
 
@@ -33,6 +34,8 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
+from typing import BinaryIO, Callable
 
 from cleangpt_jax.config import ConfigError
 
@@ -175,6 +178,20 @@ def remove(path) -> None:
     _call(path, "delete", fs.rm, p)
 
 
+def remove_tree(path) -> None:
+    """Remove directory `path` and everything under it (on an object store: every object under
+    the prefix); nothing to do when it does not exist."""
+    try:
+        if not is_url(path):
+            shutil.rmtree(_local(path))
+            return
+        fs, p = _fs(path)
+        _call(path, "delete", fs.rm, p, recursive=True)
+        fs.invalidate_cache()
+    except FileNotFoundError:
+        pass
+
+
 def move(src, dst) -> None:
     """Move a file or a directory tree (on an object store: copy, then delete; GCS's
     server-side move is not served by every endpoint)."""
@@ -239,13 +256,38 @@ def read_text(path) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_bytes(path, data: bytes) -> None:
-    """Replace `path` with `data` in one step (a reader sees the old file or the new one)."""
-    if not is_url(path):
-        tmp = _local(path) + ".tmp"
+def write_with(path, write: Callable[[BinaryIO], object]) -> None:
+    """Make `path` hold what write(file) writes into a binary file, in one step: a reader sees
+    the old contents or the new ones, never a part. The file is a local temporary one: beside
+    `path` (a hidden `.<name>.tmp-<random>`), then renamed over it (`os.replace`); for a URL in
+    the temporary directory ($TMPDIR), then uploaded in one go, so the object appears only once
+    complete. If write fails the temporary file is removed and `path` is left as it was. (For
+    streams too big to hold in memory, and writers that want a file: np.savez, np.save.)"""
+    url = is_url(path)
+    if url:
+        fd, tmp = tempfile.mkstemp(prefix=".upload-")
+        os.close(fd)
+    else:
+        directory, name = os.path.split(_local(path))
+        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
         with builtins.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, _local(path))
+            write(f)
+        if url:
+            fs, p = _fs(path)
+            _call(path, "write", fs.put_file, tmp, p)
+        else:
+            os.replace(tmp, _local(path))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (a reader sees the old file or the new one): a
+    local file through `write_with`, an object in one upload."""
+    if not is_url(path):
+        write_with(path, lambda f: f.write(data))
         return
     fs, p = _fs(path)
     _call(path, "write", fs.pipe_file, p, data)

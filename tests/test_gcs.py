@@ -254,7 +254,8 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line_naming_the_url(
 
 
 def test_local_paths_and_memory_urls_behave_alike(tmp_path):
-    """The path functions on a local directory and on memory:// (no emulator needed)."""
+    """The path functions on a local directory and on memory:// (no emulator needed); a
+    write_with whose writer fails leaves the file as it was and no temporary file."""
     for root in (str(tmp_path / "local"), "memory://storage-test/run"):
         storage.makedirs(root)
         storage.write_text(storage.join(root, "a.json"), json.dumps({"x": 1}))
@@ -268,5 +269,19 @@ def test_local_paths_and_memory_urls_behave_alike(tmp_path):
         assert sorted(storage.listdir(root)) == ["a.json", "e"]
         assert storage.read_bytes(storage.join(root, "e", "b.bin")) == b"\x00\x01"
         assert sorted(os.listdir(storage.local_copy(root))) == ["a.json", "e"]
+
+        def fail_halfway(f):
+            f.write(b"half")
+            raise KeyError("write failed")
+        with pytest.raises(KeyError, match="write failed"):  # the old contents stay, no leftover
+            storage.write_with(storage.join(root, "e", "b.bin"), fail_halfway)
+        storage.write_with(storage.join(root, "e", "c.npy"), lambda f: np.save(f, np.arange(3)))
+        assert sorted(storage.listdir(storage.join(root, "e"))) == ["b.bin", "c.npy"]
+        assert storage.read_bytes(storage.join(root, "e", "b.bin")) == b"\x00\x01"
+        assert storage.read_bytes(storage.join(root, "e", "c.npy"))[-24:] == np.arange(
+            3).tobytes()
+        storage.remove_tree(storage.join(root, "e"))
+        storage.remove_tree(storage.join(root, "e"))  # (a missing directory: nothing to do)
+        assert storage.listdir(root) == ["a.json"]
     assert storage.absolute("gs://b/run/") == "gs://b/run" and not storage.is_url("/x/gs://y")
     assert storage.join("gs://b", "run", "c") == "gs://b/run/c"

@@ -17,9 +17,9 @@ import types
 import datasets
 import numpy as np
 import pytest
-from etils import epath
 
 from cleangpt_jax import data as data_lib
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError, get_config
 from cleangpt_jax.data import shards
 from cleangpt_jax.tokenizers import CharacterTokenizer
@@ -71,7 +71,7 @@ def write_docs(directory):
 
 def cache_files(path) -> dict[str, bytes]:
     """The cache directory's files and their bytes (local or a URL)."""
-    return {p.name: p.read_bytes() for p in epath.Path(path).iterdir()}
+    return {name: storage.read_bytes(storage.join(path, name)) for name in storage.listdir(path)}
 
 
 WORKER = r"""
@@ -94,8 +94,6 @@ print("RESULT " + json.dumps({"cache_path": data.cache_path, "train": len(data.t
 def second_process(tmp_path_factory, gcs_emulator):
     """Process 1 of 2 building a token cache in a shared bucket of the GCS emulator, started
     now (process 0 is the test process, in the test that collects it)."""
-    from cleangpt_jax import storage
-
     storage.configure_gcs_emulator()  # (the emulator's variables are set now)
     root = tmp_path_factory.mktemp("two")
     args = {"tests": os.path.dirname(__file__), "docs_per_shard": DOCS_PER_SHARD, "chars": CHARS,
@@ -300,5 +298,4 @@ def test_two_processes_tokenise_each_document_once_into_the_single_process_cache
     shared = cache_files(mine.cache_path)
     assert shared == cache_files(reference.cache_path)
     assert sorted(shared) == ["meta.json", "train.bin", "val.bin"]
-    assert [p.name for p in epath.Path(second_process.cache_dir).iterdir()] == [
-        os.path.basename(mine.cache_path)]
+    assert storage.listdir(second_process.cache_dir) == [os.path.basename(mine.cache_path)]

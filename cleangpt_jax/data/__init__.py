@@ -17,7 +17,8 @@ The files, in the order the data flows through them:
                  (`load_dataset`, `TokenData`, `cache_key`, `token_dtype`).
     shards.py    the cache's build, once per pod: every process tokenises its shards of the
                  documents, process 0 packs them (`build_cache`), atomically on any filesystem
-                 (`etils.epath`: local, gs://); streams are read lazily, one shard at a time.
+                 (`cleangpt_jax.storage`: local, gs://); streams are read lazily, one shard at
+                 a time.
     mixtures.py  several sources mixed with weights that follow a schedule over steps
                  (`Mixture`, `make_schedule`, `register_schedule`).
     batches.py   batches as a pure function of (seed, step): the index shuffle

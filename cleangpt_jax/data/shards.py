@@ -12,9 +12,10 @@ into the cache's train.bin / val.bin (no separator after the last document) and 
 meta.json last; the others wait for meta.json. So each document is tokenised exactly once
 across the pod, and the cache is the same bytes whatever the process count.
 
-Atomic on any filesystem (`etils.epath`: local, gs://, ...): every local file is written under
-a temporary name and renamed into place (an object store's object appears only once its upload
-completes), and a cache counts as complete only once its meta.json exists and the streams have
+Atomic on any filesystem (`cleangpt_jax.storage`: local, gs://, ...): every file is written
+in one step (`storage.write_with`, `storage.write_bytes`), a local one under a temporary name
+and renamed into place, an object in one upload of a finished file (it appears only once
+complete), and a cache counts as complete only once its meta.json exists and the streams have
 the sizes it records. The processes never write the same file with different contents, so two
 of them cannot corrupt each other. A pod's crashed process leaves finished shards (reused by the
 pod's next build: they are named by the cache key and the shard size, and skipped when present)
@@ -40,8 +41,8 @@ import uuid
 from typing import Callable, Iterator
 
 import numpy as np
-from etils import epath
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,34 +53,11 @@ DOCS_PER_SHARD = 1000
 _POLL_FIRST_S, _POLL_MAX_S = 0.05, 1.0
 
 
-def is_local(path) -> bool:
-    """Whether `path` is a plain local path (no URL scheme such as gs://)."""
-    return "://" not in os.fspath(path)
-
-
-def write_atomically(path: epath.Path, write: Callable) -> None:
-    """Call write(file) on a temporary sibling of `path` opened 'wb', then rename it to `path`.
-    On an object store (a URL) write(file) writes `path` itself: an object appears only once
-    its upload is complete (and a rename there is a copy)."""
-    if not is_local(path):
-        with path.open("wb") as f:
-            write(f)
-        return
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _names(directory: epath.Path) -> set[str]:
+def _names(directory: str) -> set[str]:
     """The names in `directory`; none when it does not exist (an object store has no empty
     directories)."""
     try:
-        return {p.name for p in directory.iterdir()}
+        return set(storage.listdir(directory))
     except FileNotFoundError:
         return set()
 
@@ -130,14 +108,14 @@ def tokenize_shard(tokenizer, separator, dtype, texts) -> tuple[np.ndarray, np.n
 class _ShardWriter:
     """Tokenises one shard's texts and writes its file (also run in forked workers)."""
 
-    def __init__(self, tokenizer, separator, dtype, work: epath.Path, part: str):
+    def __init__(self, tokenizer, separator, dtype, work: str, part: str):
         self.tokenizer, self.separator, self.dtype = tokenizer, separator, dtype
         self.work, self.part = work, part
 
     def __call__(self, shard: int, texts) -> None:
         ids, lengths = tokenize_shard(self.tokenizer, self.separator, self.dtype, texts)
-        write_atomically(self.work / _shard_name(self.part, shard),
-                         lambda f: np.savez(f, ids=ids, lengths=lengths))
+        storage.write_with(storage.join(self.work, _shard_name(self.part, shard)),
+                           lambda f: np.savez(f, ids=ids, lengths=lengths))
 
 
 _WORKER: _ShardWriter | None = None  # the forked worker's writer (set by _init_worker)
@@ -181,12 +159,11 @@ def _tokenize_part(docs, part, writer_args, *, process_index, process_count, pro
 
 
 # ------------------------------------------------------------------------------ packing
-def _read_shard(path: epath.Path, key: str) -> np.ndarray:
-    with path.open("rb") as f:
-        return np.load(io.BytesIO(f.read()))[key]
+def _read_shard(path: str, key: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(path)))[key]
 
 
-def _pieces(shards: list[epath.Path], lengths: list[np.ndarray], first: int, last: int,
+def _pieces(shards: list[str], lengths: list[np.ndarray], first: int, last: int,
             separator_length: int) -> Iterator[np.ndarray]:
     """The packed tokens of documents [first, last) (over the shards, in order), the separator
     after the last document dropped, as consecutive arrays."""
@@ -214,7 +191,7 @@ def _window(pieces: Iterator[np.ndarray], begin: int, end: int) -> Iterator[np.n
             yield piece[lo:hi]
 
 
-def _write_stream(path: epath.Path, pieces: Iterator[np.ndarray], dtype) -> int:
+def _write_stream(path: str, pieces: Iterator[np.ndarray], dtype) -> int:
     """Write the pieces to `path` (atomically); returns the number of tokens."""
     count = [0]
 
@@ -222,7 +199,7 @@ def _write_stream(path: epath.Path, pieces: Iterator[np.ndarray], dtype) -> int:
         for piece in pieces:
             f.write(piece.astype(dtype, copy=False).tobytes())
             count[0] += len(piece)
-    write_atomically(path, write)
+    storage.write_with(path, write)
     return count[0]
 
 
@@ -233,7 +210,7 @@ def _split_point(n: int, fraction: float) -> int:
 
 def _pack(docs, counts, work, directory, dtype, separator) -> dict:
     """Concatenate the shards into directory/{train,val}.bin; returns meta's stream fields."""
-    shards = {part: [work / _shard_name(part, j) for j in range(_num_shards(n))]
+    shards = {part: [storage.join(work, _shard_name(part, j)) for j in range(_num_shards(n))]
               for part, n in counts.items()}
     lengths = {part: [_read_shard(p, "lengths") for p in paths] for part, paths in shards.items()}
     n = counts["train"]
@@ -245,7 +222,7 @@ def _pack(docs, counts, work, directory, dtype, separator) -> dict:
         return int((np.concatenate(lengths[part])[first:last] > 0).sum())
 
     def write(name, stream):
-        return _write_stream(directory / f"{name}.bin", stream, dtype)
+        return _write_stream(storage.join(directory, f"{name}.bin"), stream, dtype)
 
     out = {"val_tokens": None, "num_val_documents": 0}
     train_docs = n
@@ -282,7 +259,7 @@ def wait_for(done: Callable[[], bool], what: Callable[[], str], timeout_s: float
         interval = min(2 * interval, _POLL_MAX_S)
 
 
-def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dtype,
+def build_cache(docs, tokenizer, directory: str, description: dict, *, dtype,
                 source: str, num_proc: int, process_index: int, process_count: int,
                 wait_seconds: float, is_complete: Callable[[], bool]) -> None:
     """Build the cache `directory` (train.bin, val.bin, meta.json; tokens of `dtype`) together
@@ -291,10 +268,11 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
     finish it first)."""
     separator = tokenizer.document_separator()
     if process_count > 1:  # shared by the pod's processes (and kept for its next build)
-        work = directory.parent / f".{directory.name}.shards-{DOCS_PER_SHARD}"
+        work_name = f".{storage.basename(directory)}.shards-{DOCS_PER_SHARD}"
     else:  # private: another run building the same cache never shares a file with this one
-        work = directory.parent / f".{directory.name}.build-{uuid.uuid4().hex[:12]}"
-    work.mkdir(parents=True, exist_ok=True)
+        work_name = f".{storage.basename(directory)}.build-{uuid.uuid4().hex[:12]}"
+    work = storage.join(storage.parent(directory), work_name)
+    storage.makedirs(work)
     parts = {"train": docs.train, **({"val": docs.val} if docs.val is not None else {})}
     try:
         counts = {}
@@ -318,10 +296,11 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
         def missing(first_only=True):
             """The shards not written yet (from the first missing one on, when first_only).
             Each is looked up by name: a filesystem's cached listing may predate it."""
-            while pending and (work / pending[0]).exists():
+            while pending and storage.exists(storage.join(work, pending[0])):
                 pending.pop(0)
             if not first_only:
-                pending[:] = [name for name in pending if not (work / name).exists()]
+                pending[:] = [name for name in pending
+                              if not storage.exists(storage.join(work, name))]
             return pending
 
         def missing_text():
@@ -334,15 +313,15 @@ def build_cache(docs, tokenizer, directory: epath.Path, description: dict, *, dt
 
         wait_for(lambda: is_complete() or not missing(), missing_text, wait_seconds)
         if not is_complete():
-            directory.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(directory)
             meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "key": description}
             meta.update(_pack(docs, counts, work, directory, dtype, separator))
             text = json.dumps(meta, indent=1, default=str)
-            write_atomically(directory / "meta.json", lambda f: f.write(text.encode()))
-        work.rmtree(missing_ok=True)
+            storage.write_bytes(storage.join(directory, "meta.json"), text.encode())
+        storage.remove_tree(work)
     except BaseException:
         if process_count == 1:
-            work.rmtree(missing_ok=True)
+            storage.remove_tree(work)
         raise
 
 

@@ -13,7 +13,7 @@ determines the streams (`cache_key`: source settings, files and their sizes/mtim
 settings, the tokenizer's vocabulary and separator), so a second run with the same settings
 reuses it without tokenising. A missing cache is built once per pod by all its processes
 (`shards.build_cache`: each tokenises its share of the documents, process 0 packs, meta.json
-last), through `etils.epath` on any filesystem; a reader never sees a partial cache.
+last), through `cleangpt_jax.storage` on any filesystem; a reader never sees a partial cache.
 
 `tokenizer` here is a `cleangpt_jax.tokenizers.Tokenizer` (encode, vocab_size, fingerprint,
 document_separator).
@@ -26,11 +26,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import numpy as np
-from etils import epath
 
+from cleangpt_jax import storage
 from cleangpt_jax.config import ConfigError
 from cleangpt_jax.data import shards
 from cleangpt_jax.data.mixtures import Mixture, make_schedule
@@ -96,39 +97,54 @@ def _open_stream(path, dtype, num_tokens: int) -> np.ndarray:
     return np.memmap(os.fspath(path), dtype=dtype, mode="r", shape=(num_tokens,))
 
 
-def _read_cache(directory: epath.Path) -> dict | None:
-    """The cache's meta.json if the directory holds a complete cache, else None."""
+def _size(path: str) -> int:
+    """The size in bytes of file `path` (local or a URL)."""
+    size, _version = storage.file_version(path)
+    return size
+
+
+def _read_cache(directory: str) -> dict | None:
+    """The cache's meta.json if the directory holds a complete cache, else None. (A URL that
+    cannot be read, as opposed to a file not there, is `storage`'s one-line ConfigError.)"""
     try:
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = json.loads(storage.read_text(storage.join(directory, "meta.json")))
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in ("train", "val"):
             n = meta[f"{split}_tokens"]
-            if n is not None and (directory / f"{split}.bin").stat().length != n * itemsize:
+            if n is not None and _size(storage.join(directory, f"{split}.bin")) != n * itemsize:
                 return None
         return meta
+    except ConfigError:
+        raise
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _local_copy(directory: epath.Path, meta: dict) -> epath.Path:
+def _local_copy(directory: str, meta: dict) -> str:
     """`directory` when local, else its streams copied (once, atomically) to
     `default_cache_dir()/mirror/<name>`, for memmapping (the name holds the cache key)."""
-    if shards.is_local(directory):
+    if not storage.is_url(directory):
         return directory
-    local = epath.Path(default_cache_dir()) / "mirror" / directory.name
-    local.mkdir(parents=True, exist_ok=True)
+    local = os.path.join(default_cache_dir(), "mirror", storage.basename(directory))
+    os.makedirs(local, exist_ok=True)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
-        n, target = meta[f"{split}_tokens"], local / f"{split}.bin"
-        if n is not None and not (target.exists() and target.stat().length == n * itemsize):
-            log.info("copying %s to %s", directory / f"{split}.bin", target)
-            tmp = local / f".{split}.bin.tmp-{os.getpid()}"
-            (directory / f"{split}.bin").copy(tmp, overwrite=True)
-            tmp.replace(target)
+        n, source = meta[f"{split}_tokens"], storage.join(directory, f"{split}.bin")
+        target = os.path.join(local, f"{split}.bin")
+        if n is not None and not (os.path.exists(target)
+                                  and os.path.getsize(target) == n * itemsize):
+            log.info("copying %s to %s", source, target)
+            storage.write_with(target, lambda f, source=source: _copy_into(source, f))
     return local
 
 
-def _processes_sharing(cache_dir: epath.Path) -> tuple[int, int]:
+def _copy_into(source: str, file) -> None:
+    """Stream file `source` (a URL) into the open binary `file`, 16 MiB at a time."""
+    with storage.open_file(source, "rb") as remote:
+        shutil.copyfileobj(remote, file, 16 << 20)
+
+
+def _processes_sharing(cache_dir: str) -> tuple[int, int]:
     """(process_index, process_count) for building a missing cache: JAX's, when every process
     sees the files process 0 writes in `cache_dir` (a bucket, a shared disk); else (0, 1), each
     process building its own cache (a local disk per host). With several processes this is a
@@ -143,14 +159,17 @@ def _processes_sharing(cache_dir: epath.Path) -> tuple[int, int]:
     from jax.experimental import multihost_utils
 
     token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint8))
-    probe = cache_dir / f".shared-{bytes(np.asarray(token, np.uint8)).hex()}"
+    probe = storage.join(cache_dir, f".shared-{bytes(np.asarray(token, np.uint8)).hex()}")
     if jax.process_index() == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("written by process 0")
+        storage.makedirs(cache_dir)
+        storage.write_text(probe, "written by process 0")
     multihost_utils.process_allgather(np.int32(0))  # (a barrier: the probe is written)
-    seen = multihost_utils.process_allgather(np.int32(probe.exists()))
+    seen = multihost_utils.process_allgather(np.int32(storage.exists(probe)))
     if jax.process_index() == 0:
-        probe.unlink(missing_ok=True)
+        try:
+            storage.remove(probe)
+        except FileNotFoundError:
+            pass
     if np.all(seen):
         return jax.process_index(), count
     log.warning("%d of %d processes do not see the token cache directory %s: each process builds "
@@ -171,9 +190,9 @@ def _check_length(stream, block_size: int, what: str, fix: str) -> None:
                           f"(block_size={block_size}): {fix}")
 
 
-def _load_single(data, tokenizer, cache_dir: epath.Path, block_size, processes):
+def _load_single(data, tokenizer, cache_dir: str, block_size, processes):
     key, description = cache_key(data, tokenizer)
-    directory = cache_dir / f"{data.source}-{key}"
+    directory = storage.join(cache_dir, f"{data.source}-{key}")
     meta = _read_cache(directory)
     if meta is None:
         process_index, process_count = processes
@@ -191,10 +210,10 @@ def _load_single(data, tokenizer, cache_dir: epath.Path, block_size, processes):
         log.info("using token cache %s", directory)
     local = _local_copy(directory, meta)
     dtype = np.dtype(meta["dtype"])
-    train = _open_stream(local / "train.bin", dtype, meta["train_tokens"])
+    train = _open_stream(os.path.join(local, "train.bin"), dtype, meta["train_tokens"])
     val = None
     if meta["val_tokens"] is not None:
-        val = _open_stream(local / "val.bin", dtype, meta["val_tokens"])
+        val = _open_stream(os.path.join(local, "val.bin"), dtype, meta["val_tokens"])
     if meta["num_documents"] == 0:
         raise ConfigError(f"the dataset is empty (source={data.source!r}: every document is "
                           "blank): check data.name/data.files/data.split/data.text_column")
@@ -205,7 +224,7 @@ def _load_single(data, tokenizer, cache_dir: epath.Path, block_size, processes):
         _check_length(val, block_size, "validation",
                       "raise data.val_fraction, use a bigger data.val_split or lower "
                       "model.block_size")
-    return TokenData(train, val, os.fspath(directory), meta["num_documents"],
+    return TokenData(train, val, directory, meta["num_documents"],
                      meta["num_val_documents"])
 
 
@@ -223,8 +242,8 @@ def load_dataset(config, tokenizer, *, cache_dir: str | None = None,
     cached on its own).
     """
     cache_dir = os.fspath(cache_dir or config.data.get("cache_dir") or default_cache_dir())
-    cache_dir = epath.Path(os.path.expanduser(cache_dir) if shards.is_local(cache_dir)
-                           else cache_dir)
+    if not storage.is_url(cache_dir):
+        cache_dir = os.path.expanduser(cache_dir)
     if process_index is None or process_count is None:
         process_index, process_count = _processes_sharing(cache_dir)
     _check_wait_seconds(config.data.cache_wait_seconds)
