@@ -195,6 +195,10 @@ def report(bar, text: str) -> None:
         bar.write(text, file=sys.stderr)
 
 
+# Each upload rewrites a whole file: one per record would upload bytes quadratic in records.
+REMOTE_UPLOAD_SECONDS = 60.0
+
+
 class MetricWriter:
     """metrics.jsonl + TensorBoard scalars; a no-op on every process but 0.
 
@@ -205,15 +209,22 @@ class MetricWriter:
     events file asks TensorBoard to purge them too. A killed and rerun run's records thus equal
     an uninterrupted run's, record for record, in the files and in TensorBoard.
 
-    A URL workdir (gs://...) has no appendable files: metrics.jsonl is uploaded whole after
-    each record, and TensorBoard writes into a local scratch directory whose events file is
-    uploaded whole after each flush (each upload replaces the object in one step).
+    A URL workdir (gs://...) has no appendable files: metrics.jsonl is kept in memory and
+    TensorBoard writes into a local scratch directory, and each is uploaded whole (replacing
+    the object in one step) by `flush`: at a record once REMOTE_UPLOAD_SECONDS have passed
+    since the last upload (the first record at once), and by `close`. The training loops call
+    `flush` as each checkpoint save begins, so the records a resume keeps (those up to its
+    checkpoint) are in the workdir before that checkpoint can count; a kill loses only records
+    a resume drops anyway (but the newest scalars may still sit in tensorboardX's writer
+    thread at a flush, which only closing waits for).
     """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
-                 loggers=None, config=None, wandb_project: str | None = None):
+                 loggers=None, config=None, wandb_project: str | None = None,
+                 clock=time.monotonic):
         """`loggers`: train.loggers ('jsonl,tensorboard,wandb', `trackers`); None: jsonl, and
-        TensorBoard when `tensorboard`. `config` and `wandb_project` are W&B's."""
+        TensorBoard when `tensorboard`. `config` and `wandb_project` are W&B's. `clock`:
+        seconds (monotonic), the time between a URL workdir's uploads."""
         from cleangpt_jax import trackers
 
         names = (trackers.parse_loggers(loggers) if loggers is not None
@@ -224,6 +235,9 @@ class MetricWriter:
         self._tb = self._file = self._wandb = None
         self._jsonl = "jsonl" in names
         self._remote = storage.is_url(workdir)
+        self._clock = clock
+        self._uploaded_at = None  # the clock at the last upload; None: none yet
+        self._pending = False  # records written since the last upload (URL workdir)
         if not self.active:
             return
         storage.makedirs(workdir)
@@ -255,7 +269,6 @@ class MetricWriter:
             record[k] = v
         if self._jsonl and self._remote:
             self._text += json.dumps(record) + "\n"
-            storage.write_text(self.path, self._text)
         elif self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -267,22 +280,34 @@ class MetricWriter:
                         and math.isfinite(v)):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
-            self._upload_events()
-
-    def _upload_events(self) -> None:
-        """URL workdir: put the local events file(s) into the workdir, each in one upload."""
         if self._remote:
+            self._pending = True
+            if (self._uploaded_at is None
+                    or self._clock() - self._uploaded_at >= REMOTE_UPLOAD_SECONDS):
+                self.flush()
+
+    def flush(self) -> None:
+        """URL workdir: upload metrics.jsonl and the local events file(s) into the workdir,
+        each whole in one upload, when a record is pending (a local workdir's files are
+        flushed at each record already)."""
+        if not (self.active and self._remote and self._pending):
+            return
+        if self._jsonl:
+            storage.write_text(self.path, self._text)
+        if self._tb is not None:
             for name in os.listdir(self._tb_dir):
                 with open(os.path.join(self._tb_dir, name), "rb") as f:
                     storage.write_bytes(storage.join(self.workdir, name), f.read())
+        self._pending, self._uploaded_at = False, self._clock()
 
     def close(self) -> None:
         if self.active:
             for sink in (self._file, self._tb, self._wandb):
                 if sink is not None:
                     sink.close()
-            if self._tb is not None:
-                self._upload_events()
+            # (closing writes the events tensorboardX's writer thread still held: upload them)
+            self._pending = self._pending or self._tb is not None
+            self.flush()
 
 
 def _drop_events_after(path: str, step: int) -> None:

@@ -139,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def save_now() -> None:
         nonlocal saved_at
         fetch(lag.flush())  # every pending step checked first: never save a non-finite state
+        writer.flush()  # the records this checkpoint keeps on a resume are in the workdir
         if saved_at != run.step:
             run.checkpointer.save(run.step, params=run.state.params,
                                   opt_state=run.state.opt_state, meta=run.meta())

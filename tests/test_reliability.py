@@ -347,3 +347,53 @@ def test_a_resumed_writer_leaves_each_scalar_once_in_the_events_files(tmp_path):
     assert tensorboard_scalars(resumed) == tensorboard_scalars(straight) == {
         "train_loss": list(range(1, 9))}
     assert workdir_lib.read_metrics(str(resumed)) == workdir_lib.read_metrics(str(straight))
+
+
+def test_a_url_workdir_uploads_its_metrics_at_most_once_a_minute_and_at_flush(tmp_path,
+                                                                              monkeypatch):
+    """metrics.jsonl and the events file were uploaded whole after every record (bytes
+    quadratic in the records). Now (a fake clock): the first record uploads both, the next
+    ones within REMOTE_UPLOAD_SECONDS nothing, the first record past it everything, flush()
+    the rest; the objects end equal to a local workdir's files for the same records."""
+    from cleangpt_jax import loop, storage
+    from test_train import tensorboard_scalars
+
+    uploads, real_write_bytes = [], storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes",
+                        lambda path, data: (uploads.append(path.rsplit("/", 1)[1][:10]),
+                                            real_write_bytes(path, data)))
+    now = [0.0]
+    url, local = f"memory://metric-writer/{tmp_path.name}", tmp_path / "local"
+    remote_writer = loop.MetricWriter(url, clock=lambda: now[0])
+    local_writer = loop.MetricWriter(str(local), clock=lambda: now[0])
+
+    def write(step, seconds):
+        now[0] = seconds
+        for writer in (remote_writer, local_writer):
+            writer.write(step, {"train_loss": 1.0 / step, "lr": 3e-4 * step})
+
+    def uploaded():
+        return [json.loads(ln)["step"]
+                for ln in storage.read_text(url + "/metrics.jsonl").splitlines()]
+
+    write(1, 0.0)
+    assert uploads == ["metrics.js", "events.out"] and uploaded() == [1]
+    for step in range(2, 6):
+        write(step, 15.0 * (step - 1) - 0.5)  # (the last at 59.5 s)
+    assert len(uploads) == 2 and uploaded() == [1]
+    write(6, loop.REMOTE_UPLOAD_SECONDS)
+    assert len(uploads) == 4 and uploaded() == [1, 2, 3, 4, 5, 6]
+    write(7, 61.0)
+    write(8, 62.0)
+    local_writer.flush()  # (a local workdir's files are appended per record: nothing to do)
+    assert len(uploads) == 4 and uploaded() == [1, 2, 3, 4, 5, 6]
+    remote_writer.flush()
+    assert len(uploads) == 6 and uploaded() == list(range(1, 9))
+    remote_writer.flush()
+    assert len(uploads) == 6  # nothing pending
+    remote_writer.close()  # (the events file again: closing writes what tensorboardX queued)
+    local_writer.close()
+    assert len(uploads) == 8
+    assert storage.read_bytes(url + "/metrics.jsonl") == (local / "metrics.jsonl").read_bytes()
+    assert tensorboard_scalars(storage.local_copy(url)) == tensorboard_scalars(local) == {
+        "train_loss": list(range(1, 9)), "lr": list(range(1, 9))}

@@ -279,6 +279,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                 print(f"Resuming stage {stage.name} from step {start}", flush=True)
 
         def save(step):
+            writer.flush()  # the records this checkpoint keeps on a resume are in the workdir
             ckpt.save(step, params=stage_step.join(trainable, frozen), opt_state=opt_state,
                       meta={"stage": stage.name, "global_step": step_offset + step,
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
@@ -484,6 +485,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                 done.append(info)
                 records.write_manifest(workdir, done)
                 logging.info("stage %s done: %s", stage.name, info)
+        writer.flush()  # as before every checkpoint save (this one the final student)
         records.write_student(s, tree, workdir, step=offset)
         student = sharding.to_host(tree["student"])
         summary = {"stages": done, "layer_map": s.layer_map, "workdir": workdir,
