@@ -215,8 +215,7 @@ class MetricWriter:
     since the last upload (the first record at once), and by `close`. The training loops call
     `flush` as each checkpoint save begins, so the records a resume keeps (those up to its
     checkpoint) are in the workdir before that checkpoint can count; a kill loses only records
-    a resume drops anyway (but the newest scalars may still sit in tensorboardX's writer
-    thread at a flush, which only closing waits for).
+    a resume drops anyway.
     """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
@@ -257,8 +256,8 @@ class MetricWriter:
                 if name.startswith(TENSORBOARD_PREFIX):
                     _drop_events_after(storage.join(workdir, name), resume_step)
             self._tb_dir = storage.scratch_dir("tensorboard-") if self._remote else workdir
-            self._tb = _summary_writer(self._tb_dir,
-                                       purge_step=resume_step + 1 if resume_step else None)
+            self._tb = ScalarEventsFile(self._tb_dir,
+                                        purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -275,11 +274,9 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.write(step, {k: v for k, v in record.items() if k not in ONCE_KEYS})
         if self._tb is not None:
-            for k, v in record.items():
-                if (k != "step" and k not in ONCE_KEYS and isinstance(v, (int, float))
-                        and math.isfinite(v)):
-                    self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
+            self._tb.write(int(step), {k: v for k, v in record.items()
+                                       if k != "step" and k not in ONCE_KEYS
+                                       and isinstance(v, (int, float)) and math.isfinite(v)})
         if self._remote:
             self._pending = True
             if (self._uploaded_at is None
@@ -305,8 +302,6 @@ class MetricWriter:
             for sink in (self._file, self._tb, self._wandb):
                 if sink is not None:
                     sink.close()
-            # (closing writes the events tensorboardX's writer thread still held: upload them)
-            self._pending = self._pending or self._tb is not None
             self.flush()
 
 
@@ -351,10 +346,37 @@ def _torch_hidden():
             del sys.modules["torch"]
 
 
-def _summary_writer(logdir: str, purge_step: int | None = None):
-    with _torch_hidden():
-        from tensorboardX import SummaryWriter
-    # (the file is named by the second it starts in: a nanosecond suffix keeps two writers
-    # started in the same second, a run and its quick rerun, out of one file, in their order)
-    return SummaryWriter(logdir=logdir, purge_step=purge_step,
-                         filename_suffix=f".{time.time_ns()}")
+class ScalarEventsFile:
+    """A TensorBoard events file of scalars, written synchronously: when `write` returns, its
+    events are in the file (tensorboardX's SummaryWriter queues them for a writer thread that
+    its flush does not wait for, so a checkpoint could count before its step's scalars did).
+
+    The file is `logdir/events.out.tfevents.<second>.<host>.<ns>` (tensorboardX's record
+    writer; the nanosecond suffix keeps a run and its quick rerun, started in the same second,
+    in two files, in their order). `purge_step`: a resumed run's first step; the file opens
+    with a session start at it, which makes TensorBoard drop the older files' events from that
+    step on."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        with _torch_hidden():
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2
+            from tensorboardX.summary import scalar
+        self._event, self._scalar = event_pb2.Event, scalar
+        self._file = EventsWriter(os.path.join(logdir, "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._file.write_event(self._event(step=purge_step, wall_time=time.time(),
+                                               session_log=start))
+        self._file.flush()
+
+    def write(self, step: int, scalars: dict) -> None:
+        """One event per scalar {tag: value} at `step`, then flush the file."""
+        now = time.time()
+        for tag, value in scalars.items():
+            self._file.write_event(self._event(step=step, wall_time=now,
+                                               summary=self._scalar(tag, value)))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -389,11 +389,11 @@ def test_a_url_workdir_uploads_its_metrics_at_most_once_a_minute_and_at_flush(tm
     assert len(uploads) == 4 and uploaded() == [1, 2, 3, 4, 5, 6]
     remote_writer.flush()
     assert len(uploads) == 6 and uploaded() == list(range(1, 9))
-    remote_writer.flush()
-    assert len(uploads) == 6  # nothing pending
-    remote_writer.close()  # (the events file again: closing writes what tensorboardX queued)
-    local_writer.close()
-    assert len(uploads) == 8
-    assert storage.read_bytes(url + "/metrics.jsonl") == (local / "metrics.jsonl").read_bytes()
+    # The events are written when write returns: what a checkpoint's flush uploads is whole.
     assert tensorboard_scalars(storage.local_copy(url)) == tensorboard_scalars(local) == {
         "train_loss": list(range(1, 9)), "lr": list(range(1, 9))}
+    remote_writer.flush()
+    remote_writer.close()
+    local_writer.close()
+    assert len(uploads) == 6  # nothing pending
+    assert storage.read_bytes(url + "/metrics.jsonl") == (local / "metrics.jsonl").read_bytes()
