@@ -16,7 +16,9 @@ setting has its default here, once: code reads `cfg.section.key`, never `cfg.get
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -186,6 +188,23 @@ def loss_chunk_setting(value) -> int:
         raise ConfigError(f"train.loss_chunk_tokens must be an integer >= 0 (0 = the plain "
                           f"loss over whole logits), got {value!r}")
     return value
+
+
+def config_module(path: str):
+    """The Python module of a config file (configs/*.py), loaded from its path."""
+    name = "cleangpt_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config `--config=FILE.py[:PRESET]` names: FILE's get_config(), or
+    get_config(PRESET) (ml_collections' config_flags passes a preset the same way)."""
+    path, _, preset = spec.partition(":")
+    module = config_module(path)
+    return module.get_config(preset) if preset else module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 from cleangpt_jax import data as data_lib  # noqa: E402
 from cleangpt_jax import hf, sharding, trainer  # noqa: E402
 from cleangpt_jax import workdir as workdir_lib  # noqa: E402
-from cleangpt_jax.config import get_config  # noqa: E402
+from cleangpt_jax.config import get_config, load_config_file  # noqa: E402
 from cleangpt_jax.distill import analysis  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
 from cleangpt_jax.distill import plan as plan_lib  # noqa: E402
@@ -247,13 +247,7 @@ def quiet():
 
 # ------------------------------------------------------------------------------ teacher
 def teacher_config(st: Setting, data_dir: str):
-    spec_path = os.path.join(REPO, "configs", "gpt2_teacher_shakespeare.py")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("teacher_config", spec_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = load_config_file(os.path.join(REPO, "configs", "gpt2_teacher_shakespeare.py"))
     cfg.model.update(n_layer=st.teacher_layers, n_embd=st.teacher_width, n_head=st.heads,
                      block_size=st.block_size, dropout=st.teacher_dropout)
     if st.tokenizer == "gpt2":

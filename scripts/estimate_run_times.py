@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 
 import jax
 import jax.numpy as jnp
 
 from cleangpt_jax import metrics
-from cleangpt_jax.config import model_config
+from cleangpt_jax.config import load_config_file, model_config
 from cleangpt_jax.models import get_model
 
 CHAR_VOCAB = 65
 GPT2_VOCAB = 50257
 EPOCH_TOKENS = 22e6  # an epoch of the epoch-based configs: 100k TinyStories, ~220 tokens each
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def lm_params(model_cfg) -> int:
@@ -96,7 +88,7 @@ def main():
     p.add_argument("--min_step_s", type=float, default=0.01)
     args = p.parse_args()
     for path in sorted(glob.glob("configs/*.py")):
-        cfg = load(path)
+        cfg = load_config_file(path)
         flops, steps = run_flops(cfg)
         chip = max(flops / args.chip_flops, steps * args.min_step_s)
         print(f"{os.path.basename(path):34} {steps:>7} steps  {flops:9.2e} FLOPs  "

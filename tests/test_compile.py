@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cleangpt_jax import train_setup
-from cleangpt_jax.config import get_config, model_config
+from cleangpt_jax.config import config_module, get_config, load_config_file, model_config
 from cleangpt_jax.distill import config as distill_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,10 +32,8 @@ JSON_KEYS = {"topology", "num_devices", "what", "hbm_bytes_per_device", "hbm_cap
 
 
 def load_gpt2_config(preset=None):
-    spec = importlib.util.spec_from_file_location("configs_gpt2_124m", GPT2_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, module.get_config(preset)
+    return config_module(GPT2_CONFIG), load_config_file(
+        GPT2_CONFIG + (f":{preset}" if preset else ""))
 
 
 def tiny_train_config(**model):

@@ -5,7 +5,6 @@ configs/distill_*.py belong to distillation and are tested with it."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from cleangpt_jax import hf, train_setup, trainer
 from cleangpt_jax import workdir as workdir_lib
-from cleangpt_jax.config import ModelConfig, get_config, model_config
+from cleangpt_jax.config import ModelConfig, config_module, get_config, model_config
 from helpers import QUIET_RUN, persistent_compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,11 +42,7 @@ TINY = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_
 
 
 def load(name):
-    path = os.path.join(CONFIG_DIR, f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_module(os.path.join(CONFIG_DIR, f"{name}.py"))
 
 
 def flat_keys(cfg, prefix="") -> set[str]:
