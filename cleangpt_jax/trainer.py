@@ -120,13 +120,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         nonlocal evaluated_at
         notify("eval_begin")
         metrics = step_lib.evaluate(run.eval_step, run.state.params, run.eval_batches(), run.mesh)
-        if run.best_val_loss is None or metrics["val_loss"] < run.best_val_loss:
-            improved = (run.best_val_loss is None or metrics["val_loss"]
-                        < run.best_val_loss - float(t.early_stopping_min_delta))
-            run.best_val_loss, run.best_step = metrics["val_loss"], run.step
-            run.evals_since_best = 0 if improved else run.evals_since_best + 1
-        else:
-            run.evals_since_best += 1
+        loss, best = metrics["val_loss"], run.best_val_loss
+        # Patience restarts on an improvement by more than min_delta; the best is the minimum.
+        improved = best is None or loss < best - float(t.early_stopping_min_delta)
+        run.evals_since_best = 0 if improved else run.evals_since_best + 1
+        if best is None or loss < best:
+            run.best_val_loss, run.best_step = loss, run.step
         run.last_eval = dict(metrics, best_val_loss=run.best_val_loss)
         evaluated_at = run.step
         writer.write(run.step, {k: run.last_eval[k]
