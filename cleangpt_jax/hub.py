@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import sys
-import urllib.parse
+
+from cleangpt_jax import storage
 
 PROBE_TIMEOUT_SECONDS = 3.0
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
@@ -33,14 +33,9 @@ def offline_reason() -> str:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in _PROXY_VARIABLES):
         return ""
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_SECONDS).close()
-        return ""
-    except OSError as e:
-        reason = f"{url.hostname}:{port}: {e.strerror or e}"
-    _go_offline()
+    reason = storage.unreachable(constants.ENDPOINT, PROBE_TIMEOUT_SECONDS)
+    if reason:
+        _go_offline()
     return reason
 
 

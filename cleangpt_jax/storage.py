@@ -13,6 +13,7 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
     write_with(p, write)                 write(file) fills `p` atomically (streams, np.savez)
     local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)  download_dir(url, dir)
     check_reachable(p, what)             a ConfigError naming the URL when it cannot be used
+    unreachable(endpoint)                '' or why one TCP connection to it fails (also the hub's)
 
 Atomic writes: a local file is written beside and renamed over (`os.replace`); an object is
 written in one upload (an object store has no rename, and an upload is all or nothing).
@@ -364,16 +365,20 @@ def _gcs_endpoint() -> str:
     return host if host.startswith(("http://", "https://")) else f"http://{host}"
 
 
-def _probe(endpoint: str, timeout_s: float = 10.0) -> None:
-    """Open (and close) a TCP connection to `endpoint`'s host: an unreachable endpoint fails
-    here at once rather than after the filesystem's retries (tens of seconds)."""
+def unreachable(endpoint: str, timeout_s: float = 10.0) -> str:
+    """'' when a TCP connection to `endpoint`'s host opens within timeout_s; else why not,
+    as 'host:port: reason'. One connection, opened and closed: an unreachable endpoint (a GCS
+    endpoint, the Hugging Face hub) is told at once, not after a client's retries."""
     import socket
     import urllib.parse
 
     u = urllib.parse.urlsplit(endpoint)
     port = u.port or (443 if u.scheme == "https" else 80)
-    with socket.create_connection((u.hostname, port), timeout=timeout_s):
-        pass
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout_s).close()
+        return ""
+    except OSError as e:
+        return f"{u.hostname}:{port}: {e.strerror or e}"
 
 
 def check_reachable(path, what: str) -> None:
@@ -385,8 +390,8 @@ def check_reachable(path, what: str) -> None:
     bucket = p.split("/", 1)[0]
     scheme = _URL.match(path).group(1).lower()
     try:
-        if scheme in ("gs", "gcs"):
-            _probe(_gcs_endpoint())
+        if scheme in ("gs", "gcs") and (reason := unreachable(_gcs_endpoint())):
+            raise ConnectionError(reason)
         if scheme in ("gs", "gcs", "s3", "s3a", "az", "abfs") and not fs.exists(bucket):
             raise ConfigError(f"{what} {path}: the bucket {scheme}://{bucket} does not exist "
                               f"(or is not visible with these credentials): create it or fix "
