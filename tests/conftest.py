@@ -35,12 +35,13 @@ def fast_compile(tmp_path_factory) -> dict[str, str]:
 # `-n auto --dist loadfile` each worker takes the next whole file when it is free, so starting
 # with the long ones lets the workers finish together. xdist would otherwise reorder the files
 # by their number of tests, which says little about their time.
-LONGEST_FIRST = ["test_distill_study.py", "test_fault_injection.py", "test_train.py",
-                 "test_docs.py", "test_distill.py", "test_generation.py", "test_memory_forms.py",
-                 "test_compile.py", "test_gcs.py", "test_hf.py", "test_evaluation.py",
-                 "test_notebook.py", "test_attention_kernels.py", "test_configs.py",
-                 "test_kernels.py", "test_distill_units.py", "test_models.py",
-                 "test_document_mask.py", "test_observe.py", "test_gpt2_vocab.py"]
+LONGEST_FIRST = ["test_train.py", "test_docs.py", "test_fault_injection.py",
+                 "test_distill_study.py", "test_distill.py", "test_generation.py",
+                 "test_memory_forms.py", "test_compile.py", "test_gcs.py", "test_notebook.py",
+                 "test_hf.py", "test_evaluation.py", "test_configs.py", "test_models.py",
+                 "test_attention_kernels.py", "test_kernels.py", "test_distill_units.py",
+                 "test_document_mask.py", "test_observe.py", "test_reliability.py",
+                 "test_gpt2_vocab.py", "test_plot.py", "test_lm_eval.py"]
 
 
 def pytest_configure(config):
