@@ -67,7 +67,7 @@ def run_quietly(tool_run, argv: list[str]) -> types.SimpleNamespace:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The tiny training run (6 steps, logged every 2, steps 3-4 profiled), its resume to 8
-    steps, and a distillation (one block stage, the head) of its model."""
+    steps, and a distillation (one block stage, step 2 profiled) of its model."""
     root = tmp_path_factory.mktemp("observe")
     tokens = {"data.cache_dir": str(root / "tokens")}
     workdir = str(root / "train")
@@ -81,10 +81,10 @@ def runs(tmp_path_factory):
     student = str(root / "distill")
     distill = run_quietly(distill_main.run, [
         "distill", f"--workdir={student}", f"--config.distill.teacher={workdir}",
-        *flag_list({**TINY_DISTILL, **tokens})])
+        *flag_list({**TINY_DISTILL, **tokens, "distill.profile_steps": "2,2"})])
     assert distill.code == 0, distill.err[-2000:]
     return types.SimpleNamespace(
-        workdir=workdir, first=first, first_records=first_records, resumed=resumed,
+        workdir=workdir, student=student, first=first, first_records=first_records, resumed=resumed,
         records=workdir_lib.read_metrics(workdir), distill=distill,
         distill_records=workdir_lib.read_metrics(student))
 
@@ -182,16 +182,24 @@ def test_the_sample_prompt_is_the_start_of_a_validation_document(runs):
     assert tokenizer.decode([int(i) for i in val[:64]]).lstrip().startswith(prompt)
 
 
-def test_profile_holds_the_annotated_train_steps(runs):
-    traces = glob.glob(os.path.join(runs.workdir, "profile", "plugins", "profile", "*",
+def profiled_steps(workdir: str, name: str) -> tuple[list[int], list[dict]]:
+    """(the step numbers annotated `name`, every event) of a run's one profile."""
+    traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*",
                                     "*.trace.json.gz"))
     assert len(traces) == 1 and glob.glob(os.path.join(os.path.dirname(traces[0]),
                                                        "*.xplane.pb"))
     with gzip.open(traces[0]) as f:
         events = json.load(f)["traceEvents"]
-    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
+    return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == name), events
+
+
+def test_profile_holds_the_annotated_train_and_distillation_steps(runs):
+    steps, events = profiled_steps(runs.workdir, "train")
     assert steps == [3, 4]
     assert any("step_fn" in str(e.get("name")) for e in events)  # the compiled train step
+    steps, events = profiled_steps(runs.student, "distill")
+    assert steps == [2]
+    assert any(e.get("name") == "PjitFunction(step)" for e in events)  # the stage's step
 
 
 def test_wandb_offline_run_holds_the_scalars_and_the_resume_continues_it(runs):
