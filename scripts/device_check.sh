@@ -123,7 +123,11 @@ KEEP="passed|failed|error|FAILED|ERROR" part tests "${LIMITS[0]}" \
 KEEP="tok/s|MFU|\|" part bench_train_xla "${LIMITS[1]}" \
   "$PY" scripts/bench_train.py --preset gpt2_124m "${TRAIN_SHAPE[@]}" \
   --peak_tflops "$PEAK_TFLOPS" --attention xla --json "$OUT_DIR/bench_train_xla.json"
-if "$PY" -c "import sys; from cleangpt_jax import kernels; \
+BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null)
+if [ "$BACKEND" != gpu ]; then
+  note ""
+  note "### bench_train_cudnn: skipped, cuDNN needs a GPU (JAX's backend here: ${BACKEND:-none})"
+elif "$PY" -c "import sys; from cleangpt_jax import kernels; \
 sys.exit('$CUDNN_ATTENTION' not in kernels.ATTENTION_SETTINGS)" 2>/dev/null; then
   KEEP="tok/s|MFU|\|" part bench_train_cudnn "${LIMITS[2]}" \
     "$PY" scripts/bench_train.py --preset gpt2_124m "${TRAIN_SHAPE[@]}" \
