@@ -8,6 +8,7 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
 
     is_url(p)  join(p, *parts)  absolute(p)  parent(p)  basename(p)
     exists(p)  isdir(p)  isfile(p)  listdir(p)  makedirs(p)  remove(p)  remove_tree(p)
+    walk_files(dir) -> relative paths    every file below `dir`, at any depth ('/'-separated)
     move(src, dst)  glob_files(url_pattern)  file_version(p)
     read_text(p)  read_bytes(p)  write_text(p, text)  write_bytes(p, data)  open_file(p, mode)
     write_with(p, write)                 write(file) fills `p` atomically (streams, np.savez)
@@ -159,6 +160,22 @@ def listdir(path) -> list[str]:
     fs.invalidate_cache(p)
     entries = _call(path, "list", fs.ls, p, detail=False)
     return sorted({e.rstrip("/").rpartition("/")[2] for e in entries} - {""})
+
+
+def walk_files(path) -> list[str]:
+    """The files at any depth below directory `path`, as sorted '/'-separated paths relative to
+    it (directories themselves are not listed; [] when `path` is missing or a file). On an
+    object store: every object under the prefix, from one listing."""
+    if not is_url(path):
+        root = _local(path)
+        return sorted(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/")
+                      for directory, _, names in os.walk(root) for name in names)
+    fs, p = _fs(path)
+    p = p.rstrip("/")
+    fs.invalidate_cache(p)
+    found = _call(path, "list", fs.find, p)
+    # (find returns [p] for a file; a name ending in '/' is a directory placeholder object)
+    return sorted(f[len(p) + 1:] for f in found if f.startswith(p + "/") and not f.endswith("/"))
 
 
 def makedirs(path) -> None:
