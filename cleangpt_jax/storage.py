@@ -351,10 +351,8 @@ def upload_dir(local_dir: str, path, *, last: str | None = None) -> None:
     file in one upload; a local path: written beside and renamed). The file named `last`
     (relative to `local_dir`) goes after all the others: a reader that waits for it sees a
     complete directory."""
-    rels = sorted(os.path.relpath(os.path.join(root, name), local_dir)
-                  for root, _, names in os.walk(local_dir) for name in names)
-    for rel in sorted(rels, key=lambda r: r == last):
-        target = join(path, *rel.split(os.sep))
+    for rel in sorted(walk_files(local_dir), key=lambda r: r == last):
+        target = join(path, *rel.split("/"))
         with builtins.open(os.path.join(local_dir, rel), "rb") as f:
             data = f.read()
         if not is_url(path):
@@ -366,9 +364,7 @@ def download_dir(path, local_dir: str, *, last: str | None = None) -> None:
     """Copy every file under directory `path` into `local_dir` (created), the file named
     `last` after all the others (see `upload_dir`)."""
     source = local_copy(path)
-    rels = sorted(os.path.relpath(os.path.join(root, name), source)
-                  for root, _, names in os.walk(source) for name in names)
-    for rel in sorted(rels, key=lambda r: r == last):
+    for rel in sorted(walk_files(source), key=lambda r: r == last):
         os.makedirs(os.path.dirname(os.path.join(local_dir, rel)), exist_ok=True)
         os.replace(os.path.join(source, rel), os.path.join(local_dir, rel))
 
