@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from cleangpt_jax import storage
@@ -170,10 +169,9 @@ class Checkpointer:
         step, self._saving_step = self._saving_step, None
         if step is None or jax.process_index() != 0:
             return
-        root = epath.Path(self.directory)
-        pending = sorted(root.glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
-        step_dir = pending[-1] if pending else root / str(step)
-        write_checksums(step_dir)
+        temporary = f"{step}{ocp.path.step.TMP_DIR_SUFFIX}"  # (Orbax's name before the rename)
+        pending = sorted(n for n in storage.listdir(self.directory) if n.startswith(temporary))
+        write_checksums(storage.join(self.directory, pending[-1] if pending else str(step)))
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -233,7 +231,7 @@ class Checkpointer:
         process gets the verdict); a CheckpointError naming the first bad file."""
         problem = ""
         if jax.process_index() == 0:
-            problem = checksum_problem(epath.Path(self.directory) / str(step), items)
+            problem = checksum_problem(storage.join(self.directory, str(step)), items)
         if jax.process_count() > 1:
             bad = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
             problem = problem or ("fails its checksums (see process 0)" if bad else "")
@@ -297,59 +295,64 @@ class Checkpointer:
         return dict(out["meta"] or {})
 
 
-def _file_digest(path: epath.Path) -> dict:
+def _file_digest(path: str) -> dict:
+    """{size, sha256} of a file, read in chunks of HASH_CHUNK_BYTES (never whole in memory)."""
     sha, size = hashlib.sha256(), 0
-    with path.open("rb") as f:
+    with storage.open_file(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             sha.update(chunk)
             size += len(chunk)
     return {"size": size, "sha256": sha.hexdigest()}
 
 
-def _files_under(root: epath.Path, relative: str) -> list[str]:
+def _files_under(root: str, relative: str) -> list[str]:
     """The files below root / relative, as paths relative to root ('/'-separated)."""
-    path = root / relative
-    if not path.is_dir():
+    path = _under(root, relative)
+    if not storage.isdir(path):
         return [relative]
-    return [name for child in sorted(path.iterdir())
-            for name in _files_under(root, f"{relative}/{child.name}")]
+    return [f"{relative}/{name}" for name in storage.walk_files(path)]
 
 
-def _digests(step_dir: epath.Path, names: list[str]) -> dict[str, dict]:
+def _under(root: str, relative: str) -> str:
+    """The path of `relative` ('/'-separated) below `root`."""
+    return storage.join(root, *relative.split("/"))
+
+
+def _digests(step_dir: str, names: list[str]) -> dict[str, dict]:
     """{relative path: {size, sha256}} of `names` under step_dir, hashed on a few threads
     (hashlib releases the GIL, so files hash in parallel)."""
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(lambda n: _file_digest(step_dir / n), names)))
+        return dict(zip(names, pool.map(lambda n: _file_digest(_under(step_dir, n)), names)))
 
 
 def write_checksums(step_dir) -> None:
     """Write `checksums.json` into a complete step directory: the size and SHA-256 of every file
     of its items (the files Orbax writes around them, like _CHECKPOINT_METADATA, are left
     out: Orbax may still update them)."""
-    step_dir = epath.Path(step_dir)
-    names = sorted(name for item in ITEMS if (step_dir / item).exists()
+    step_dir = os.fspath(step_dir)
+    names = sorted(name for item in ITEMS if storage.exists(_under(step_dir, item))
                    for name in _files_under(step_dir, item))
     record = {"algorithm": "sha256", "files": _digests(step_dir, names)}
     # (in one step: a local rename, or one upload to an object store, which has no rename)
-    storage.write_text(os.fspath(step_dir / CHECKSUMS_FILE),
+    storage.write_text(_under(step_dir, CHECKSUMS_FILE),
                        json.dumps(record, indent=1, sort_keys=True))
 
 
 def checksum_problem(step_dir, items) -> str:
     """'' when the files of `items` match the step's checksums.json (or there is none: a step
     written before checksums existed); else what is wrong with the first bad file."""
-    step_dir = epath.Path(step_dir)
-    record_file = step_dir / CHECKSUMS_FILE
-    if not record_file.exists():
+    step_dir = os.fspath(step_dir)
+    record_file = _under(step_dir, CHECKSUMS_FILE)
+    if not storage.exists(record_file):
         return ""
     try:
-        expected = json.loads(record_file.read_text())["files"]
+        expected = json.loads(storage.read_text(record_file))["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"has an unreadable {CHECKSUMS_FILE} ({type(e).__name__})"
     # (an item missing as a whole is left to `restore`, which names what the step lacks)
     names = sorted(n for n in expected if n.split("/")[0] in items
-                   and (step_dir / n.split("/")[0]).exists())
-    missing = [n for n in names if not (step_dir / n).exists()]
+                   and storage.exists(_under(step_dir, n.split("/")[0])))
+    missing = [n for n in names if not storage.exists(_under(step_dir, n))]
     if missing:
         return f"fails its checksums: {missing[0]} is missing"
     actual = _digests(step_dir, names)

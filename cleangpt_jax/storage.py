@@ -8,6 +8,7 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
 
     is_url(p)  join(p, *parts)  absolute(p)  parent(p)  basename(p)
     exists(p)  isdir(p)  isfile(p)  listdir(p)  makedirs(p)  remove(p)  remove_tree(p)
+    walk_files(dir) -> relative paths    every file below `dir`, at any depth ('/'-separated)
     move(src, dst)  glob_files(url_pattern)  file_version(p)
     read_text(p)  read_bytes(p)  write_text(p, text)  write_bytes(p, data)  open_file(p, mode)
     write_with(p, write)                 write(file) fills `p` atomically (streams, np.savez)
@@ -159,6 +160,22 @@ def listdir(path) -> list[str]:
     fs.invalidate_cache(p)
     entries = _call(path, "list", fs.ls, p, detail=False)
     return sorted({e.rstrip("/").rpartition("/")[2] for e in entries} - {""})
+
+
+def walk_files(path) -> list[str]:
+    """The files at any depth below directory `path`, as sorted '/'-separated paths relative to
+    it (directories themselves are not listed; [] when `path` is missing or a file). On an
+    object store: every object under the prefix, from one listing."""
+    if not is_url(path):
+        root = _local(path)
+        return sorted(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/")
+                      for directory, _, names in os.walk(root) for name in names)
+    fs, p = _fs(path)
+    p = p.rstrip("/")
+    fs.invalidate_cache(p)
+    found = _call(path, "list", fs.find, p)
+    # (find returns [p] for a file; a name ending in '/' is a directory placeholder object)
+    return sorted(f[len(p) + 1:] for f in found if f.startswith(p + "/") and not f.endswith("/"))
 
 
 def makedirs(path) -> None:
@@ -334,10 +351,8 @@ def upload_dir(local_dir: str, path, *, last: str | None = None) -> None:
     file in one upload; a local path: written beside and renamed). The file named `last`
     (relative to `local_dir`) goes after all the others: a reader that waits for it sees a
     complete directory."""
-    rels = sorted(os.path.relpath(os.path.join(root, name), local_dir)
-                  for root, _, names in os.walk(local_dir) for name in names)
-    for rel in sorted(rels, key=lambda r: r == last):
-        target = join(path, *rel.split(os.sep))
+    for rel in sorted(walk_files(local_dir), key=lambda r: r == last):
+        target = join(path, *rel.split("/"))
         with builtins.open(os.path.join(local_dir, rel), "rb") as f:
             data = f.read()
         if not is_url(path):
@@ -349,9 +364,7 @@ def download_dir(path, local_dir: str, *, last: str | None = None) -> None:
     """Copy every file under directory `path` into `local_dir` (created), the file named
     `last` after all the others (see `upload_dir`)."""
     source = local_copy(path)
-    rels = sorted(os.path.relpath(os.path.join(root, name), source)
-                  for root, _, names in os.walk(source) for name in names)
-    for rel in sorted(rels, key=lambda r: r == last):
+    for rel in sorted(walk_files(source), key=lambda r: r == last):
         os.makedirs(os.path.dirname(os.path.join(local_dir, rel)), exist_ok=True)
         os.replace(os.path.join(source, rel), os.path.join(local_dir, rel))
 

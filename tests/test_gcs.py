@@ -254,14 +254,18 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line_naming_the_url(
 
 
 def test_local_paths_and_memory_urls_behave_alike(tmp_path):
-    """The path functions on a local directory and on memory:// (no emulator needed); a
-    write_with whose writer fails leaves the file as it was and no temporary file."""
+    """The path functions on a local directory and on memory:// (no emulator needed), walk_files
+    listing files at any depth and nothing for a file or a missing path; a write_with whose
+    writer fails leaves the file as it was and no temporary file."""
     for root in (str(tmp_path / "local"), "memory://storage-test/run"):
         storage.makedirs(root)
         storage.write_text(storage.join(root, "a.json"), json.dumps({"x": 1}))
         storage.makedirs(storage.join(root, "d"))
         storage.write_bytes(storage.join(root, "d", "b.bin"), b"\x00\x01")
         assert sorted(storage.listdir(root)) == ["a.json", "d"]
+        assert storage.walk_files(root) == ["a.json", "d/b.bin"]
+        assert storage.walk_files(storage.join(root, "a.json")) == storage.walk_files(
+            storage.join(root, "missing")) == []
         assert storage.isfile(storage.join(root, "a.json")) and storage.isdir(
             storage.join(root, "d"))
         assert json.loads(storage.read_text(storage.join(root, "a.json"))) == {"x": 1}
