@@ -12,7 +12,7 @@ behaviour: these are os.path / open / os.replace for them. A URL is anything wit
     move(src, dst)  glob_files(url_pattern)  file_version(p)
     read_text(p)  read_bytes(p)  write_text(p, text)  write_bytes(p, data)  open_file(p, mode)
     write_with(p, write)                 write(file) fills `p` atomically (streams, np.savez)
-    local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)  download_dir(url, dir)
+    local_copy(url_dir) -> local dir     upload_dir(local_dir, url_dir)
     check_reachable(p, what)             a ConfigError naming the URL when it cannot be used
     unreachable(endpoint)                '' or why one TCP connection to it fails (also the hub's)
 
@@ -358,15 +358,6 @@ def upload_dir(local_dir: str, path, *, last: str | None = None) -> None:
         if not is_url(path):
             makedirs(os.path.dirname(target))
         write_bytes(target, data)
-
-
-def download_dir(path, local_dir: str, *, last: str | None = None) -> None:
-    """Copy every file under directory `path` into `local_dir` (created), the file named
-    `last` after all the others (see `upload_dir`)."""
-    source = local_copy(path)
-    for rel in sorted(walk_files(source), key=lambda r: r == last):
-        os.makedirs(os.path.dirname(os.path.join(local_dir, rel)), exist_ok=True)
-        os.replace(os.path.join(source, rel), os.path.join(local_dir, rel))
 
 
 # ------------------------------------------------------------------------------- checks
