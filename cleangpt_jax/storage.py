@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import io
 import os
 import re
 import shutil
@@ -276,26 +277,34 @@ def read_text(path) -> str:
 
 def write_with(path, write: Callable[[BinaryIO], object]) -> None:
     """Make `path` hold what write(file) writes into a binary file, in one step: a reader sees
-    the old contents or the new ones, never a part. The file is a local temporary one: beside
-    `path` (a hidden `.<name>.tmp-<random>`), then renamed over it (`os.replace`); for a URL in
-    the temporary directory ($TMPDIR), then uploaded in one go, so the object appears only once
-    complete. If write fails the temporary file is removed and `path` is left as it was. (For
-    streams too big to hold in memory, and writers that want a file: np.savez, np.save.)"""
-    url = is_url(path)
-    if url:
-        fd, tmp = tempfile.mkstemp(prefix=".upload-")
-        os.close(fd)
-    else:
-        directory, name = os.path.split(_local(path))
-        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    the old contents or the new ones, never a part; if write fails, `path` is left as it was.
+    A local file is written beside `path` (a hidden `.<name>.tmp-<random>`) and renamed over
+    it (`os.replace`). An object is streamed into an upload that is committed only once write
+    returns (fsspec's autocommit=False: for gs:// a resumable upload, finalised by `commit`,
+    abandoned by `discard`), so nothing is staged on local disk. (For streams too big to hold
+    in memory, and writers that want a file: np.savez, np.save.)"""
+    if is_url(path):
+        fs, p = _fs(path)
+        if _URL.match(path).group(1).lower() == "memory":  # (commits a file when it opens
+            buffer = io.BytesIO()                             # it; the data is in memory anyway)
+            write(buffer)
+            write_bytes(path, buffer.getvalue())
+            return
+        f = _call(path, "write", fs.open, p, "wb", autocommit=False)
+        try:
+            write(f)
+            f.close()
+            _call(path, "write", f.commit)
+        except BaseException:
+            f.discard()
+            raise
+        return
+    directory, name = os.path.split(_local(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with builtins.open(tmp, "wb") as f:
             write(f)
-        if url:
-            fs, p = _fs(path)
-            _call(path, "write", fs.put_file, tmp, p)
-        else:
-            os.replace(tmp, _local(path))
+        os.replace(tmp, _local(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

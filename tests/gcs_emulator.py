@@ -25,7 +25,8 @@ The emulator is run through this file (`python tests/gcs_emulator.py PORT BUCKET
 what TensorStore's OCDBT writes rely on and gcp-storage-emulator leaves out: the
 x-goog-generation header on downloads, the ifGenerationMatch / ifGenerationNotMatch
 preconditions (412 / 304 as GCS answers), and one request at a time (its in-memory store is
-not thread-safe).
+not thread-safe); and what a cancelled upload needs: DELETE on a resumable upload session
+forgets it and answers 499, as GCS does (gcsfs's `discard`).
 """
 
 from __future__ import annotations
@@ -194,6 +195,22 @@ def _with_gcs_semantics(handler, lock):
     return handle
 
 
+def _cancel_upload(request, response, storage, *args, **kwargs):
+    """DELETE on a resumable upload session: the session is forgotten, no object appears, and
+    the answer is GCS's 499 ('Client Closed Request')."""
+    from http import HTTPStatus
+    from types import SimpleNamespace
+
+    from gcp_storage_emulator.exceptions import NotFound
+
+    try:
+        storage.delete_resumable_file_obj(request.query.get("upload_id")[0])
+        # (not an HTTPStatus member; the server reads .value and .phrase)
+        response.status = SimpleNamespace(value=499, phrase="Client Closed Request")
+    except (NotFound, TypeError):
+        response.status = HTTPStatus.NOT_FOUND
+
+
 def _serve(port: int, bucket: str) -> None:
     import logging
     import threading
@@ -203,7 +220,9 @@ def _serve(port: int, bucket: str) -> None:
 
     logging.getLogger().setLevel(logging.CRITICAL)
     lock = threading.RLock()
-    for _, handlers in server.HANDLERS:
+    for pattern, handlers in server.HANDLERS:
+        if objects.upload_partial in handlers.values():  # (the resumable upload session's URL)
+            handlers[server.DELETE] = _cancel_upload
         for method, handler in list(handlers.items()):
             handlers[method] = _with_gcs_semantics(handler, lock)
     objects.insert = _with_gcs_semantics(objects.insert, lock)  # (the router's fallback)

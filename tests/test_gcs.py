@@ -289,3 +289,29 @@ def test_local_paths_and_memory_urls_behave_alike(tmp_path):
         assert storage.listdir(root) == ["a.json"]
     assert storage.absolute("gs://b/run/") == "gs://b/run" and not storage.is_url("/x/gs://y")
     assert storage.join("gs://b", "run", "c") == "gs://b/run/c"
+
+
+def test_a_bucket_object_appears_only_when_its_writer_returns(gcs_emulator):  # noqa: F811
+    """storage.write_with streams into a gs:// upload committed only when the writer returns:
+    a stream of several upload chunks arrives whole, and a writer that fails after sending
+    chunks leaves the previous object as it was, with nothing beside it."""
+    url = gcs_emulator.new_url("write-with")
+    path = storage.join(url, "stream.bin")
+    data = np.arange(3_000_000, dtype=np.int32).tobytes()  # 12 MB: three 5 MiB upload chunks
+
+    def write_in_pieces(f):
+        for i in range(0, len(data), 1_000_000):
+            f.write(data[i:i + 1_000_000])
+
+    storage.write_with(path, write_in_pieces)
+    assert storage.read_bytes(path) == data
+
+    def fail_after_the_chunks(f):
+        write_in_pieces(f)
+        write_in_pieces(f)
+        raise KeyError("write failed")
+
+    with pytest.raises(KeyError, match="write failed"):
+        storage.write_with(path, fail_after_the_chunks)
+    assert storage.read_bytes(path) == data
+    assert storage.listdir(url) == ["stream.bin"]

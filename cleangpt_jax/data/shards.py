@@ -14,8 +14,8 @@ across the pod, and the cache is the same bytes whatever the process count.
 
 Atomic on any filesystem (`cleangpt_jax.storage`: local, gs://, ...): every file is written
 in one step (`storage.write_with`, `storage.write_bytes`), a local one under a temporary name
-and renamed into place, an object in one upload of a finished file (it appears only once
-complete), and a cache counts as complete only once its meta.json exists and the streams have
+and renamed into place, an object in one upload committed when its writer returns (it
+appears only once complete), and a cache counts as complete only once its meta.json exists and the streams have
 the sizes it records. The processes never write the same file with different contents, so two
 of them cannot corrupt each other. A pod's crashed process leaves finished shards (reused by the
 pod's next build: they are named by the cache key and the shard size, and skipped when present)
