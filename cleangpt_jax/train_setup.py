@@ -234,7 +234,9 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         step = jax.device_put(jnp.asarray(restored.step, jnp.int32), shardings.step)
         state = step_lib.TrainState(
             step=step, params=restored.params, opt_state=restored.opt_state,
-            dropout_key=jax.device_put(step_lib.dropout_key(t.seed), shardings.dropout_key))
+            # (built by a program: device_put cannot place a key on other hosts' devices)
+            dropout_key=jax.jit(step_lib.dropout_key,
+                                out_shardings=shardings.dropout_key)(int(t.seed)))
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 

@@ -842,14 +842,22 @@ print("RESULT " + json.dumps(res))
 
 
 WORKER_SCRIPT = r"""
-import json, sys
+import json, os, signal, sys
 import ml_collections
 from cleangpt_jax import trainer
 cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
-s = trainer.train_and_evaluate(cfg, sys.argv[2])
+preempt_at = int(sys.argv[3])
+
+def preempt(event, run):  # both hosts get SIGTERM at the end of step preempt_at
+    if event == "step_end" and run.step == preempt_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+first = trainer.train_and_evaluate(cfg, sys.argv[2], callbacks=[preempt])
+s = trainer.train_and_evaluate(cfg, sys.argv[2])  # the restart: both hosts restore and go on
 import jax
 print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
                               "devices": jax.device_count(), "step": s.step,
+                              "first_step": first.step, "first_interrupted": first.interrupted,
                               "train_loss": s.train_loss, "val_loss": s.val_loss,
                               "samples": s.samples}))
 """
@@ -905,7 +913,7 @@ def background(env, resumed, tmp_path_factory):
         worker = make_config(env, **{"train.coordinator_address": f"127.0.0.1:{port}",
                                      "train.num_processes": 2, "train.process_id": pid})
         commands.append([sys.executable, "-c", WORKER_SCRIPT, json.dumps(worker.to_dict()),
-                         str(two_dir)])
+                         str(two_dir), str(HALF)])
     two = Job(root / "workers", commands, env.sub_env)
     yield types.SimpleNamespace(eight=eight, two=two, resume8=root / "resume8", two_dir=two_dir)
     eight.kill()
@@ -936,10 +944,12 @@ def test_eight_devices_match_one_and_restore_a_one_device_checkpoint(straight, b
 
 def test_two_processes_agree_with_one(straight, background):
     """Two CPU processes (jax.distributed on localhost; JAX 0.10 uses gloo for CPU collectives
-    by default) each feed half of every batch and together train the single-process run."""
+    by default) each feed half of every batch and together train the single-process run,
+    preempted (SIGTERM on both) at HALF and restarted: the multi-host save and restore."""
     outs = background.two.result()
     assert [o["process"] for o in outs] == [0, 1]
     assert all(o["count"] == 2 and o["devices"] == 2 and o["step"] == N for o in outs)
+    assert all(o["first_step"] == HALF and o["first_interrupted"] for o in outs)
     assert outs[0]["train_loss"] == outs[1]["train_loss"]
     assert outs[0]["train_loss"] == pytest.approx(straight.summary.train_loss, abs=1e-4)
     assert outs[0]["val_loss"] == pytest.approx(straight.summary.val_loss, abs=1e-4)
