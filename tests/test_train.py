@@ -38,6 +38,7 @@ from cleangpt_jax import train_step
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.checkpoint import CheckpointError, path_str
 from cleangpt_jax.config import ConfigError, get_config, model_config
+from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.models import get_model
 from cleangpt_jax.tokenizers import create_tokenizer
 from helpers import (QUIET_RUN, one_line_error, persistent_compile_cache, run_tool,
@@ -854,12 +855,34 @@ def preempt(event, run):  # both hosts get SIGTERM at the end of step preempt_at
 
 first = trainer.train_and_evaluate(cfg, sys.argv[2], callbacks=[preempt])
 s = trainer.train_and_evaluate(cfg, sys.argv[2])  # the restart: both hosts restore and go on
+
+# Then the run distilled into a 1 x 16 student, both hosts preempted in the head stage.
+from cleangpt_jax import data as data_lib
+from cleangpt_jax.distill import runner
+distill_cfg = ml_collections.ConfigDict(json.loads(sys.argv[4]))
+build_batch = data_lib.batch_for_step
+
+def preempted_batch(tokens, *, step, **kw):  # global step 2: the head stage's first batch
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return build_batch(tokens, step=step, **kw)
+
+data_lib.batch_for_step = preempted_batch
+try:
+    runner.run(distill_cfg, sys.argv[5], progress=False)
+    stopped = "not stopped"
+except KeyboardInterrupt as e:
+    stopped = str(e)
+data_lib.batch_for_step = build_batch
+d = runner.run(distill_cfg, sys.argv[5], progress=False)  # the restart
 import jax
 print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
                               "devices": jax.device_count(), "step": s.step,
                               "first_step": first.step, "first_interrupted": first.interrupted,
                               "train_loss": s.train_loss, "val_loss": s.val_loss,
-                              "samples": s.samples}))
+                              "samples": s.samples, "distill_stopped": stopped,
+                              "distill_stages": [m["name"] for m in d["stages"]],
+                              "student_val": d["student_val"]["val_loss"]}))
 """
 
 
@@ -912,10 +935,23 @@ def background(env, resumed, tmp_path_factory):
     for pid in range(2):
         worker = make_config(env, **{"train.coordinator_address": f"127.0.0.1:{port}",
                                      "train.num_processes": 2, "train.process_id": pid})
+        student = distill_config.get_config()
+        student.update_from_flattened_dict({
+            "distill.teacher": str(two_dir), "model.model_type": "vanilla", "model.n_layer": 1,
+            "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
+            "train.batch_size": 8, "train.curves": False, "train.peak_flops": 1e12,
+            "data.max_samples": 4, "data.cache_dir": str(env.tokens), "data.prefetch": 0,
+            "distill.steps_per_block": 2, "distill.head.steps": 2, "distill.final.enabled": True,
+            "distill.final.steps": 2,
+            "distill.warmup_steps": 0, "distill.log_every": 1, "distill.checkpoint_every": 1,
+            "distill.eval_steps": 1, "train.coordinator_address": f"127.0.0.1:{port}",
+            "train.num_processes": 2, "train.process_id": pid})
         commands.append([sys.executable, "-c", WORKER_SCRIPT, json.dumps(worker.to_dict()),
-                         str(two_dir), str(HALF)])
+                         str(two_dir), str(HALF), json.dumps(student.to_dict()),
+                         str(root / "distilled")])
     two = Job(root / "workers", commands, env.sub_env)
-    yield types.SimpleNamespace(eight=eight, two=two, resume8=root / "resume8", two_dir=two_dir)
+    yield types.SimpleNamespace(eight=eight, two=two, resume8=root / "resume8", two_dir=two_dir,
+                                distilled=root / "distilled", student_config=student.to_dict())
     eight.kill()
     two.kill()
 
@@ -957,3 +993,21 @@ def test_two_processes_agree_with_one(straight, background):
     mine = losses(background.two_dir)
     assert [r[0] for r in mine] == [r[0] for r in straight.losses]  # one writer, no duplicates
     assert np.allclose([r[1][1] for r in mine], [r[1][1] for r in straight.losses], atol=1e-4)
+
+
+def test_two_processes_distil_and_resume_like_one(background, tmp_path):
+    """The two processes then distil their run into a 1 x 16 student, preempted in the head
+    stage and restarted (the manifest, stage checkpoints and the student written by process 0,
+    read by both): the same stages and student as one process distilling the same teacher."""
+    from cleangpt_jax.distill import runner
+
+    outs = background.two.result()
+    assert all(o["distill_stopped"].startswith("stopped in stage head at step 1") for o in outs), \
+        [o["distill_stopped"] for o in outs]
+    assert all(o["distill_stages"] == ["block_1", "head", "final"] for o in outs)
+    assert outs[0]["student_val"] == outs[1]["student_val"]
+    one = ml_collections.ConfigDict(background.student_config)
+    one.train.update(coordinator_address=None, num_processes=None, process_id=None)
+    summary = runner.run(one, str(tmp_path / "one"), progress=False)
+    assert outs[0]["student_val"] == pytest.approx(summary["student_val"]["val_loss"], abs=1e-4)
+    assert_params_close(params_of(background.distilled), params_of(tmp_path / "one"))
