@@ -235,8 +235,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         state = step_lib.TrainState(
             step=step, params=restored.params, opt_state=restored.opt_state,
             # (built by a program: device_put cannot place a key on other hosts' devices)
-            dropout_key=jax.jit(step_lib.dropout_key,
-                                out_shardings=shardings.dropout_key)(int(t.seed)))
+            dropout_key=jax.jit(step_lib.dropout_key, out_shardings=shardings.dropout_key)(
+                jax.random.key(int(t.seed))))
         if workdir_lib.is_writer():
             print(f"Resuming from step {restored.step} ({checkpointer.directory})", flush=True)
 

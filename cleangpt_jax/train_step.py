@@ -88,17 +88,17 @@ class TrainState:
     step: jax.Array         # int32 scalar: number of updates applied
     params: Any
     opt_state: Any
-    dropout_key: jax.Array  # typed key: fold_in(key(seed), DROPOUT_SEED_SALT)
+    dropout_key: jax.Array  # typed key: dropout_key(key(seed))
 
 
-def params_key(seed: int) -> jax.Array:
+def params_key(seed_key: jax.Array) -> jax.Array:
     """The key a run's parameters are initialised from: fold_in(key(seed), 0)."""
-    return jax.random.fold_in(jax.random.key(seed), PARAMS_SEED_SALT)
+    return jax.random.fold_in(seed_key, PARAMS_SEED_SALT)
 
 
-def dropout_key(seed: int) -> jax.Array:
+def dropout_key(seed_key: jax.Array) -> jax.Array:
     """The key whose fold_in(., step) is step's dropout key: fold_in(key(seed), 1)."""
-    return jax.random.fold_in(jax.random.key(seed), DROPOUT_SEED_SALT)
+    return jax.random.fold_in(seed_key, DROPOUT_SEED_SALT)
 
 
 def model_init_fn(model) -> Callable[[jax.Array], Any]:
@@ -108,10 +108,9 @@ def model_init_fn(model) -> Callable[[jax.Array], Any]:
 
 
 def _initial_state(init_params: Callable[[jax.Array], Any], optimizer, seed_key) -> TrainState:
-    params = init_params(jax.random.fold_in(seed_key, PARAMS_SEED_SALT))
+    params = init_params(params_key(seed_key))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
-                      dropout_key=jax.random.fold_in(seed_key, DROPOUT_SEED_SALT))
+                      opt_state=optimizer.init(params), dropout_key=dropout_key(seed_key))
 
 
 def abstract_train_state(init_params: Callable[[jax.Array], Any], optimizer, mesh):

@@ -718,7 +718,7 @@ def test_optimizer_state_structure_does_not_depend_on_grad_clip():
 def test_gradient_accumulation_equals_the_large_batch(env):
     cfg = make_config(env, **{"model.dropout": 0.0, "model.vocab_size": 50, "model.n_layer": 1})
     model = get_model(config=model_config(cfg.model))
-    params = jax.jit(train_step.model_init_fn(model))(train_step.params_key(0))
+    params = jax.jit(train_step.model_init_fn(model))(train_step.params_key(jax.random.key(0)))
     rng = np.random.RandomState(0)
     ids = rng.randint(0, 50, (8, 16)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -782,7 +782,8 @@ plain = get_model(config=nodrop)
 data = data_lib.load_dataset(cfg, tok)
 batch = data_lib.batch_for_step(data.train, seed=0, step=3, global_batch_size=8,
                                 block_size=16)
-params = jax.device_get(jax.jit(train_step.model_init_fn(plain))(train_step.params_key(0)))
+params = jax.device_get(jax.jit(train_step.model_init_fn(plain))(
+    train_step.params_key(jax.random.key(0))))
 loss_terms = train_step.get_strategy("lm", plain, cfg)
 results = {}
 meshes = {"1": sharding.create_mesh(1, jax.devices()[:1]), "8": sharding.create_mesh(1)}

@@ -146,8 +146,7 @@ def init_tree(s: Setup, seed: int):
     init_student = train_step.model_init_fn(s.student)
 
     def init(seed_key):  # (the key is an argument: every seed shares the program)
-        tree = {"student": init_student(
-            jax.random.fold_in(seed_key, train_step.PARAMS_SEED_SALT))}
+        tree = {"student": init_student(train_step.params_key(seed_key))}
         if s.config.distill.stitching and s.config.distill.block_stages:
             key = jax.random.fold_in(seed_key, STITCH_SEED_SALT)
             tree["stitch"] = init_stitching(key, c.n_layer, c.n_embd, s.teacher.config.n_embd,
@@ -284,7 +283,7 @@ def run_stage(s: Setup, stage, tree, *, workdir, step_offset, writer, stop: thre
                       meta={"stage": stage.name, "global_step": step_offset + step,
                             "data_seed": seed, "first_loss": first_loss, "loss": last_loss})
 
-        dropout_key = train_step.dropout_key(seed)
+        dropout_key = train_step.dropout_key(jax.random.key(seed))
         bar = loop.progress_bar(stage.steps, start, desc=stage.name, enabled=progress,
                                 leave=False)
         lag = loop.LaggedMetrics()
