@@ -403,17 +403,13 @@ class Teacher:
         self.mesh = sharding.create_mesh()
         self.eval_cfg = ml_collections.ConfigDict({"distill": {"eval_steps": st.eval_steps},
                                                    "train": {"batch_size": st.batch_size}})
-        self._evaluators = {}
         self.cka_batches = data_lib.eval_batches(
             self.data.val, global_batch_size=st.batch_size, block_size=st.block_size,
             num_batches=st.cka_batches)
 
     def val(self, model, params) -> dict:
-        """runner.val_loss, with one compiled evaluator per model shape for the whole study."""
-        if model.config not in self._evaluators:
-            self._evaluators[model.config] = runner.val_evaluator(
-                model, params, self.data.val, self.eval_cfg, self.mesh)
-        return self._evaluators[model.config](params)
+        """runner.val_loss (its compiled step is shared by every run of the process)."""
+        return runner.val_loss(model, params, self.data.val, self.eval_cfg, self.mesh)
 
 
 def layer_map_of(student: Student, st: Setting) -> list[int]:
