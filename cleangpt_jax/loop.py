@@ -246,7 +246,7 @@ class MetricWriter:
                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
             write_atomically(self.path, "".join(keep))
         if self._jsonl and self._remote:
-            self._text = "".join(keep)
+            self._lines = keep  # (joined at each upload: a record costs an append)
         elif self._jsonl:
             self._file = open(self.path, "a", encoding="utf-8")
         if "wandb" in names:
@@ -267,7 +267,7 @@ class MetricWriter:
             v = v.item() if hasattr(v, "item") else v
             record[k] = v
         if self._jsonl and self._remote:
-            self._text += json.dumps(record) + "\n"
+            self._lines.append(json.dumps(record) + "\n")
         elif self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -290,7 +290,7 @@ class MetricWriter:
         if not (self.active and self._remote and self._pending):
             return
         if self._jsonl:
-            storage.write_text(self.path, self._text)
+            storage.write_text(self.path, "".join(self._lines))
         if self._tb is not None:
             for name in os.listdir(self._tb_dir):
                 with open(os.path.join(self._tb_dir, name), "rb") as f:
