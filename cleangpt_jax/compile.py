@@ -304,7 +304,7 @@ def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callabl
     machine's own accelerator in scripts/device_check.sh."""
     from cleangpt_jax import sharding
     from cleangpt_jax.distill import plan as plan_lib
-    from cleangpt_jax.distill import runner, stage_step
+    from cleangpt_jax.distill import runner, stage_step, student_init
     from cleangpt_jax.models import get_model
 
     if "distill" not in cfg:
@@ -318,7 +318,7 @@ def distill_stage_steps(cfg, devices) -> tuple[Any, Any, list[tuple[Any, Callabl
     stages = plan_lib.build_stages(cfg.distill, s_cfg.n_layer, t_cfg.n_layer, steps_per_epoch=1)
     teacher, student = get_model(config=t_cfg), get_model(config=s_cfg)
     setup = runner.Setup(cfg, teacher, None, student, None, None, mesh, stages, None)
-    tree = sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(setup, 0)), mesh)
+    tree = sharding.abstract_state(jax.eval_shape(lambda: student_init.init_tree(setup, 0)), mesh)
     teacher_params = sharding.abstract_state(
         jax.eval_shape(runner.train_step.model_init_fn(teacher), jax.random.key(0)), mesh)
     batch = abstract_batch(cfg.train.batch_size, s_cfg.block_size, sharding.batch_sharding(mesh),

@@ -71,7 +71,7 @@ from cleangpt_jax.config import get_config, load_config_file  # noqa: E402
 from cleangpt_jax.distill import analysis  # noqa: E402
 from cleangpt_jax.distill import config as distill_config  # noqa: E402
 from cleangpt_jax.distill import plan as plan_lib  # noqa: E402
-from cleangpt_jax.distill import runner, stage_step  # noqa: E402
+from cleangpt_jax.distill import runner, stage_step, student_init  # noqa: E402
 from cleangpt_jax.loading import load_lm  # noqa: E402
 from cleangpt_jax.models import get_model  # noqa: E402
 
@@ -437,7 +437,7 @@ def head_init_losses(cfg, workdir: str, n_layer: int) -> dict:
     out = {}
     for fold in (True, False):
         s.config.distill.head.fold_ln_scale = fold
-        t = runner.init_head_from_teacher(s, tree)
+        t = student_init.init_head_from_teacher(s, tree)
         paths = stage_step.trainable_paths(t, stage, s.config, s.student.config.tie_embeddings)
         loss_fn = jax.jit(stage_step.stage_loss_fn(stage_step.step_spec(s, stage, paths)))
         trainable, frozen = stage_step.split(t, paths)
@@ -478,7 +478,7 @@ def run_cell(st: Setting, student: Student, method: str, seed: int, teacher: Tea
 def time_stages(cfg, *, repeats: int = 5, steps: int = 6) -> dict:
     """ms per block-stage step, truncated vs full forward, alternating repeats (medians)."""
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
-    tree = runner.init_tree(s, 0)
+    tree = student_init.init_tree(s, 0)
     batch = sharding.global_batch(data_lib.batch_for_step(
         s.data.train, seed=0, step=0, global_batch_size=cfg.train.batch_size,
         block_size=s.student.config.block_size), s.mesh)

@@ -28,7 +28,7 @@ from cleangpt_jax import data as data_lib
 from cleangpt_jax import hf, loop, optim, trainer
 from cleangpt_jax import workdir as workdir_lib
 from cleangpt_jax.config import ConfigError
-from cleangpt_jax.distill import records, runner
+from cleangpt_jax.distill import records, runner, student_init
 from cleangpt_jax.distill import stage_step
 from cleangpt_jax.distill import config as distill_config
 from cleangpt_jax.loading import load_lm
@@ -210,11 +210,11 @@ def test_each_stage_changes_only_its_parameters(offline, reference):
     from W_t K_2^T and trains ln_f + lm_head (the tied-embedding weights stay bit-identical);
     final: every student parameter, no stitching layer."""
     s = runner.setup(ml_collections.ConfigDict(offline.config().to_dict()))
-    init = runner.init_tree(s, 0)
+    init = student_init.init_tree(s, 0)
     b1, b2, head, final = (runner.completed_tree(s, reference.workdir, n) for n in STAGES)
     assert changed(init, b1) == {"wte", "wpe", "h_0", "stitch_1"}
     assert changed(b1, b2) == {"h_1", "stitch_2"}
-    head_init = runner.init_head_from_teacher(s, b2)
+    head_init = student_init.init_head_from_teacher(s, b2)
     assert changed(b2, head_init) == {"lm_head"}
     w_t = np.asarray(s.teacher_params["wte"]["embedding"])
     g_t = np.asarray(s.teacher_params["ln_f"]["scale"])
@@ -224,7 +224,7 @@ def test_each_stage_changes_only_its_parameters(offline, reference):
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(g_t, 1.0, atol=1e-4)  # (the fold is visible)
     s.config.distill.head.fold_ln_scale = False
-    np.testing.assert_allclose(runner.init_head_from_teacher(s, b2)["student"]["lm_head"],
+    np.testing.assert_allclose(student_init.init_head_from_teacher(s, b2)["student"]["lm_head"],
                                w_t @ kernel.T, rtol=1e-5, atol=1e-6)
     assert changed(head_init, head) == {"lm_head", "ln_f"}
     np.testing.assert_array_equal(head["student"]["wte"]["embedding"],
@@ -322,7 +322,7 @@ def test_a_diverged_update_is_never_saved(env, offline, reference, monkeypatch):
         "step 3 and the completed stages are kept. Lower distill.learning_rate or set "
         "distill.grad_clip, then rerun")
     s = runner.setup(offline.config())
-    template = runner.sharding.abstract_state(jax.eval_shape(lambda: runner.init_tree(s, 0)),
+    template = runner.sharding.abstract_state(jax.eval_shape(lambda: student_init.init_tree(s, 0)),
                                               s.mesh)
     c = records.stage_checkpointer(workdir, "block_1", read_only=True)
     assert c.all_steps() == [2, 3]  # max_to_keep=2
@@ -360,11 +360,11 @@ def test_loss_types_architectures_and_head_stage_on_or_off(gpt2_teacher, tmp_pat
     assert not os.path.exists(os.path.join(workdir, "hf"))  # only Vanilla students export
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
     if "head" in stages:
-        init = runner.init_tree(s, 0)
+        init = student_init.init_tree(s, 0)
         np.testing.assert_array_equal(init["stitch"]["stitch_1"]["kernel"],
                                       np.eye(TEACHER_WIDTH))
         block = runner.completed_tree(s, workdir, "block_1")
-        head_init = runner.init_head_from_teacher(s, block)
+        head_init = student_init.init_head_from_teacher(s, block)
         np.testing.assert_array_equal(head_init["student"]["lm_head"],
                                       s.teacher_params["wte"]["embedding"])
         # ln_f too, as far as the student has it (a bias-free student drops the LN bias).
@@ -388,7 +388,7 @@ def test_init_from_teacher_copies_mapped_blocks_and_eval_every_records_val(gpt2_
                                          "distill.final.enabled": True,
                                          "distill.final.steps": 4})
     s = runner.setup(ml_collections.ConfigDict(cfg.to_dict()))
-    student, teacher = flat(runner.init_tree(s, 0)["student"]), flat(s.teacher_params)
+    student, teacher = flat(student_init.init_tree(s, 0)["student"]), flat(s.teacher_params)
     for k, v in student.items():
         source = ("h_1" + k[3:] if k.startswith("h_0") else
                   "wte/embedding" if k == "lm_head" else k)
@@ -400,7 +400,7 @@ def test_init_from_teacher_copies_mapped_blocks_and_eval_every_records_val(gpt2_
 
     s = runner.setup(ml_collections.ConfigDict(gpt2_teacher.config(**copy).to_dict()))
     ids = np.arange(16, dtype=np.int32)[None] % 300
-    ours = s.student.apply({"params": runner.init_tree(s, 0)["student"]}, ids).logits
+    ours = s.student.apply({"params": student_init.init_tree(s, 0)["student"]}, ids).logits
     theirs = s.teacher.apply({"params": s.teacher_params}, ids).logits
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="student's model.activation='gelu'"):

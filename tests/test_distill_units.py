@@ -12,9 +12,9 @@ import pytest
 from cleangpt_jax import optim, sharding
 from cleangpt_jax.config import ConfigError, ModelConfig
 from cleangpt_jax.distill import losses as L
-from cleangpt_jax.distill import plan, runner, stage_step
+from cleangpt_jax.distill import plan, stage_step
 from cleangpt_jax.distill.config import get_config
-from cleangpt_jax.distill.stitching import Stitch
+from cleangpt_jax.distill.stitching import Stitch, init_stitching
 from cleangpt_jax.models import get_model
 
 # Tests of what programs compute: XLA optimisations off, one compile cache (conftest).
@@ -178,7 +178,7 @@ def _tiny_models(key, ids):
     k0, k1, k2 = jax.random.split(key, 3)
     t_params = get_model(config=TEACHER).init(k0, ids)["params"]
     tree = {"student": get_model(config=STUDENT).init(k1, ids)["params"],
-            "stitch": runner.init_stitching(k2, 2, 8, 16, True)}
+            "stitch": init_stitching(k2, 2, 8, 16, True)}
     return t_params, tree
 
 

@@ -7,8 +7,9 @@
 
 `plan` decides what each stage trains, for how long, against which teacher layer; `losses`
 holds the loss registry (add one with `register_loss` and name it in the config); `stitching`
-the stitching layers; `stage_step` one stage's compiled update; `runner` the run: setup and
-the stage loop with resume; `records` what it leaves on disk (per-stage Orbax checkpoints, the
+the stitching layers; `student_init` how the student and stitching layers start (DistilGPT2's
+copy, the head from the teacher's); `stage_step` one stage's compiled update; `runner` the run:
+setup and the stage loop with resume; `records` what it leaves on disk (per-stage Orbax checkpoints, the
 manifest and plan, the final student written as a model workdir).
 """
 
